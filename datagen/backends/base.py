@@ -1,0 +1,52 @@
+"""The one small interface every completion backend implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings sent with each request (and part of the cache key)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion to make; `key` identifies the work item (image id + split)."""
+
+    key: str
+    messages: list[dict[str, str]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a backend returns for one request."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Backend(Protocol):
+    """Turns chat requests into completions; may batch or run many concurrently."""
+
+    name: str
+    model: str
+    # How many requests the caller should keep in flight to use the backend well.
+    preferred_concurrency: int
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+    async def aclose(self) -> None: ...

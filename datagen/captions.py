@@ -1,0 +1,48 @@
+"""Stage-1 alignment pairs: brief instruction + <image>, answered by one COCO caption."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datagen.coco import CocoIndex
+from datagen.jsonl import JsonlWriter
+from datagen.pipeline import sample_id
+from datagen.prompts import default_prompts_dir, load_instructions
+from datagen.schema import IMAGE_TOKEN, Sample
+
+
+def write_caption_pairs(
+    coco_root: Path,
+    coco_split: str,
+    out: Path,
+    limit: int | None = None,
+    seed: int = 0,
+    all_captions: bool = False,
+    prompts_dir: Path | None = None,
+) -> int:
+    """Write the pairs to `out` (replacing it) and return how many were written."""
+    instructions = load_instructions(Path(prompts_dir) if prompts_dir else default_prompts_dir(), "brief")
+    index = CocoIndex(coco_root, coco_split, with_instances=False)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    count = 0
+    with JsonlWriter(tmp) as writer:
+        for record in index.records(limit=limit):
+            rng = random.Random(f"{seed}:{record.id}")  # per image: independent of order and limit
+            chosen = record.captions if all_captions else [rng.choice(record.captions)]
+            for k, caption in enumerate(chosen):
+                sid = sample_id(record.id) + (f"-{k}" if all_captions else "")
+                sample = Sample(
+                    id=sid,
+                    image=record.file_name,
+                    conversations=[
+                        {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(instructions)}"},
+                        {"from": "gpt", "value": caption},
+                    ],
+                    split="captions",
+                )
+                writer.write(sample.to_record())
+                count += 1
+    tmp.replace(out)
+    return count

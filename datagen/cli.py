@@ -1,0 +1,248 @@
+"""`datagen`: generate LLaVA-style visual instruction data from COCO."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from datagen.errors import VisinstructError
+
+app = typer.Typer(
+    help="Turn COCO captions and boxes into LLaVA-format visual instruction data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+coco_app = typer.Typer(help="Get COCO annotations and images.", no_args_is_help=True)
+app.add_typer(coco_app, name="coco")
+
+
+class Split(str, Enum):
+    conversation = "conversation"
+    detail = "detail"
+    reasoning = "reasoning"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    local = "local"
+    openai = "openai"
+
+
+COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images)."
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (loading bars, deprecation notes) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def parse_image_ids(text: Optional[str]) -> Optional[list[int]]:
+    """'1,2, 3' -> [1, 2, 3]."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise VisinstructError(f"--image-ids must be comma-separated integers, got {text!r}", "e.g. --image-ids 397133,37777") from None
+
+
+def resolve_backend(backend: BackendName, base_url: Optional[str]) -> str:
+    """`auto` means openai when an endpoint is configured, else the embedded local model."""
+    if backend is not BackendName.auto:
+        return backend.value
+    return "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "local"
+
+
+def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int, concurrency: Optional[int]):
+    """Construct the named backend."""
+    if name == "local":
+        from datagen.backends.local import LocalBackend
+
+        return LocalBackend(model=model, batch_size=batch_size)
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(
+        model=model or DEFAULT_OPENAI_MODEL,
+        base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
+        concurrency=concurrency or 16,
+    )
+
+
+@app.command()
+def render(
+    coco_root: Path = typer.Option(..., help=COCO_ROOT_HELP),
+    coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017, train2017, train2014."),
+    image_id: int = typer.Option(..., help="COCO image id."),
+    split: Split = typer.Option(Split.detail, help="Which split's context form (conversation omits boxes)."),
+) -> None:
+    """Print the symbolic context the LLM sees for one image, and nothing else."""
+    from datagen.coco import CocoIndex
+    from datagen.context import render_context
+    from datagen.prompts import SPLITS_WITH_BOXES
+
+    index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
+    typer.echo(render_context(index.record(image_id), with_boxes=split.value in SPLITS_WITH_BOXES))
+
+
+@app.command()
+def generate(
+    split: Split = typer.Option(..., help="Kind of sample to write."),
+    coco_root: Path = typer.Option(Path("../shared/coco-mini"), help=COCO_ROOT_HELP),
+    coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017."),
+    out: Path = typer.Option(None, help="Output JSONL (appended; default data/<split>.jsonl)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),
+    image_ids: Optional[str] = typer.Option(None, help="Comma-separated COCO image ids (instead of all)."),
+    backend: BackendName = typer.Option(BackendName.auto, help="auto = openai if an endpoint is configured, else local."),
+    model: Optional[str] = typer.Option(None, help="Model name (openai) or local path / hub id / .gguf (local)."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://gpu-box:8000/v1."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    max_tokens: int = typer.Option(512, min=1, help="Completion token limit per sample."),
+    seed: int = typer.Option(0, help="Seed for sampling and instruction choice."),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight (default: backend's preference)."),
+    batch_size: int = typer.Option(8, min=1, help="Local backend: prompts per forward pass."),
+    prompts_dir: Optional[Path] = typer.Option(None, help="Prompt folder (default: prompts/ of this checkout)."),
+) -> None:
+    """Generate samples of one split and append them to a JSONL file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from datagen.backends.base import SamplingParams
+    from datagen.coco import CocoIndex
+    from datagen.pipeline import Job, rejects_path, run_generation, write_manifest
+    from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
+
+    out = out or Path("data") / f"{split.value}.jsonl"
+    prompts = load_prompt_set(prompts_dir, split.value)
+    index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
+    ids = parse_image_ids(image_ids) or index.image_ids()
+    if limit is not None:
+        ids = ids[:limit]
+    for image_id in ids:  # fail before loading a model if an id is wrong
+        if image_id not in index.captions.imgs:
+            index.record(image_id)
+    backend_name = resolve_backend(backend, base_url)
+    engine = make_backend(backend_name, model, base_url, batch_size, concurrency)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency)
+
+    progress = Progress(
+        TextColumn(f"[bold]{split.value}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("ok {task.fields[ok]} rej {task.fields[rej]} fail {task.fields[fail]} tok {task.fields[tok]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=None,
+    )
+    task = progress.add_task(split.value, total=len(ids), ok=0, rej=0, fail=0, tok=0)
+
+    def on_progress(stats) -> None:
+        done = stats.accepted + stats.rejected + stats.failed + stats.skipped
+        progress.update(task, completed=done, ok=stats.accepted, rej=stats.rejected, fail=stats.failed,
+                        tok=stats.prompt_tokens + stats.completion_tokens)
+
+    async def run():
+        try:
+            return await run_generation(job, engine, index.records(ids), on_progress)
+        finally:
+            await engine.aclose()
+
+    with progress:
+        stats = asyncio.run(run())
+    settings = {
+        "split": split.value, "coco_root": str(coco_root), "coco_split": coco_split, "images": len(ids),
+        "backend": engine.name, "model": engine.model, "base_url": base_url, "prompt_hash": prompts.hash,
+        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+    }
+    write_manifest(out, settings, stats)
+    total = stats.accepted + stats.rejected
+    share = f" ({100 * stats.accepted / total:.0f}% accepted)" if total else ""
+    typer.echo(
+        f"{split.value}: {stats.accepted} accepted, {stats.rejected} rejected, {stats.failed} failed, "
+        f"{stats.skipped} already done{share}; tokens {stats.prompt_tokens} in / {stats.completion_tokens} out; "
+        f"{stats.elapsed_s:.1f}s"
+    )
+    if stats.reject_reasons:
+        typer.echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
+    for failure in stats.failures[:5]:
+        typer.echo(f"  failed: {failure}", err=True)
+    typer.echo(f"  samples: {out}\n  rejects: {rejects_path(out)}")
+
+
+@app.command()
+def captions(
+    coco_root: Path = typer.Option(Path("../shared/coco-mini"), help=COCO_ROOT_HELP),
+    coco_split: str = typer.Option("val2017", help="Annotation split."),
+    out: Path = typer.Option(Path("data/captions.jsonl"), help="Output JSONL of stage-1 pairs (overwritten)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),
+    seed: int = typer.Option(0, help="Seed for caption and instruction choice."),
+    all_captions: bool = typer.Option(False, help="One pair per caption instead of one per image."),
+    prompts_dir: Optional[Path] = typer.Option(None, help="Prompt folder (default: prompts/ of this checkout)."),
+) -> None:
+    """Write stage-1 alignment pairs: a brief-description instruction + <image>, answered by a COCO caption."""
+    from datagen.captions import write_caption_pairs
+
+    count = write_caption_pairs(coco_root, coco_split, out, limit=limit, seed=seed, all_captions=all_captions,
+                                prompts_dir=prompts_dir)
+    typer.echo(f"{count} caption pairs -> {out}")
+
+
+@coco_app.command("fetch")
+def coco_fetch(
+    split: str = typer.Option("val2017", help="Split to fetch: val2017, train2017, val2014, train2014."),
+    images: int = typer.Option(50, min=0, help="Download the first N images of the split (by id)."),
+    to: Path = typer.Option(Path("data/coco"), help="Destination COCO root."),
+    base_url: str = typer.Option("http://images.cocodataset.org", help="Mirror of the official COCO site."),
+    verify: bool = typer.Option(True, help="Check archive checksums where COCO's are known."),
+) -> None:
+    """Download COCO annotations and the first N images of a split (resumable)."""
+    from datagen.fetch import fetch_coco
+
+    root = fetch_coco(split=split, images=images, dest=to, base_url=base_url, verify=verify)
+    typer.echo(f"COCO {split}: annotations and {images} images in {root}")
+
+
+def _register_extensions() -> None:
+    """Commands that live in their own modules (quality tools, engine tools) attach here."""
+    import importlib
+
+    for name in ("datagen.cli_quality", "datagen.cli_engine"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_extensions()
+
+
+def main() -> None:
+    """Entry point: turns project errors into one line and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        app()  # click handles usage errors itself (one message, exit code 2)
+    except VisinstructError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; rerun the same command to resume (finished samples are kept)", err=True)
+        sys.exit(130)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""LLM text -> LLaVA samples, or a reject with a named reason."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from datagen.schema import IMAGE_TOKEN, Sample
+
+# A `Question:` / `Answer:` label at the start of a line, tolerating markdown and numbering
+# ("**Question 2:**", "Q:", "- Answer:").
+_LABEL = re.compile(
+    r"^[ \t>*#_\-]*(?:\d+[.)]\s*)?(question|answer|q|a)\s*\d*\s*[:：]\s*(?:\*\*|__)?[ \t]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_DETAIL_PREFIX = re.compile(r"^\s*(?:\*\*)?(?:detailed description|description|answer)\s*:\s*(?:\*\*)?\s*", re.I)
+
+
+class ParseError(ValueError):
+    """The completion could not be turned into a sample; `code` names why."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ParseRules:
+    """How many Q/A pairs each split accepts."""
+
+    min_pairs: dict[str, int] = field(default_factory=lambda: {"conversation": 2, "reasoning": 1})
+    max_pairs: dict[str, int] = field(default_factory=lambda: {"conversation": 10, "reasoning": 1})
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[ \t]*(\*\*|__)[ \t]*$", "", text.strip(), flags=re.MULTILINE).strip()
+
+
+def split_qa(text: str) -> list[tuple[str, str]]:
+    """Labelled blocks of the text as (kind, content) with kind "q" or "a", in order."""
+    matches = list(_LABEL.finditer(text))
+    blocks = []
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        kind = "q" if m.group(1).lower().startswith("q") else "a"
+        blocks.append((kind, _clean(text[m.end() : end])))
+    return blocks
+
+
+def parse_pairs(text: str, split: str, truncated: bool, rules: ParseRules) -> list[tuple[str, str]]:
+    """Question/answer pairs of a conversation or reasoning completion."""
+    blocks = split_qa(text)
+    if not blocks:
+        raise ParseError("no_qa_format", "no 'Question:'/'Answer:' lines found")
+    pairs: list[tuple[str, str]] = []
+    pending: str | None = None
+    for kind, content in blocks:
+        if kind == "q":
+            if pending is not None:
+                raise ParseError("unbalanced_turns", "a question has no answer")
+            pending = content
+        else:
+            if pending is None:
+                raise ParseError("unbalanced_turns", "an answer has no question")
+            pairs.append((pending, content))
+            pending = None
+    if truncated:
+        # The last answer was cut by the token limit: drop it rather than train on half a sentence.
+        if pairs and pending is None:
+            pairs.pop()
+        pending = None
+    if pending is not None:
+        if split == "conversation" and len(pairs) >= rules.min_pairs[split]:
+            pending = None  # a dangling final question costs nothing to drop
+        else:
+            raise ParseError("unbalanced_turns", "the last question has no answer")
+    for q, a in pairs:
+        if not q or not a:
+            raise ParseError("empty_turn", "a question or answer is empty")
+    need = rules.min_pairs[split]
+    if len(pairs) < need:
+        code = "truncated" if truncated else "too_few_turns"
+        raise ParseError(code, f"{len(pairs)} complete question/answer pairs, need {need}")
+    return pairs[: rules.max_pairs[split]]
+
+
+def build_sample(
+    *,
+    split: str,
+    text: str,
+    sample_id: str,
+    image: str,
+    instruction: str | None,
+    meta: dict[str, Any],
+    truncated: bool = False,
+    rules: ParseRules | None = None,
+) -> Sample:
+    """Parse one completion into a validated Sample or raise ParseError."""
+    rules = rules or ParseRules()
+    text = text.strip()
+    if not text:
+        raise ParseError("empty_output", "the model returned no text")
+    if split == "detail":
+        if truncated:
+            raise ParseError("truncated", "the description hit the token limit")
+        if split_qa(text):
+            raise ParseError("wrong_format", "a detail description came back as questions and answers")
+        description = _DETAIL_PREFIX.sub("", text).strip()
+        if instruction is None:
+            raise ValueError("detail samples need an instruction")
+        pairs = [(instruction, description)]
+    else:
+        pairs = parse_pairs(text, split, truncated, rules)
+    turns = []
+    for i, (question, answer) in enumerate(pairs):
+        question = question.replace(IMAGE_TOKEN, "").strip()
+        answer = answer.replace(IMAGE_TOKEN, "").strip()
+        turns.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
+        turns.append({"from": "gpt", "value": answer})
+    try:
+        return Sample(id=sample_id, image=image, conversations=turns, split=split, meta=meta)
+    except ValidationError as exc:
+        raise ParseError("invalid_sample", exc.errors()[0]["msg"]) from None

@@ -1,0 +1,138 @@
+"""Composite model: frozen vision tower -> projector -> causal LM, image features spliced at `<image>`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.errors import TrainError
+from model.language import add_image_token, fit_embeddings, load_llm, load_tokenizer
+from model.projector import build_projector
+from model.vision import VisionTower, build_image_processor, build_vision_tower
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@dataclass
+class ModelConfig:
+    """What to build: tower, projector, LLM."""
+
+    llm: str = "smollm2-embedded"
+    llm_gguf_file: str | None = None
+    vision_tower: str | None = None
+    vision_config: dict[str, Any] | None = None
+    vision_layer: int = -2
+    projector: str = "linear"
+    pad_to_square: bool = True
+    image_token: str = "<image>"
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LlavaLite(nn.Module):
+    """Vision tower + projector + causal LM; one `<image>` block of num_patches tokens per sample."""
+
+    def __init__(self, tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int) -> None:
+        super().__init__()
+        self.tower = tower
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens each image occupies in the LLM sequence."""
+        return self.tower.num_patches
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Project tower features into the LLM embedding space: (B, num_patches, text_hidden)."""
+        feats = self.tower(pixel_values)
+        dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image positions replaced by projected image features."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        mask = input_ids == self.image_token_id
+        feats = self.image_features(pixel_values)
+        if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+            raise TrainError(
+                f"{int(mask.sum())} image tokens in the batch but {feats.shape[0]}x{feats.shape[1]} image features",
+                "each sample needs exactly one <image> expanded to the tower's patch count (use the collator)",
+            )
+        # Row-major order of the mask matches (sample, patch) order of the features: one vectorised write.
+        embeds = embeds.clone()
+        embeds[mask] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Without labels: next-token logits (B, L, V). With labels: summed token cross-entropy.
+
+        The loss path runs the LM head only at labelled positions: image and prompt positions never
+        need vocabulary logits, which saves most of the head's time and memory.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        if labels is None or getattr(self.llm.config, "final_logit_softcapping", None):
+            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            if labels is None:
+                return logits
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+            )
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only parameters that train (projector, and LLM/LoRA weights in stage 2): what checkpoints hold."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config dtype name to torch."""
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise TrainError(f"unknown dtype '{name}'", "use float32, bfloat16 or float16") from None
+
+
+def build_model(
+    cfg: ModelConfig, tower_cache: Path | None = None, seed: int = 0
+) -> tuple[LlavaLite, PreTrainedTokenizerBase, Any]:
+    """Build (model, tokenizer with `<image>`, image processor) from a ModelConfig."""
+    tokenizer = load_tokenizer(cfg.llm, cfg.llm_gguf_file)
+    if not tokenizer.chat_template:
+        raise TrainError(f"tokenizer of '{cfg.llm}' has no chat template", "use an instruct/chat LLM")
+    image_token_id = add_image_token(tokenizer, cfg.image_token)
+    tower = build_vision_tower(cfg.vision_tower, cfg.vision_config, cfg.vision_layer, tower_cache, seed)
+    image_processor = build_image_processor(cfg.vision_tower, tower, cfg.pad_to_square)
+    llm = load_llm(cfg.llm, cfg.llm_gguf_file, torch_dtype(cfg.dtype))
+    fit_embeddings(llm, len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # projector init independent of whatever ran before
+        projector = build_projector(cfg.projector, tower.hidden_size, llm.config.hidden_size)
+    projector.to(torch_dtype(cfg.dtype))
+    model = LlavaLite(tower, projector, llm, image_token_id)
+    log.info(
+        "model: tower %s (%d image tokens), projector %s, LLM %s (%.1fM params)",
+        tower.model_type, tower.num_patches, cfg.projector, cfg.llm, sum(p.numel() for p in llm.parameters()) / 1e6,
+    )
+    return model, tokenizer, image_processor

@@ -1,0 +1,22 @@
+"""Shared fixtures: the read-only coco-mini slice beside the checkout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+COCO_MINI = REPO.parent / "shared" / "coco-mini"
+
+
+@pytest.fixture(scope="session")
+def coco_root() -> Path:
+    """../shared/coco-mini (official COCO layout, 79 val2017 + 80 train2017 images)."""
+    if not (COCO_MINI / "annotations").is_dir():
+        pytest.fail(f"coco-mini not found at {COCO_MINI}: the workspace provides it beside the checkout")
+    return COCO_MINI
+
+
+@pytest.fixture(scope="session")
+def prompts_dir() -> Path:
+    return REPO / "prompts"

@@ -1,0 +1,140 @@
+"""Typed run configuration: YAML files under train/configs/, overridable with `--set key=value`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.errors import TrainError
+from model.llava import ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM (stage 2 option), through peft."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class StageConfig:
+    """One training stage: data, what trains, optimiser and schedule."""
+
+    data: list[str] = field(default_factory=list)
+    image_folder: str = "."
+    train_llm: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lr: float = 1e-3
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    max_length: int = 2048
+    init_projector: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs."""
+
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(train_llm=True, lr=2e-5))
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    group_by_length: bool = True
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    num_workers: int = 0
+
+    def stage(self, n: int) -> StageConfig:
+        """Config of stage 1 or 2."""
+        if n not in (1, 2):
+            raise TrainError(f"unknown stage {n}", "use --stage 1 or --stage 2")
+        return self.stage1 if n == 1 else self.stage2
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Recursively build a dataclass, rejecting unknown keys (typos fail loudly)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TrainError(f"config section '{where}' must be a mapping", "fix the YAML")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise TrainError(f"unknown config key(s) {sorted(unknown)} in '{where or 'top level'}'", f"valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            value = _build(type(default), value, f"{where}.{key}".strip("."))
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TrainError(f"cannot set '{dotted}'", "its parent is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """Accept a path or a bare config name like `smoke-cpu`."""
+    path = Path(name_or_path)
+    if not path.exists() and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise TrainError(f"config '{name_or_path}' not found", f"pass a YAML path or one of: {known}")
+    return path
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = resolve_config_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrainError(f"{path} is not valid YAML", str(exc).splitlines()[0]) from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise TrainError(f"override '{item}' is not key=value", "e.g. --set stage2.lr=1e-5")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    cfg = _build(RunConfig, tree, "")
+    for n in (1, 2):
+        st = cfg.stage(n)
+        for name in ("lr", "weight_decay", "warmup_ratio"):
+            setattr(st, name, float(getattr(st, name)))
+        if st.projector_lr is not None:
+            st.projector_lr = float(st.projector_lr)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain dict for saving next to checkpoints."""
+    return dataclasses.asdict(cfg)
