@@ -242,11 +242,15 @@ def train_stage(
                          "lower batch_size/grad_accum or add data")
     total = st.max_steps or per_epoch * st.epochs
 
+    epoch_batches: dict[int, list[list[int]]] = {}
+
     def micro_batch(k: int) -> dict[str, torch.Tensor]:
-        """k-th micro-batch of this rank in the deterministic (seed, epoch) stream."""
+        """k-th micro-batch of this rank in the deterministic (seed, epoch) stream: resume just recomputes it."""
         epoch, j = divmod(k, per_epoch * st.grad_accum)
-        batches = length_grouped_batches(lengths, st.batch_size, cfg.seed, epoch, cfg.group_by_length)
-        idx = batches[(j * world + rank)]
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[epoch] = length_grouped_batches(lengths, st.batch_size, cfg.seed, epoch, cfg.group_by_length)
+        idx = epoch_batches[epoch][j * world + rank]
         return collate([samples[i] for i in idx])
 
     optimizer = build_optimizer(model, st)
@@ -262,6 +266,11 @@ def train_stage(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", ckpt, start)
+        if accelerator.is_main_process and (out / "metrics.jsonl").exists():
+            # Steps logged after the checkpoint will be redone: drop them so the curve has no duplicates.
+            rows = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in rows if json.loads(ln)["step"] <= start]
+            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").write_text("")
     if accelerator.is_main_process:
