@@ -1,0 +1,364 @@
+"""Sample checks: each a small function with a named reason code, registered in one table."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from datagen.coco import ImageRecord
+from datagen.quality.config import QualityConfig
+from datagen.quality.minhash import NearDuplicateIndex, jaccard
+from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
+from datagen.schema import IMAGE_TOKEN
+
+
+@dataclass
+class SampleView:
+    """What the checks read: the turns, the split, and what is known about the image and the completion."""
+
+    key: str
+    turns: list[tuple[str, str]]
+    split: str | None = None
+    has_image: bool = True
+    finish_reason: str | None = None
+    record: ImageRecord | None = None
+
+    @property
+    def questions(self) -> list[str]:
+        return [_strip_image(v) for s, v in self.turns if s == "human"]
+
+    @property
+    def answers(self) -> list[str]:
+        return [v.strip() for s, v in self.turns if s == "gpt"]
+
+    @classmethod
+    def from_record(
+        cls, rec: dict[str, Any], split: str | None = None, finish_reason: str | None = None,
+        record: ImageRecord | None = None,
+    ) -> "SampleView":
+        """A view of one LLaVA-format dict (already shape-checked by datagen.quality.io)."""
+        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+        return cls(
+            key=str(rec.get("id", "")),
+            turns=[(str(t.get("from")), str(t.get("value"))) for t in rec.get("conversations", [])],
+            split=split or rec.get("split"),
+            has_image=bool(rec.get("image")),
+            finish_reason=finish_reason or meta.get("finish_reason"),
+            record=record,
+        )
+
+
+@dataclass
+class CheckEnv:
+    """Shared state of one checking run: thresholds, the object matcher, seen texts, cached truths."""
+
+    config: QualityConfig
+    matcher: ObjectMatcher
+    near_duplicates: NearDuplicateIndex
+    truths: dict[int, set[str]] = field(default_factory=dict)
+
+    def truth(self, record: ImageRecord) -> set[str]:
+        if record.id not in self.truths:
+            self.truths[record.id] = ground_truth(record, self.matcher)
+        return self.truths[record.id]
+
+
+def _strip_image(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def _words(text: str) -> list[str]:
+    return _strip_image(text).split()
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+
+def check_roles(view: SampleView, env: CheckEnv) -> str | None:
+    """Turns alternate human, gpt, ... starting with human, in complete pairs."""
+    if len(view.turns) < 2:
+        return f"{len(view.turns)} turns; a sample needs at least a question and an answer"
+    for i, (speaker, _) in enumerate(view.turns):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if speaker != expected:
+            return f"turn {i} is from {speaker!r}, expected {expected!r}"
+    if len(view.turns) % 2:
+        return "the last question has no answer"
+    return None
+
+
+def check_image_token(view: SampleView, env: CheckEnv) -> str | None:
+    """<image> exactly once, at the start of the first human turn (none in a text-only sample)."""
+    total = sum(value.count(IMAGE_TOKEN) for _, value in view.turns)
+    if not view.has_image:
+        return f"a sample without an image contains {IMAGE_TOKEN}" if total else None
+    if total != 1:
+        return f"{IMAGE_TOKEN} appears {total} times, expected once"
+    first = view.turns[0][1] if view.turns else ""
+    if IMAGE_TOKEN not in first:
+        return f"{IMAGE_TOKEN} is not in the first turn"
+    if first.startswith(IMAGE_TOKEN):
+        return None
+    if env.config.image_token_position == "start_or_end" and first.rstrip().endswith(IMAGE_TOKEN):
+        return None
+    return f"{IMAGE_TOKEN} is not at the start of the first human turn"
+
+
+def check_empty_turn(view: SampleView, env: CheckEnv) -> str | None:
+    """No turn is empty once <image> is removed."""
+    for i, (_, value) in enumerate(view.turns):
+        if not _strip_image(value):
+            return f"turn {i} is empty"
+    return None
+
+
+# --- content -----------------------------------------------------------------------------------
+
+_SOURCE_WORDS = r"(?:text|texts|captions?|descriptions?|annotations?|context|data|information|details|coordinates|boxes)"
+# Phrases that reveal the writer read text about the image rather than seeing it; any turn.
+_LEAK_ANY_TURN = [
+    re.compile(r"\bbounding[ -]?box(?:es)?\b", re.I),
+    re.compile(r"\bbox(?:es)? coordinates?\b|\bcoordinates?\b", re.I),
+    re.compile(r"\[\s*-?\d*\.?\d+\s*(?:,\s*-?\d*\.?\d+\s*)+\]"),  # [0.23, 0.41, ...]
+    re.compile(r"(?<![\d.])\d\.\d{3}(?![\d])"),  # 0.234: normalised coordinates
+    re.compile(rf"\b(?:the|these|those) (?:given|provided|above|following) {_SOURCE_WORDS}\b", re.I),
+    re.compile(rf"\baccording to the {_SOURCE_WORDS}\b", re.I),
+    re.compile(rf"\b(?:described|mentioned|stated|noted|listed|given) (?:in|by) the {_SOURCE_WORDS}\b", re.I),
+    re.compile(r"\bthe captions?\b|\bcaptions? (?:says?|mentions?|states?|describes?|reads?)\b", re.I),
+    re.compile(r"\bthe descriptions? (?:says?|mentions?|states?|indicates?|suggests?)\b", re.I),
+    re.compile(r"\bannotat(?:ion|ions|ed|or|ors)\b", re.I),
+]
+# Answers never need the word at all: a reader of the image sees no caption.
+_LEAK_ANSWER = [re.compile(r"\bcaptions?\b|\bcaptioned\b", re.I)]
+
+
+def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
+    """No mention of captions, given descriptions, boxes, coordinates or coordinate-like numbers."""
+    for speaker, value in view.turns:
+        patterns = _LEAK_ANY_TURN + (_LEAK_ANSWER if speaker == "gpt" else [])
+        for pattern in patterns:
+            found = pattern.search(value)
+            if found:
+                return f"{speaker} turn mentions {found.group(0)!r}"
+    return None
+
+
+_REFUSAL = re.compile(
+    r"\bI(?:'m| am) (?:sorry|afraid)\b|\bI apologi[sz]e\b"
+    r"|\bI (?:can(?:no|')t|cannot|am unable to|'m unable to|am not able to|do not|don't) "
+    r"(?:see|view|look at|access|perceive|analy[sz]e|process|provide|help|describe|tell|determine|answer)\b"
+    r"|\bunable to (?:see|view|access|process) (?:the |this |any )?(?:image|picture|photo)"
+    r"|\b(?:no|without an?) (?:image|picture|photo) (?:is |was |has been )?(?:provided|attached|shared|given|available)"
+    r"|\bwithout (?:seeing|viewing|access to) the (?:image|picture|photo)",
+    re.I,
+)
+_SELF_TALK = re.compile(
+    r"\bas an? (?:AI|artificial intelligence|language model|large language model|text-based|assistant)\b"
+    r"|\b(?:I am|I'm) (?:an? )?(?:AI|language model|text-based|large language model|chatbot|virtual assistant)\b"
+    r"|\blanguage model\b"
+    r"|\bI (?:do not|don't) have (?:eyes|vision|visual|personal|the ability|access)\b"
+    r"|^\s*(?:sure|certainly|of course|okay|ok)\b[,!.]"
+    r"|\bhere (?:is|are) (?:a|an|the|some|my)? ?(?:conversation|dialogue|questions?|answers?|description|response|q&a)\b"
+    r"|\b(?:I hope this helps|let me know if|feel free to ask)\b"
+    r"|^\s*\(?note\s*:",
+    re.I | re.M,
+)
+
+
+def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
+    """No answer declines or apologises instead of answering."""
+    for answer in view.answers:
+        found = _REFUSAL.search(answer)
+        if found:
+            return f"answer says {found.group(0)!r}"
+    return None
+
+
+def check_ai_self_talk(view: SampleView, env: CheckEnv) -> str | None:
+    """No answer talks about being an AI or about the writing task ("Here are the questions")."""
+    for answer in view.answers:
+        found = _SELF_TALK.search(answer)
+        if found:
+            return f"answer says {found.group(0).strip()!r}"
+    return None
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*$")
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
+_DANGLING = frozenset(
+    "and or but the a an of to with in on at for from by as is are was were that which their its his her this "
+    "these those while because if than".split()
+)
+
+
+def check_truncated(view: SampleView, env: CheckEnv) -> str | None:
+    """Not cut off: the completion did not hit its token limit and no answer stops mid-sentence."""
+    config = env.config
+    if config.truncate_on_finish_length and view.finish_reason == "length":
+        return "the completion stopped at the token limit"
+    for i, answer in enumerate(view.answers):
+        text = answer.rstrip()
+        if not text:
+            continue
+        last_word = re.sub(r"\W+$", "", text.split()[-1]).lower()
+        if text[-1] in ",;:-–" or (last_word in _DANGLING and not _SENTENCE_END.search(text)):
+            return f"answer {i + 1} ends mid-sentence: {text[-40:]!r}"
+        if (
+            view.split not in config.unpunctuated_splits
+            and len(text.split()) >= config.min_words_needing_final_punctuation
+            and not _SENTENCE_END.search(text)
+            and not _LIST_ITEM.match(text.splitlines()[-1])
+        ):
+            return f"answer {i + 1} does not end a sentence: {text[-40:]!r}"
+    return None
+
+
+def check_too_short(view: SampleView, env: CheckEnv) -> str | None:
+    """Every answer has at least the split's minimum number of words."""
+    bounds = env.config.bounds(view.split)
+    for i, answer in enumerate(view.answers):
+        n = len(_words(answer))
+        if n < bounds.min_answer_words:
+            return f"answer {i + 1} has {n} words, below {bounds.min_answer_words} for {view.split or 'default'}"
+    return None
+
+
+def check_too_long(view: SampleView, env: CheckEnv) -> str | None:
+    """No answer or question exceeds the split's maximum number of words."""
+    bounds = env.config.bounds(view.split)
+    for i, answer in enumerate(view.answers):
+        n = len(_words(answer))
+        if n > bounds.max_answer_words:
+            return f"answer {i + 1} has {n} words, above {bounds.max_answer_words} for {view.split or 'default'}"
+    for i, question in enumerate(view.questions):
+        n = len(_words(question))
+        if n > bounds.max_question_words:
+            return f"question {i + 1} has {n} words, above {bounds.max_question_words}"
+    return None
+
+
+def _question_words(question: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", question.lower()))
+
+
+def check_repeated_question(view: SampleView, env: CheckEnv) -> str | None:
+    """No question is asked twice (same words, or nearly) in one conversation."""
+    questions = [_question_words(q) for q in view.questions]
+    for i in range(len(questions)):
+        for j in range(i):
+            if questions[i] and jaccard(questions[i], questions[j]) >= env.config.repeated_question_similarity:
+                return f"question {i + 1} repeats question {j + 1}"
+    return None
+
+
+def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
+    """Answers name no COCO object that is neither boxed nor captioned for the image."""
+    if view.record is None:
+        return None
+    hallucinated = object_findings(view, env)[1]
+    if len(hallucinated) > env.config.max_hallucinated_objects:
+        return f"{', '.join(sorted(hallucinated))} not in the image's boxes or captions"
+    return None
+
+
+def object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]]:
+    """(categories the answers name, those of them the image is not known to contain)."""
+    mentioned = env.matcher.categories("\n".join(view.answers), include_hedged=env.config.count_hedged_mentions)
+    if view.record is None:
+        return mentioned, set()
+    return mentioned, mentioned - env.truth(view.record)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A registered check: its reason code, what it tests, and the function."""
+
+    code: str
+    description: str
+    run: Callable[[SampleView, CheckEnv], str | None]
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("bad_roles", "turns alternate human/gpt, starting with human, in complete pairs", check_roles),
+    Check("image_token", "<image> exactly once, at the start of the first human turn", check_image_token),
+    Check("empty_turn", "no empty turn", check_empty_turn),
+    Check("source_leak", "no mention of captions, given descriptions, boxes, coordinates", check_source_leak),
+    Check("refusal", "no refusal or apology instead of an answer", check_refusal),
+    Check("ai_self_talk", "no talk about being an AI or about the writing task", check_ai_self_talk),
+    Check("truncated", "not cut at the token limit or mid-sentence", check_truncated),
+    Check("too_short", "answers at least the split's minimum length", check_too_short),
+    Check("too_long", "answers and questions within the split's maximum length", check_too_long),
+    Check("repeated_question", "no question asked twice in a conversation", check_repeated_question),
+    Check("hallucinated_object", "answers name only objects boxed or captioned for the image", check_hallucinated_object),
+)
+NEAR_DUPLICATE = "near_duplicate"
+REASON_CODES: tuple[str, ...] = tuple(c.code for c in CHECKS) + (NEAR_DUPLICATE,)
+REASON_DESCRIPTIONS: dict[str, str] = {
+    **{c.code: c.description for c in CHECKS},
+    NEAR_DUPLICATE: "answers not a near-copy of an earlier accepted sample (MinHash)",
+}
+
+
+@dataclass
+class SampleReport:
+    """Outcome of all checks on one sample."""
+
+    reasons: list[str]
+    details: dict[str, str]
+    mentioned: set[str]
+    hallucinated: set[str]
+    objects_checked: bool
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reasons
+
+
+class QualityChecker:
+    """Runs the registered checks over a stream of samples, remembering accepted ones for near-duplicates."""
+
+    def __init__(self, config: QualityConfig | None = None, matcher: ObjectMatcher | None = None) -> None:
+        config = config or QualityConfig()
+        unknown = set(config.disabled_checks) - set(REASON_CODES)
+        if unknown:
+            from datagen.errors import VisinstructError
+
+            raise VisinstructError(f"unknown check(s) to disable: {', '.join(sorted(unknown))}",
+                                   f"use reason codes from: {', '.join(REASON_CODES)}")
+        self.env = CheckEnv(
+            config=config,
+            matcher=matcher or default_matcher(),
+            near_duplicates=NearDuplicateIndex(
+                config.near_duplicate_threshold, config.shingle_size, config.minhash_permutations
+            ),
+        )
+
+    @property
+    def config(self) -> QualityConfig:
+        return self.env.config
+
+    def check(self, view: SampleView) -> SampleReport:
+        """All checks on one sample; an accepted sample joins the near-duplicate index."""
+        disabled = set(self.config.disabled_checks)
+        details: dict[str, str] = {}
+        for check in CHECKS:
+            if check.code in disabled:
+                continue
+            detail = check.run(view, self.env)
+            if detail is not None:
+                details[check.code] = detail
+        mentioned, hallucinated = object_findings(view, self.env)
+        if NEAR_DUPLICATE not in disabled and view.split not in self.config.near_duplicate_skip_splits:
+            text = "\n".join(view.answers)
+            if text.strip():
+                sig = self.env.near_duplicates.signature(text)
+                match = self.env.near_duplicates.match(sig)
+                if match is not None:
+                    details[NEAR_DUPLICATE] = f"answers ~{match[1]:.2f} similar to sample {match[0]}"
+                elif not details:
+                    self.env.near_duplicates.insert(view.key, sig)
+        return SampleReport(
+            reasons=list(details), details=details, mentioned=mentioned, hallucinated=hallucinated,
+            objects_checked=view.record is not None and "hallucinated_object" not in disabled,
+        )

@@ -1,0 +1,103 @@
+"""The quality gate: for generation (a Job.checker) and for existing files (`datagen check`)."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datagen.coco import CocoIndex, ImageRecord
+from datagen.quality.checks import QualityChecker, SampleView
+from datagen.quality.config import QualityConfig
+from datagen.quality.io import ImageLookup, SampleWriter, read_samples, sample_split, split_from_filename
+from datagen.quality.objects import ChairCounter
+from datagen.schema import Sample
+
+
+def make_checker(
+    split: str, config: QualityConfig | None = None, coco_available: bool = True
+) -> Callable[[Sample, ImageRecord, Any], list[str]]:
+    """A `Job.checker` for one generation run: reject reason codes per sample (stateful for near-duplicates)."""
+    checker = QualityChecker(config)
+
+    def check(sample: Sample, record: ImageRecord, completion: Any) -> list[str]:
+        view = SampleView.from_record(
+            sample.to_record(), split=split, finish_reason=getattr(completion, "finish_reason", None),
+            record=record if coco_available else None,
+        )
+        return checker.check(view).reasons
+
+    return check
+
+
+@dataclass
+class CheckSummary:
+    """Counts of one `datagen check` run."""
+
+    total: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    chair: ChairCounter = field(default_factory=ChairCounter)
+    object_check: str = "on"
+    images_not_in_coco: int = 0
+    splits: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total, "accepted": self.accepted, "rejected": self.rejected,
+            "reject_reasons": dict(sorted(self.reasons.items())), "splits": dict(sorted(self.splits.items())),
+            "object_check": self.object_check, "images_not_in_coco": self.images_not_in_coco,
+            "chair": self.chair.as_dict(),
+        }
+
+
+def open_lookup(coco_root: Path | None, coco_split: str) -> ImageLookup | None:
+    """COCO records by image name, or None when no COCO root was given."""
+    if coco_root is None:
+        return None
+    return ImageLookup(CocoIndex(coco_root, coco_split, with_instances=True))
+
+
+def check_file(
+    path: Path,
+    accepted_out: Path | None,
+    rejected_out: Path | None,
+    config: QualityConfig,
+    lookup: ImageLookup | None,
+    split: str | None = None,
+) -> CheckSummary:
+    """Check every sample of a file; accepted ones written unchanged, rejected ones with reject_reasons."""
+    summary = CheckSummary(object_check="on" if lookup else "skipped (no --coco-root)")
+    checker = QualityChecker(config)
+    fallback = split or split_from_filename(path)
+    accepted = SampleWriter(accepted_out) if accepted_out else None
+    rejected = SampleWriter(rejected_out) if rejected_out else None
+    try:
+        for rec in read_samples(path):
+            record = lookup.find(rec.get("image")) if lookup else None
+            if lookup and record is None and rec.get("image"):
+                summary.images_not_in_coco += 1
+            sample_split_name = split or sample_split(rec, fallback)
+            view = SampleView.from_record(rec, split=sample_split_name, record=record)
+            report = checker.check(view)
+            summary.total += 1
+            summary.splits[sample_split_name or "unknown"] += 1
+            if report.objects_checked:
+                summary.chair.add(report.mentioned, report.hallucinated)
+            if report.accepted:
+                summary.accepted += 1
+                if accepted:
+                    accepted.write(rec)
+            else:
+                summary.rejected += 1
+                summary.reasons.update(report.reasons)
+                if rejected:
+                    # Earlier reasons (a rejects file checked again) are replaced by this run's.
+                    rejected.write({**rec, "reject_reasons": report.reasons})
+    finally:
+        for writer in (accepted, rejected):
+            if writer:
+                writer.close()
+    return summary

@@ -1,0 +1,96 @@
+"""Near-duplicate text detection: word n-gram shingles, MinHash signatures, LSH buckets."""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+
+import numpy as np
+
+_WORD = re.compile(r"[a-z0-9]+")
+_PRIME = (1 << 31) - 1  # hashes are 32-bit and multipliers < 2^31, so a*h + b fits in uint64
+
+
+def shingles(text: str, size: int) -> set[str]:
+    """Word n-grams of the lower-cased text; a text shorter than n words is one shingle."""
+    words = _WORD.findall(text.lower())
+    if len(words) <= size:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    """Exact Jaccard similarity of two sets (1.0 for two empty sets)."""
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class MinHasher:
+    """Deterministic MinHash: `num_perm` universal hash functions over 32-bit shingle hashes."""
+
+    def __init__(self, num_perm: int = 128, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, _PRIME, size=num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, _PRIME, size=num_perm, dtype=np.uint64)
+        self.num_perm = num_perm
+
+    def signature(self, items: set[str]) -> np.ndarray:
+        """Per hash function, the minimum over the items (all-max for an empty set)."""
+        if not items:
+            return np.full(self.num_perm, _PRIME, dtype=np.uint64)
+        # blake2b, not hash(): Python's str hash changes per process and results must be reproducible.
+        hashes = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") for s in items),
+            dtype=np.uint64,
+            count=len(items),
+        )
+        return ((np.outer(hashes, self.a) + self.b) % _PRIME).min(axis=0)
+
+
+class NearDuplicateIndex:
+    """Remembers texts seen so far; `add` reports an earlier one whose estimated Jaccard >= threshold."""
+
+    def __init__(self, threshold: float, shingle_size: int = 3, num_perm: int = 128, rows_per_band: int = 4) -> None:
+        if num_perm % rows_per_band:
+            raise ValueError("num_perm must be a multiple of rows_per_band")
+        self.threshold = threshold
+        self.shingle_size = shingle_size
+        self.hasher = MinHasher(num_perm)
+        self.rows = rows_per_band
+        # Bands of 4 rows make pairs well below the threshold collide too; candidates are then verified.
+        self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+        self.keys: list[str] = []
+        self.signatures: list[np.ndarray] = []
+
+    def signature(self, text: str) -> np.ndarray:
+        """MinHash signature of the text's shingles."""
+        return self.hasher.signature(shingles(text, self.shingle_size))
+
+    def _bands(self, sig: np.ndarray) -> list[tuple[int, bytes]]:
+        return [(b, sig[b * self.rows : (b + 1) * self.rows].tobytes()) for b in range(len(sig) // self.rows)]
+
+    def match(self, sig: np.ndarray) -> tuple[str, float] | None:
+        """The most similar remembered text at or above the threshold: (key, estimated Jaccard)."""
+        candidates: set[int] = set()
+        for band in self._bands(sig):
+            candidates.update(self.buckets.get(band, ()))
+        best: tuple[str, float] | None = None
+        for index in sorted(candidates):
+            similarity = float(np.mean(self.signatures[index] == sig))
+            if similarity >= self.threshold and (best is None or similarity > best[1]):
+                best = (self.keys[index], similarity)
+        return best
+
+    def insert(self, key: str, sig: np.ndarray) -> None:
+        """Remember a signature under a key."""
+        index = len(self.keys)
+        self.keys.append(key)
+        self.signatures.append(sig)
+        for band in self._bands(sig):
+            self.buckets[band].append(index)
+
+    def add(self, key: str, text: str) -> tuple[str, float] | None:
+        """Check `text` against earlier ones, then remember it; returns (earlier key, similarity) or None."""
+        sig = self.signature(text)
+        found = self.match(sig)
+        self.insert(key, sig)
+        return found

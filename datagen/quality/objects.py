@@ -1,0 +1,182 @@
+"""COCO object mentions in free text (synonyms, plurals, negation) and CHAIR hallucination counts."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from datagen.coco import ImageRecord
+
+# Tokens: words, numbers, and the punctuation that ends a clause (negation does not cross it).
+_TOKEN = re.compile(r"[a-z]+|[0-9]+|[.,;:!?()\"]")
+_CLAUSE_END = frozenset(".,;:!?()\"")
+NEGATORS = frozenset({"no", "not", "without", "nor", "neither", "never", "none"})
+NEGATION_WINDOW = 4
+# After an ambiguous word ("orange", "remote", "tie") these keep it a noun: "an orange on the plate".
+NOUN_FOLLOWERS = frozenset(
+    "and or with is are was were on in at of near next beside behind under over by that which sitting lying "
+    "sits lies placed from to for nearby there here as has have can could appears seems being slices slice "
+    "wedges halves".split()
+)
+# Before an ambiguous word these make it an adjective: "the cat is orange", "bright orange".
+ADJECTIVE_LEADS = frozenset("is are was were looks look appears seems colored coloured painted bright dark light pale".split())
+# An object named after one of these in the same sentence is supposed, not asserted ("someone might
+# use the laptop to ..."): reasoning answers are full of such talk, and CHAIR counts assertions.
+HEDGES = frozenset("might may could would should if perhaps possibly probably likely maybe suggests suggest suggesting whether".split())
+_SENTENCE_END = frozenset(".!?")
+COLOURS = frozenset("white black red blue green yellow brown gray grey pink purple orange silver gold tan beige".split())
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word and clause-punctuation tokens; "isn't" becomes "is not", hyphens split words."""
+    text = text.lower().replace("n't", " not").replace("-", " ")
+    return _TOKEN.findall(text)
+
+
+def plural(word: str) -> str:
+    """Regular English plural of one word (irregular ones are listed in the synonym table)."""
+    if re.search(r"(s|x|z|ch|sh)$", word):
+        return word + "es"
+    if re.search(r"[^aeiou]y$", word):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One object word in a text: its COCO category, the words matched, and whether it is negated."""
+
+    category: str
+    phrase: str
+    negated: bool
+    hedged: bool = False
+
+
+class ObjectMatcher:
+    """Finds COCO categories named in text, longest phrase first ("hot dog" is not a dog)."""
+
+    def __init__(self, categories: dict[str, list[str]], ambiguous: list[str], not_objects: list[str]) -> None:
+        # phrase tokens -> category, or None for phrases that name no object ("bus stop").
+        self.phrases: dict[tuple[str, ...], str | None] = {}
+        for category, names in categories.items():
+            for name in [category, *names]:
+                words = tuple(tokenize(name))
+                self.phrases.setdefault(words, category)
+                self.phrases.setdefault(words[:-1] + (plural(words[-1]),), category)
+        for name in not_objects:
+            words = tuple(tokenize(name))
+            self.phrases[words] = None
+            self.phrases[words[:-1] + (plural(words[-1]),)] = None
+        self.ambiguous = {tuple(tokenize(name)) for name in ambiguous}
+        self.max_len = max(len(p) for p in self.phrases)
+        self.category_names = sorted(categories)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ObjectMatcher":
+        """Load a synonym table in the format of coco_synonyms.json."""
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(table["categories"], table.get("ambiguous", []), table.get("not_objects", []))
+
+    def _is_noun_use(self, tokens: list[str], start: int, end: int) -> bool:
+        """For ambiguous words: keep "an orange on the table", drop "an orange shirt" and "orange and white"."""
+        nxt = tokens[end] if end < len(tokens) else "."
+        after = tokens[end + 1] if end + 1 < len(tokens) else "."
+        prev = tokens[start - 1] if start > 0 else "."
+        before = tokens[start - 2] if start > 1 else "."
+        if prev in ADJECTIVE_LEADS:
+            return False
+        if nxt in ("and", "or") and after in COLOURS or prev in ("and", "or") and before in COLOURS:
+            return False
+        return nxt in _CLAUSE_END or nxt in NOUN_FOLLOWERS
+
+    def mentions(self, text: str) -> list[Mention]:
+        """Every object mention in reading order."""
+        tokens = tokenize(text)
+        found: list[Mention] = []
+        i = 0
+        while i < len(tokens):
+            for length in range(min(self.max_len, len(tokens) - i), 0, -1):
+                key = tuple(tokens[i : i + length])
+                if key not in self.phrases:
+                    continue
+                category = self.phrases[key]
+                if category is not None and (key not in self.ambiguous or self._is_noun_use(tokens, i, i + length)):
+                    found.append(Mention(category, " ".join(key), self._negated(tokens, i), self._hedged(tokens, i)))
+                i += length
+                break
+            else:
+                i += 1
+        return found
+
+    @staticmethod
+    def _negated(tokens: list[str], start: int) -> bool:
+        """A negator within a few words before, in the same clause: "there is no dog"."""
+        for j in range(start - 1, max(-1, start - 1 - NEGATION_WINDOW), -1):
+            if tokens[j] in _CLAUSE_END:
+                return False
+            if tokens[j] in NEGATORS:
+                return True
+        return False
+
+    @staticmethod
+    def _hedged(tokens: list[str], start: int) -> bool:
+        """A hedge word earlier in the same sentence."""
+        for j in range(start - 1, -1, -1):
+            if tokens[j] in _SENTENCE_END:
+                return False
+            if tokens[j] in HEDGES:
+                return True
+        return False
+
+    def categories(self, text: str, include_hedged: bool = True) -> set[str]:
+        """Categories named and not negated in the text (optionally also not hedged)."""
+        return {m.category for m in self.mentions(text) if not m.negated and (include_hedged or not m.hedged)}
+
+
+@lru_cache(maxsize=1)
+def default_matcher() -> ObjectMatcher:
+    """The matcher built from the synonym table shipped with the package."""
+    path = resources.files("datagen.quality").joinpath("coco_synonyms.json")
+    return ObjectMatcher.from_file(Path(str(path)))
+
+
+def ground_truth(record: ImageRecord, matcher: ObjectMatcher) -> set[str]:
+    """Categories the image is known to contain: its boxes plus what its captions name."""
+    truth = {obj.category for obj in record.objects}
+    for caption in record.captions:
+        truth |= matcher.categories(caption)
+    return truth
+
+
+@dataclass
+class ChairCounter:
+    """CHAIR over a set of samples: CHAIR_i = hallucinated / mentioned objects, CHAIR_s = samples with one."""
+
+    mentioned: int = 0
+    hallucinated: int = 0
+    samples: int = 0
+    samples_hallucinating: int = 0
+
+    def add(self, mentioned: set[str], hallucinated: set[str]) -> None:
+        """Count one sample's distinct mentioned and hallucinated categories."""
+        self.samples += 1
+        self.mentioned += len(mentioned)
+        self.hallucinated += len(hallucinated)
+        self.samples_hallucinating += bool(hallucinated)
+
+    @property
+    def chair_i(self) -> float | None:
+        return self.hallucinated / self.mentioned if self.mentioned else None
+
+    @property
+    def chair_s(self) -> float | None:
+        return self.samples_hallucinating / self.samples if self.samples else None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "samples": self.samples, "objects_mentioned": self.mentioned, "objects_hallucinated": self.hallucinated,
+            "samples_hallucinating": self.samples_hallucinating, "chair_i": self.chair_i, "chair_s": self.chair_s,
+        }
