@@ -69,18 +69,21 @@ def resolve_backend(backend: BackendName, base_url: Optional[str]) -> str:
     return "openai" if (base_url or os.environ.get("OPENAI_BASE_URL")) else "local"
 
 
-def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int, concurrency: Optional[int]):
+def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int, concurrency: Optional[int],
+                 timeout: float = 120.0, transport: str = "aiohttp"):
     """Construct the named backend."""
     if name == "local":
         from datagen.backends.local import LocalBackend
 
         return LocalBackend(model=model, batch_size=batch_size)
-    from datagen.backends.openai_backend import OpenAIBackend
+    from datagen.backends.openai_backend import DEFAULT_CONCURRENCY, OpenAIBackend
 
     return OpenAIBackend(
         model=model or DEFAULT_OPENAI_MODEL,
         base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
-        concurrency=concurrency or 16,
+        concurrency=concurrency or DEFAULT_CONCURRENCY,
+        timeout=timeout,
+        transport=transport,
     )
 
 
@@ -100,12 +103,16 @@ def render(
     typer.echo(render_context(index.record(image_id), with_boxes=split.value in SPLITS_WITH_BOXES))
 
 
+ENGINE = "Engine: pacing, retries, cache"
+COST = "Cost and sharding"
+
+
 @app.command()
 def generate(
     split: Split = typer.Option(..., help="Kind of sample to write."),
     coco_root: Path = typer.Option(Path("../shared/coco-mini"), help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017."),
-    out: Path = typer.Option(None, help="Output JSONL (appended; default data/<split>.jsonl)."),
+    out: Path = typer.Option(None, help="Output JSONL (appended; default data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),
     image_ids: Optional[str] = typer.Option(None, help="Comma-separated COCO image ids (instead of all)."),
     backend: BackendName = typer.Option(BackendName.auto, help="auto = openai if an endpoint is configured, else local."),
@@ -115,43 +122,51 @@ def generate(
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass."),
     max_tokens: int = typer.Option(512, min=1, help="Completion token limit per sample."),
     seed: int = typer.Option(0, help="Seed for sampling and instruction choice."),
-    concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight (default: backend's preference)."),
     batch_size: int = typer.Option(8, min=1, help="Local backend: prompts per forward pass."),
     prompts_dir: Optional[Path] = typer.Option(None, help="Prompt folder (default: prompts/ of this checkout)."),
+    concurrency: Optional[int] = typer.Option(
+        None, min=1, rich_help_panel=ENGINE, help="Requests in flight (default 64 for openai; 256+ suits vLLM; local: --batch-size)."),
+    rpm: Optional[float] = typer.Option(None, min=1, rich_help_panel=ENGINE, help="Requests-per-minute budget (tightened by x-ratelimit headers)."),
+    tpm: Optional[float] = typer.Option(None, min=1, rich_help_panel=ENGINE, help="Tokens-per-minute budget (prompt + max-tokens reserved)."),
+    max_retries: int = typer.Option(6, min=0, rich_help_panel=ENGINE, help="Retries per item on 429/5xx/timeouts/resets; then it is recorded as failed."),
+    timeout: float = typer.Option(120.0, min=0.1, rich_help_panel=ENGINE, help="Seconds per request before it counts as a timeout."),
+    cache: Optional[Path] = typer.Option(None, rich_help_panel=ENGINE, help="Response cache file (default $VISINSTRUCT_CACHE or <out dir>/.cache/responses.sqlite)."),
+    no_cache: bool = typer.Option(False, "--no-cache", rich_help_panel=ENGINE, help="Neither read nor write the response cache."),
+    transport: str = typer.Option("aiohttp", rich_help_panel=ENGINE, help="HTTP transport of the openai client: aiohttp or httpx."),
+    shard: Optional[str] = typer.Option(None, rich_help_panel=COST, help="K/N: take the K-th of N stable slices of the images (join with `datagen merge`)."),
+    budget: Optional[float] = typer.Option(None, min=0, rich_help_panel=COST, help="Stop starting requests before the run's spend could pass this many USD."),
+    prices: Optional[Path] = typer.Option(None, rich_help_panel=COST, help="YAML/JSON price table merged over the shipped one."),
+    dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=COST, help="Count prompt tokens and print the estimated cost; send nothing."),
 ) -> None:
-    """Generate samples of one split and append them to a JSONL file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
     from datagen.backends.base import SamplingParams
+    from datagen.cli_engine import print_dry_run, print_summary, progress_bar, select_ids
     from datagen.coco import CocoIndex
-    from datagen.pipeline import Job, rejects_path, run_generation, write_manifest
+    from datagen.engine.config import EngineConfig, default_cache_path
+    from datagen.engine.shard import ShardSpec
+    from datagen.pipeline import Job, run_generation, write_manifest
     from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
 
-    out = out or Path("data") / f"{split.value}.jsonl"
+    shard_spec = ShardSpec.parse(shard) if shard else None
+    if out is None:
+        suffix = f".shard-{shard_spec.index}-of-{shard_spec.count}" if shard_spec else ""
+        out = Path("data") / f"{split.value}{suffix}.jsonl"
     prompts = load_prompt_set(prompts_dir, split.value)
     index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
-    ids = parse_image_ids(image_ids) or index.image_ids()
-    if limit is not None:
-        ids = ids[:limit]
-    for image_id in ids:  # fail before loading a model if an id is wrong
-        if image_id not in index.captions.imgs:
-            index.record(image_id)
+    ids = select_ids(index, parse_image_ids(image_ids), limit, shard_spec)
     backend_name = resolve_backend(backend, base_url)
-    engine = make_backend(backend_name, model, base_url, batch_size, concurrency)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency)
-
-    progress = Progress(
-        TextColumn(f"[bold]{split.value}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("ok {task.fields[ok]} rej {task.fields[rej]} fail {task.fields[fail]} tok {task.fields[tok]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=None,
+    engine_config = EngineConfig(
+        rpm=rpm, tpm=tpm, max_retries=max_retries, budget_usd=budget, prices_path=prices,
+        cache_path=None if no_cache else (cache or default_cache_path(out.parent)),
     )
-    task = progress.add_task(split.value, total=len(ids), ok=0, rej=0, fail=0, tok=0)
+    if dry_run:
+        print_dry_run(split.value, prompts, params, index, ids, out, backend_name, model, engine_config)
+        return
+    engine = make_backend(backend_name, model, base_url, batch_size, concurrency, timeout, transport)
+    job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config)
 
-    def on_progress(stats) -> None:
-        done = stats.accepted + stats.rejected + stats.failed + stats.skipped
-        progress.update(task, completed=done, ok=stats.accepted, rej=stats.rejected, fail=stats.failed,
-                        tok=stats.prompt_tokens + stats.completion_tokens)
+    progress, on_progress = progress_bar(split.value, len(ids))
 
     async def run():
         try:
@@ -163,22 +178,14 @@ def generate(
         stats = asyncio.run(run())
     settings = {
         "split": split.value, "coco_root": str(coco_root), "coco_split": coco_split, "images": len(ids),
+        "shard": str(shard_spec) if shard_spec else None,
         "backend": engine.name, "model": engine.model, "base_url": base_url, "prompt_hash": prompts.hash,
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+        "concurrency": job.concurrency, "rpm": rpm, "tpm": tpm, "max_retries": max_retries, "budget_usd": budget,
+        "cache": str(engine_config.cache_path) if engine_config.cache_path else None,
     }
     write_manifest(out, settings, stats)
-    total = stats.accepted + stats.rejected
-    share = f" ({100 * stats.accepted / total:.0f}% accepted)" if total else ""
-    typer.echo(
-        f"{split.value}: {stats.accepted} accepted, {stats.rejected} rejected, {stats.failed} failed, "
-        f"{stats.skipped} already done{share}; tokens {stats.prompt_tokens} in / {stats.completion_tokens} out; "
-        f"{stats.elapsed_s:.1f}s"
-    )
-    if stats.reject_reasons:
-        typer.echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
-    for failure in stats.failures[:5]:
-        typer.echo(f"  failed: {failure}", err=True)
-    typer.echo(f"  samples: {out}\n  rejects: {rejects_path(out)}")
+    print_summary(split.value, out, stats, budget)
 
 
 @app.command()

@@ -1,12 +1,24 @@
 """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp server)."""
 from __future__ import annotations
 
+import json
+import logging
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import openai
 
 from datagen.backends.base import ChatRequest, Completion
+from datagen.engine.errors import EndpointUnreachableError, MalformedResponseError, RateLimitedError, TransientError
+from datagen.engine.ratelimit import parse_retry_after
 from datagen.errors import VisinstructError
+
+log = logging.getLogger(__name__)
+
+# Transports the client can use; measured in bench/datagen_bench.py (see README), aiohttp is the default.
+TRANSPORTS = ("aiohttp", "httpx")
+DEFAULT_CONCURRENCY = 64
 
 
 def translate_api_error(exc: Exception, base_url: str | None, model: str) -> VisinstructError | None:
@@ -22,13 +34,63 @@ def translate_api_error(exc: Exception, base_url: str | None, model: str) -> Vis
         )
     if isinstance(exc, openai.BadRequestError):
         return VisinstructError(f"{where} rejected the request (400): {exc.message}", "check --model and --max-tokens")
-    if isinstance(exc, openai.APIConnectionError):
-        return VisinstructError(f"cannot reach the endpoint at {where}", "start the server or fix --base-url")
     return None
 
 
+def classify_error(exc: Exception, base_url: str | None, model: str) -> Exception:
+    """The exception the engine should see: VisinstructError (stop), a TransientError (retry), or `exc` itself."""
+    fatal = translate_api_error(exc, base_url, model)
+    if fatal is not None:
+        return fatal
+    if isinstance(exc, openai.RateLimitError):
+        return RateLimitedError("429 rate limited", parse_retry_after(exc.response.headers.get("retry-after")))
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientError("timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        if cause is not None and type(cause).__name__ == "ConnectError":
+            return EndpointUnreachableError(f"cannot connect: {cause}")
+        return TransientError(f"connection error: {type(cause).__name__ if cause else exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status >= 500 or status in (408, 409, 425):
+            return TransientError(f"HTTP {status}", parse_retry_after(exc.response.headers.get("retry-after")))
+        return VisinstructError(f"{base_url or 'api.openai.com'} answered HTTP {status}: {exc.message}", "check the request settings")
+    return exc
+
+
+def completion_from_body(body: Any, fallback_model: str) -> Completion:
+    """A Completion from a decoded chat.completion object; MalformedResponseError if it is not one."""
+    try:
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or ""
+        usage = body.get("usage") or {}
+        return Completion(
+            text=text,
+            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            model=body.get("model") or fallback_model,
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise MalformedResponseError("response is not a chat completion") from None
+
+
+def make_http_client(transport: str, concurrency: int, timeout: float):
+    """The SDK's HTTP client for a transport, with a connection pool as large as the concurrency."""
+    import httpx2
+
+    limits = httpx2.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
+    timeouts = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
+    if transport == "aiohttp":
+        return openai.DefaultAioHttpClient(limits=limits, timeout=timeouts)
+    if transport == "httpx":
+        return openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeouts)
+    raise VisinstructError(f"unknown transport {transport!r}", f"use one of {', '.join(TRANSPORTS)}")
+
+
 class OpenAIBackend:
-    """Plain async client: one request per call, the caller decides concurrency."""
+    """One request per call; the engine decides concurrency, pacing and retries (the SDK's own are off)."""
 
     name = "openai"
 
@@ -38,8 +100,8 @@ class OpenAIBackend:
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float = 120.0,
-        max_retries: int = 2,
-        concurrency: int = 16,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        transport: str = "aiohttp",
     ) -> None:
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
@@ -49,12 +111,24 @@ class OpenAIBackend:
         self.model = model
         self.base_url = base_url
         self.preferred_concurrency = concurrency
-        self._client = openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.observe_headers: Callable[[Mapping[str, str]], None] | None = None
+        self._client = openai.AsyncOpenAI(
+            api_key=key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=make_http_client(transport, concurrency, timeout),
+        )
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client (the Batch API commands share it)."""
+        return self._client
 
     async def complete(self, request: ChatRequest) -> Completion:
         p = request.params
         try:
-            resp = await self._client.chat.completions.create(
+            raw = await self._client.chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=request.messages,
                 temperature=p.temperature,
@@ -62,20 +136,17 @@ class OpenAIBackend:
                 max_tokens=p.max_tokens,
                 seed=p.seed,
             )
+            # Decode the body ourselves: the SDK's pydantic models cost more CPU than the rest of a sample.
+            content = raw.http_response.content
         except openai.APIError as exc:
-            err = translate_api_error(exc, self.base_url, self.model)
-            if err is not None:
-                raise err from None
-            raise
-        choice = resp.choices[0]
-        usage = resp.usage
-        return Completion(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason or "stop",
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            model=resp.model or self.model,
-        )
+            raise classify_error(exc, self.base_url, self.model) from None
+        if self.observe_headers is not None:
+            self.observe_headers(raw.headers)
+        try:
+            body = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MalformedResponseError(f"truncated or invalid JSON body ({len(content)} bytes)") from None
+        return completion_from_body(body, self.model)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -1,0 +1,252 @@
+"""OpenAI Batch API: write request files, upload, create batches, collect results; state kept in a local file."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import openai
+from pydantic import BaseModel
+
+from datagen.backends.base import Completion, SamplingParams
+from datagen.backends.openai_backend import classify_error, completion_from_body
+from datagen.coco import ImageRecord
+from datagen.engine.cache import ResponseCache, cache_key
+from datagen.engine.errors import TransientError
+from datagen.errors import VisinstructError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_BATCH = 50_000  # OpenAI's per-file limit
+ENDPOINT = "/v1/chat/completions"
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def state_path(out: Path) -> Path:
+    """data/detail.jsonl -> data/detail.batch.json"""
+    return out.with_name(out.name.removesuffix(".jsonl") + ".batch.json")
+
+
+def batch_dir(out: Path) -> Path:
+    """data/detail.jsonl -> data/detail.batch/ (request, result and resubmit files)"""
+    return out.with_name(out.name.removesuffix(".jsonl") + ".batch")
+
+
+def custom_id(sample_id: str, split: str) -> str:
+    return f"{sample_id}:{split}"
+
+
+class BatchEntry(BaseModel):
+    """One uploaded request file and the batch made from it."""
+
+    request_file: str
+    count: int
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    status: str = "written"  # written -> uploaded -> the API's status (validating ... completed/expired/...)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    counts: dict[str, int] = {}
+    collected: bool = False
+    succeeded: int = 0
+    failed: int = 0
+    resubmit_file: str | None = None
+
+
+class BatchState(BaseModel):
+    """Everything `status` and `collect` need, so they only take --out."""
+
+    split: str
+    model: str
+    base_url: str | None
+    coco_root: str
+    coco_split: str
+    prompts_dir: str | None
+    prompt_hash: str
+    params: dict[str, Any]
+    cache: str | None
+    batches: list[BatchEntry] = []
+
+    @classmethod
+    def load(cls, path: Path) -> "BatchState | None":
+        if not path.exists():
+            return None
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise VisinstructError(f"{path} is not a batch state file ({str(exc).splitlines()[0]})",
+                                   "restore it from a backup, or move it away to start over") from None
+
+    def save(self, path: Path) -> None:
+        """Write to a temporary file and rename, so a crash never leaves half a state file."""
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**self.params)
+
+
+def request_line(cid: str, model: str, messages: list[dict[str, str]], params: SamplingParams) -> dict[str, Any]:
+    """One line of a Batch API input file."""
+    body = {"model": model, "messages": messages, "temperature": params.temperature, "top_p": params.top_p,
+            "max_tokens": params.max_tokens, "seed": params.seed}
+    return {"custom_id": cid, "method": "POST", "url": ENDPOINT, "body": body}
+
+
+def ids_in_request_file(path: Path) -> set[str]:
+    """Sample ids named by the custom_ids of a request file."""
+    with open(path, encoding="utf-8") as fh:
+        return {json.loads(line)["custom_id"].split(":", 1)[0] for line in fh if line.strip()}
+
+
+def write_request_files(lines: Iterable[dict[str, Any]], folder: Path, first_number: int) -> list[tuple[Path, int]]:
+    """Split request lines into files of at most MAX_REQUESTS_PER_BATCH; return (path, count) per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, int]] = []
+    fh, count, number = None, 0, first_number
+    for line in lines:
+        if fh is None:
+            path = folder / f"requests-{number:03d}.jsonl"
+            fh, count = open(path, "w", encoding="utf-8"), 0
+        fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        count += 1
+        if count >= MAX_REQUESTS_PER_BATCH:
+            fh.close()
+            written.append((path, count))
+            fh, number = None, number + 1
+    if fh is not None:
+        fh.close()
+        written.append((path, count))
+    return written
+
+
+async def call_api(what: str, coro, base_url: str | None, model: str):
+    """Await an SDK call; errors become one actionable VisinstructError (state is saved before each call)."""
+    try:
+        return await coro
+    except openai.APIError as exc:
+        err = classify_error(exc, base_url, model)
+        if isinstance(err, VisinstructError):
+            raise err from None
+        reason = err.reason if isinstance(err, TransientError) else str(exc)
+        raise VisinstructError(f"Batch API {what} failed: {reason}", "rerun the same command; finished steps are kept") from None
+
+
+async def upload_and_create(client: openai.AsyncOpenAI, state: BatchState, state_file: Path) -> list[BatchEntry]:
+    """Advance every entry that is written or uploaded to a created batch, saving state after each step."""
+    created = []
+    for entry in state.batches:
+        if entry.status == "written":
+            data = Path(entry.request_file).read_bytes()
+            uploaded = await call_api("upload", client.files.create(file=(Path(entry.request_file).name, data),
+                                                                    purpose="batch"), state.base_url, state.model)
+            entry.input_file_id, entry.status = uploaded.id, "uploaded"
+            state.save(state_file)
+        if entry.status == "uploaded":
+            batch = await call_api("create", client.batches.create(
+                input_file_id=entry.input_file_id, endpoint=ENDPOINT, completion_window="24h",
+                metadata={"tool": "visinstruct", "split": state.split}), state.base_url, state.model)
+            entry.batch_id, entry.status = batch.id, batch.status
+            state.save(state_file)
+            created.append(entry)
+    return created
+
+
+async def refresh(client: openai.AsyncOpenAI, state: BatchState, state_file: Path) -> None:
+    """Update status, counts and result file ids of every batch not yet collected."""
+    for entry in state.batches:
+        if entry.batch_id and not entry.collected:
+            batch = await call_api("status", client.batches.retrieve(entry.batch_id), state.base_url, state.model)
+            entry.status = batch.status
+            entry.output_file_id = batch.output_file_id
+            entry.error_file_id = batch.error_file_id
+            if batch.request_counts is not None:
+                entry.counts = {"total": batch.request_counts.total, "completed": batch.request_counts.completed,
+                                "failed": batch.request_counts.failed}
+    state.save(state_file)
+
+
+async def download_lines(client: openai.AsyncOpenAI, file_id: str | None, state: BatchState, keep: Path) -> list[dict]:
+    """Lines of a result file, saved under `keep` too (so a collect can be redone without the network)."""
+    if not file_id:
+        return []
+    if not keep.exists():
+        content = await call_api("download", client.files.content(file_id), state.base_url, state.model)
+        tmp = keep.with_suffix(".partial")
+        tmp.write_bytes(content.content)
+        os.replace(tmp, keep)
+    lines = []
+    with open(keep, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not JSON; its item will be resubmitted", keep, lineno)
+    return lines
+
+
+def completion_of_result(line: dict[str, Any], model: str) -> Completion | None:
+    """The completion inside one output line, or None when that request failed."""
+    response = line.get("response") or {}
+    if line.get("error") or response.get("status_code") != 200:
+        return None
+    try:
+        return completion_from_body(response.get("body"), model)
+    except TransientError:
+        return None
+
+
+def split_results(entry: BatchEntry, outputs: list[dict], errors: list[dict], model: str
+                  ) -> tuple[dict[str, Completion], set[str]]:
+    """Completions by custom_id, and the custom_ids to resubmit (failed, malformed, expired or missing)."""
+    requested: list[str] = []
+    with open(entry.request_file, encoding="utf-8") as fh:
+        requested = [json.loads(line)["custom_id"] for line in fh if line.strip()]
+    results: dict[str, Completion] = {}
+    for line in outputs:
+        completion = completion_of_result(line, model)
+        cid = line.get("custom_id")
+        if completion is not None and cid:
+            results[cid] = completion
+    failed = {cid for cid in requested if cid not in results}
+    # Errors only confirm the failures above; an error line for an id we did not send is ignored.
+    del errors
+    return results, failed
+
+
+def write_resubmit(entry: BatchEntry, failed: set[str], folder: Path) -> Path | None:
+    """The original request lines of the failed items, ready for `datagen batch submit --requests`."""
+    if not failed:
+        return None
+    path = folder / f"resubmit-{Path(entry.request_file).stem.removeprefix('requests-')}.jsonl"
+    with open(entry.request_file, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
+        for line in src:
+            if line.strip() and json.loads(line)["custom_id"] in failed:
+                dst.write(line)
+    return path
+
+
+def sink_backend(state: BatchState) -> SimpleNamespace:
+    """What ResultSink needs to know about the backend that made these completions."""
+    return SimpleNamespace(name="openai", model=state.model)
+
+
+def cached_completion(cache: ResponseCache | None, state: BatchState, request) -> Completion | None:
+    return cache.get(cache_key("openai", state.model, request)) if cache is not None else None
+
+
+def sampling_dict(params: SamplingParams) -> dict[str, Any]:
+    return asdict(params)
+
+
+def records_by_id(index, ids: Iterable[str]) -> dict[str, ImageRecord]:
+    return {sid: index.record(int(sid)) for sid in ids}
