@@ -1,0 +1,195 @@
+"""Reviewing samples beside their image: a terminal pager and a static HTML page."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.text import Text
+
+from datagen.coco import ImageRecord
+from datagen.context import render_context
+from datagen.prompts import SPLITS_WITH_BOXES
+from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
+from datagen.quality.config import QualityConfig
+from datagen.quality.io import ImageLookup, read_samples, sample_split, split_from_filename
+from datagen.quality.review_page import PAGE_TEMPLATE
+
+THUMBNAIL_SIDE = 512
+
+
+@dataclass
+class ReviewItem:
+    """One sample with everything a reviewer looks at."""
+
+    index: int
+    rec: dict[str, Any]
+    split: str
+    context: str | None
+    report: SampleReport
+    record: ImageRecord | None
+
+    @property
+    def stored_reasons(self) -> list[str]:
+        reasons = self.rec.get("reject_reasons")
+        return [str(r) for r in reasons] if isinstance(reasons, list) else []
+
+    @property
+    def flags(self) -> list[str]:
+        """Reasons found now plus any stored with the sample (a rejects file), without repeats."""
+        return list(dict.fromkeys(self.report.reasons + self.stored_reasons))
+
+
+def review_items(
+    path: Path, lookup: ImageLookup | None, config: QualityConfig, split: str | None = None
+) -> Iterator[ReviewItem]:
+    """The samples of a file with their checks, and their context (stored, or re-rendered from COCO)."""
+    checker = QualityChecker(config)
+    fallback = split or split_from_filename(path)
+    for index, rec in enumerate(read_samples(path)):
+        name = split or sample_split(rec, fallback) or "unknown"
+        record = lookup.find(rec.get("image")) if lookup else None
+        context = rec.get("context") if isinstance(rec.get("context"), str) else None
+        if context is None and record is not None:
+            context = render_context(record, with_boxes=name in SPLITS_WITH_BOXES)
+        report = checker.check(SampleView.from_record(rec, split=name, record=record))
+        yield ReviewItem(index, rec, name, context, report, record)
+
+
+# --- terminal ----------------------------------------------------------------------------------
+
+
+def sample_panel(item: ReviewItem, total: int | None = None) -> Panel:
+    """A rich panel: context, conversation, and check results of one sample."""
+    parts: list[Any] = []
+    if item.context:
+        parts.append(Text("Context the writer saw", style="bold magenta"))
+        parts.append(Text(item.context, style="dim"))
+        parts.append(Text(""))
+    parts.append(Text("Conversation", style="bold magenta"))
+    for turn in item.rec.get("conversations", []):
+        speaker = turn.get("from", "?")
+        style = "bold cyan" if speaker == "human" else "bold green"
+        line = Text(f"{speaker}: ", style=style)
+        line.append(str(turn.get("value", "")))
+        parts.append(line)
+    parts.append(Text(""))
+    if item.report.accepted and not item.stored_reasons:
+        parts.append(Text("checks: all passed", style="bold green"))
+    for code, detail in item.report.details.items():
+        parts.append(Text(f"✘ {code}: {detail}", style="bold red"))
+    for code in item.stored_reasons:
+        if code not in item.report.details:
+            parts.append(Text(f"✘ {code} (stored with the sample)", style="red"))
+    if item.report.mentioned:
+        objects = ", ".join(
+            f"{c}{' (not in image)' if c in item.report.hallucinated else ''}" for c in sorted(item.report.mentioned)
+        )
+        parts.append(Text(f"objects named: {objects}", style="yellow"))
+    if not item.report.objects_checked:
+        parts.append(Text("object check skipped (no COCO record; pass --coco-root)", style="dim"))
+    position = f"{item.index + 1}/{total}" if total else f"#{item.index + 1}"
+    title = f"{position}  id {item.rec.get('id')}  image {item.rec.get('image')}  split {item.split}"
+    return Panel(Group(*parts), title=title, title_align="left")
+
+
+def page_terminal(items: list[ReviewItem], console: Console, interactive: bool) -> None:
+    """Show samples one at a time (Enter/n next, p previous, a number jumps, q quits), or all when piped."""
+    if not items:
+        console.print("no samples match")
+        return
+    if not interactive:
+        for item in items:
+            console.print(sample_panel(item, len(items)))
+        return
+    pos = 0
+    while True:
+        console.clear()
+        console.print(sample_panel(items[pos], len(items)))
+        answer = console.input("[dim]Enter/n next · p previous · number jump · q quit[/] ").strip().lower()
+        if answer == "q":
+            return
+        if answer == "p":
+            pos = max(0, pos - 1)
+        elif answer.isdigit():
+            pos = min(len(items) - 1, max(0, int(answer) - 1))
+        elif pos == len(items) - 1:
+            return
+        else:
+            pos += 1
+
+
+# --- HTML --------------------------------------------------------------------------------------
+
+
+def thumbnail_data_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
+    """A downscaled JPEG of the image as a data: URI, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((side, side))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+    except OSError:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_source(record: ImageRecord, lookup: ImageLookup, out_dir: Path, embed: bool) -> str | None:
+    """Where the page loads the image from: a path relative to the page, or an embedded thumbnail."""
+    path = lookup.path(record)
+    if embed:
+        return thumbnail_data_uri(path)
+    if not path.is_file():
+        return None
+    rel = os.path.relpath(path.resolve(), out_dir.resolve())
+    return quote(Path(rel).as_posix())
+
+
+def page_entry(item: ReviewItem, lookup: ImageLookup | None, out_dir: Path, embed: bool) -> dict[str, Any]:
+    """The JSON the page's script renders for one sample."""
+    entry: dict[str, Any] = {
+        "n": item.index + 1,
+        "id": str(item.rec.get("id", "")),
+        "image": str(item.rec.get("image", "")),
+        "split": item.split,
+        "context": item.context or "",
+        "turns": [[str(t.get("from")), str(t.get("value"))] for t in item.rec.get("conversations", [])],
+        "flags": item.flags,
+        "details": {**{c: "stored with the sample" for c in item.stored_reasons}, **item.report.details},
+        "objects": sorted(item.report.mentioned),
+        "hallucinated": sorted(item.report.hallucinated),
+        "objectsChecked": item.report.objects_checked,
+    }
+    if item.record is not None and lookup is not None:
+        entry["src"] = image_source(item.record, lookup, out_dir, embed)
+        entry["w"], entry["h"] = item.record.width, item.record.height
+        entry["boxes"] = [[o.category, *[round(v, 1) for v in o.bbox]] for o in item.record.objects]
+    return entry
+
+
+def write_html(items: list[ReviewItem], out: Path, lookup: ImageLookup | None, embed: bool, title: str) -> int:
+    """Write the single static review page; returns the number of samples on it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entries = [page_entry(item, lookup, out.parent, embed) for item in items]
+    data = {"title": title, "reasons": REASON_DESCRIPTIONS, "samples": entries}
+    # "</" inside a script element would end it early; JSON allows the escaped form.
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    html = PAGE_TEMPLATE.replace("__TITLE__", _escape(title)).replace("__DATA__", payload)
+    out.write_text(html, encoding="utf-8")
+    return len(entries)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

@@ -1,0 +1,240 @@
+"""The HTML/CSS/JS of the review page (no external resources); __TITLE__ and __DATA__ are filled in."""
+from __future__ import annotations
+
+PAGE_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+  :root { --bg: #f6f7f9; --card: #fff; --ink: #1d232b; --dim: #67707c; --bad: #c62828; --ok: #2e7d32; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--ink); }
+  header { position: sticky; top: 0; z-index: 2; background: #263238; color: #fff; padding: 10px 16px;
+           display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
+  header h1 { font-size: 16px; margin: 0 12px 0 0; }
+  header label { font-size: 13px; }
+  header select, header input { font: inherit; padding: 2px 4px; }
+  #count { margin-left: auto; font-size: 13px; }
+  #pager button { font: inherit; margin: 0 2px; }
+  main { padding: 12px 16px; }
+  .card { background: var(--card); border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.12); margin: 0 0 14px;
+          display: grid; grid-template-columns: minmax(260px, 480px) 1fr; gap: 16px; padding: 12px; }
+  .card.rejected { border-left: 5px solid var(--bad); }
+  .card.accepted { border-left: 5px solid var(--ok); }
+  figure { margin: 0; align-self: start; }
+  .frame { position: relative; }
+  figure img { display: block; width: 100%; height: auto; border-radius: 4px; background: #ddd; min-height: 60px; }
+  figure svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
+  figure svg rect.box { fill: none; stroke-width: 2.5; vector-effect: non-scaling-stroke; }
+  figure svg text { font-weight: 600; paint-order: stroke; stroke: rgba(0,0,0,.75); stroke-width: 3px; fill: #fff; }
+  figcaption { color: var(--dim); font-size: 12px; margin-top: 4px; word-break: break-all; }
+  .noimg { padding: 24px; background: #eee; color: var(--dim); border-radius: 4px; }
+  h3 { margin: 0 0 6px; font-size: 14px; }
+  h4 { margin: 10px 0 4px; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--dim); }
+  pre.context { white-space: pre-wrap; background: #f1f3f5; padding: 8px; border-radius: 4px; margin: 0;
+                font-size: 12px; max-height: 220px; overflow: auto; }
+  .turn { margin: 4px 0; white-space: pre-wrap; }
+  .turn b { display: inline-block; min-width: 52px; }
+  .turn.human b { color: #1565c0; }
+  .turn.gpt b { color: #2e7d32; }
+  .flag { display: inline-block; background: #fdecea; color: var(--bad); border-radius: 10px; padding: 1px 8px;
+          margin: 2px 4px 2px 0; font-size: 12px; }
+  .flag.ok { background: #e8f5e9; color: var(--ok); }
+  .details { color: var(--dim); font-size: 12px; margin: 2px 0 0; padding-left: 18px; }
+  mark.halluc { background: #ffcdd2; }
+  @media (max-width: 800px) { .card { grid-template-columns: 1fr; } }
+</style>
+</head>
+<body>
+<header>
+  <h1>__TITLE__</h1>
+  <label>split <select id="split"></select></label>
+  <label>checks <select id="reason"></select></label>
+  <label>search <input id="search" type="search" placeholder="id or text"></label>
+  <span id="pager"></span>
+  <span id="count"></span>
+</header>
+<main id="list"></main>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const DATA = JSON.parse(document.getElementById("data").textContent);
+const SAMPLES = DATA.samples;
+const PAGE_SIZE = 50;
+const SVG_NS = "http://www.w3.org/2000/svg";
+let page = 0;
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function colour(name) {
+  let h = 0;
+  for (const ch of name) h = (h * 31 + ch.charCodeAt(0)) % 360;
+  return "hsl(" + h + ", 85%, 55%)";
+}
+
+function option(select, value, label) {
+  const o = el("option", { value: value }, label);
+  select.appendChild(o);
+}
+
+function countBy(key) {
+  const counts = new Map();
+  for (const s of SAMPLES) for (const v of key(s)) counts.set(v, (counts.get(v) || 0) + 1);
+  return counts;
+}
+
+function setupFilters() {
+  const split = document.getElementById("split");
+  option(split, "", "all (" + SAMPLES.length + ")");
+  for (const [name, n] of [...countBy(s => [s.split])].sort()) option(split, name, name + " (" + n + ")");
+  const reason = document.getElementById("reason");
+  option(reason, "", "all");
+  const accepted = SAMPLES.filter(s => s.flags.length === 0).length;
+  option(reason, "__ok", "passed (" + accepted + ")");
+  option(reason, "__flagged", "flagged (" + (SAMPLES.length - accepted) + ")");
+  for (const [code, n] of [...countBy(s => s.flags)].sort()) option(reason, code, code + " (" + n + ")");
+  for (const id of ["split", "reason", "search"]) {
+    document.getElementById(id).addEventListener("input", () => { page = 0; render(); });
+  }
+}
+
+function matches(s) {
+  const split = document.getElementById("split").value;
+  const reason = document.getElementById("reason").value;
+  const query = document.getElementById("search").value.trim().toLowerCase();
+  if (split && s.split !== split) return false;
+  if (reason === "__ok" && s.flags.length) return false;
+  if (reason === "__flagged" && !s.flags.length) return false;
+  if (reason && !reason.startsWith("__") && !s.flags.includes(reason)) return false;
+  if (query) {
+    const text = (s.id + " " + s.image + " " + s.turns.map(t => t[1]).join(" ")).toLowerCase();
+    if (!text.includes(query)) return false;
+  }
+  return true;
+}
+
+function drawBoxes(figure, svg, s) {
+  const fontSize = Math.max(11, Math.round(s.w / 32));
+  for (const [name, x, y, w, h] of s.boxes) {
+    const c = colour(name);
+    const r = document.createElementNS(SVG_NS, "rect");
+    r.setAttribute("class", "box");
+    r.setAttribute("x", x); r.setAttribute("y", y); r.setAttribute("width", w); r.setAttribute("height", h);
+    r.setAttribute("stroke", c);
+    r.setAttribute("data-category", name);
+    svg.appendChild(r);
+    const t = document.createElementNS(SVG_NS, "text");
+    t.setAttribute("x", x + 3);
+    t.setAttribute("y", Math.max(fontSize, y + fontSize));
+    t.setAttribute("font-size", fontSize);
+    t.setAttribute("fill", c);
+    t.textContent = name;
+    svg.appendChild(t);
+  }
+  figure.dataset.boxesDrawn = String(s.boxes.length);
+}
+
+function figureFor(s) {
+  const figure = el("figure");
+  if (!s.src) {
+    figure.appendChild(el("div", { class: "noimg" }, s.boxes ? "image file not found" : "no COCO record for " + s.image));
+    figure.appendChild(el("figcaption", {}, s.image));
+    return figure;
+  }
+  const frame = el("div", { class: "frame" });
+  const img = el("img", { loading: "lazy", alt: s.image, width: s.w, height: s.h });
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", "0 0 " + s.w + " " + s.h);
+  svg.setAttribute("preserveAspectRatio", "none");
+  img.addEventListener("load", () => {
+    figure.dataset.imageLoaded = "1";
+    // Boxes go on once the picture is there, so a drawn box always sits over a shown image.
+    drawBoxes(figure, svg, s);
+  });
+  img.addEventListener("error", () => { figure.dataset.imageError = "1"; });
+  img.src = s.src;
+  // The overlay shares the image's box, so the viewBox (image pixels) scales with the shown size.
+  frame.appendChild(img);
+  frame.appendChild(svg);
+  figure.appendChild(frame);
+  figure.appendChild(el("figcaption", {}, s.image + " · " + s.w + "×" + s.h + " · " + s.boxes.length + " boxes"));
+  return figure;
+}
+
+function highlighted(text, words) {
+  const span = el("span");
+  if (!words.length) { span.textContent = text; return span; }
+  const re = new RegExp("\\b(" + words.map(w => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("|") + ")s?\\b", "gi");
+  let last = 0, m;
+  while ((m = re.exec(text)) !== null) {
+    span.appendChild(document.createTextNode(text.slice(last, m.index)));
+    span.appendChild(el("mark", { class: "halluc", title: "not in the image's boxes or captions" }, m[0]));
+    last = m.index + m[0].length;
+  }
+  span.appendChild(document.createTextNode(text.slice(last)));
+  return span;
+}
+
+function card(s) {
+  const node = el("article", { class: "card " + (s.flags.length ? "rejected" : "accepted"), "data-id": s.id });
+  node.appendChild(figureFor(s));
+  const body = el("div");
+  body.appendChild(el("h3", {}, "#" + s.n + " · " + s.id + " · " + s.split));
+  body.appendChild(el("h4", {}, "Checks"));
+  const flags = el("div");
+  if (!s.flags.length) flags.appendChild(el("span", { class: "flag ok" }, "all checks passed"));
+  for (const code of s.flags) flags.appendChild(el("span", { class: "flag", title: DATA.reasons[code] || "" }, code));
+  body.appendChild(flags);
+  const details = el("ul", { class: "details" });
+  for (const [code, text] of Object.entries(s.details)) details.appendChild(el("li", {}, code + ": " + text));
+  if (s.objects.length) details.appendChild(el("li", {}, "objects named: " + s.objects.join(", ")));
+  if (!s.objectsChecked) details.appendChild(el("li", {}, "object check skipped (no COCO record)"));
+  body.appendChild(details);
+  body.appendChild(el("h4", {}, "Conversation"));
+  for (const [who, value] of s.turns) {
+    const turn = el("div", { class: "turn " + who });
+    turn.appendChild(el("b", {}, who));
+    turn.appendChild(document.createTextNode(" "));
+    turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinated) : el("span", {}, value));
+    body.appendChild(turn);
+  }
+  if (s.context) {
+    body.appendChild(el("h4", {}, "Context the writer saw"));
+    body.appendChild(el("pre", { class: "context" }, s.context));
+  }
+  node.appendChild(body);
+  return node;
+}
+
+function render() {
+  const shown = SAMPLES.filter(matches);
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+  page = Math.min(page, pages - 1);
+  const list = document.getElementById("list");
+  list.replaceChildren(...shown.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE).map(card));
+  document.getElementById("count").textContent = shown.length + " of " + SAMPLES.length + " samples";
+  const pager = document.getElementById("pager");
+  pager.replaceChildren();
+  if (pages > 1) {
+    const prev = el("button", {}, "‹ prev"); prev.disabled = page === 0;
+    prev.addEventListener("click", () => { page--; render(); window.scrollTo(0, 0); });
+    const next = el("button", {}, "next ›"); next.disabled = page >= pages - 1;
+    next.addEventListener("click", () => { page++; render(); window.scrollTo(0, 0); });
+    pager.append(prev, document.createTextNode(" page " + (page + 1) + "/" + pages + " "), next);
+  }
+  document.body.dataset.renderedCards = String(list.children.length);
+}
+
+setupFilters();
+render();
+</script>
+</body>
+</html>
+"""
