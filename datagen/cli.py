@@ -146,6 +146,7 @@ def generate(
     from datagen.engine.shard import ShardSpec
     from datagen.pipeline import Job, run_generation, write_manifest
     from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
+    from datagen.quality import make_checker
 
     shard_spec = ShardSpec.parse(shard) if shard else None
     if out is None:
@@ -164,7 +165,8 @@ def generate(
         print_dry_run(split.value, prompts, params, index, ids, out, backend_name, model, engine_config)
         return
     engine = make_backend(backend_name, model, base_url, batch_size, concurrency, timeout, transport)
-    job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config)
+    job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config,
+              checker=make_checker(split.value))
 
     progress, on_progress = progress_bar(split.value, len(ids))
 
