@@ -188,7 +188,8 @@ _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*$")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
 _DANGLING = frozenset(
     "and or but the a an of to with in on at for from by as is are was were that which their its his her this "
-    "these those while because if than".split()
+    "these those while because if than like into onto about between through some very several many my our your "
+    "has have had be been being can will would could should also such so then who where when whose".split()
 )
 
 

@@ -45,17 +45,17 @@ class QualityConfig(BaseModel):
     lengths: dict[str, LengthBounds] = Field(default_factory=_default_lengths)
     truncate_on_finish_length: bool = Field(True, description="A completion that hit the token limit is truncated.")
     min_words_needing_final_punctuation: int = Field(
-        6, ge=1, description="Answers at least this long must end a sentence (short ones like 'Yes' need not)."
+        4, ge=1, description="Answers at least this long must end a sentence (short ones like 'Yes' need not)."
     )
     unpunctuated_splits: list[str] = Field(
         default_factory=lambda: ["captions"], description="Splits whose answers may end without punctuation."
     )
     repeated_question_similarity: float = Field(0.8, ge=0, le=1, description="Word-set Jaccard counted as repeat.")
-    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, description="Estimated shingle Jaccard of answers.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated shingle Jaccard of answers.")
     near_duplicate_skip_splits: list[str] = Field(
         default_factory=lambda: ["captions"], description="Splits where repeated text is expected (COCO captions)."
     )
-    shingle_size: int = Field(3, ge=1)
+    shingle_size: int = Field(2, ge=1, description="Words per shingle (2 keeps short conversations comparable).")
     minhash_permutations: int = Field(128, ge=8)
     count_hedged_mentions: bool = Field(
         False, description="Count objects named in a hedged sentence (might, could, if, likely) for CHAIR."
