@@ -168,7 +168,9 @@ class ResultSink:
         self.cache = ResponseCache(cfg.cache_path) if cfg.cache_path else None
         self.accepted = JsonlWriter(self.job.out)
         self.rejected = JsonlWriter(rejects_path(self.job.out))
-        self.failed_fh = open(cfg.failures_path or failures_path(self.job.out), "w", encoding="utf-8")
+        # The failures file lists the latest run's failures only; it is created at the first one.
+        self.failed_file = Path(cfg.failures_path or failures_path(self.job.out))
+        self.failed_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         for closable in (self.cache, self.accepted, self.rejected, self.failed_fh):
@@ -199,6 +201,8 @@ class ResultSink:
                 return
             stats.failed += 1
             stats.failures.append(f"{item.record.id}: {outcome.failure}")
+            if self.failed_fh is None:
+                self.failed_fh = open(self.failed_file, "a", encoding="utf-8")
             self.failed_fh.write(json.dumps({"id": sample_id(item.record.id), "split": self.job.split,
                                              "reason": outcome.failure, "attempts": outcome.attempts}) + "\n")
             self.failed_fh.flush()

@@ -44,12 +44,13 @@ def classify_error(exc: Exception, base_url: str | None, model: str) -> Exceptio
         return fatal
     if isinstance(exc, openai.RateLimitError):
         return RateLimitedError("429 rate limited", parse_retry_after(exc.response.headers.get("retry-after")))
-    if isinstance(exc, openai.APITimeoutError):
-        return TransientError("timeout")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         cause = exc.__cause__
-        if cause is not None and type(cause).__name__ == "ConnectError":
+        # The aiohttp shim reports a refused connection as ConnectTimeout, httpx as ConnectError.
+        if cause is not None and type(cause).__name__ in ("ConnectError", "ConnectTimeout"):
             return EndpointUnreachableError(f"cannot connect: {cause}")
+        if isinstance(exc, openai.APITimeoutError):
+            return TransientError("timeout")
         return TransientError(f"connection error: {type(cause).__name__ if cause else exc}")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code

@@ -1,0 +1,88 @@
+"""Each injected fault is retried or fails fast as it should; a faulty run still accounts for every image."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from datagen.errors import VisinstructError
+from datagen.pipeline import failures_path, rejects_path
+from engine_support import assert_user_error, datagen, ids_of, run_engine
+from fake_openai_server import FakeOpenAIServer, FaultPlan
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "drop", "truncated"])
+def test_one_transient_fault_is_retried_and_the_item_succeeds(fault, coco_root, tmp_path):
+    plan = FaultPlan(script=[fault], retry_after_s=0.05, timeout_sleep_s=1.5)
+    out = tmp_path / "c.jsonl"
+    with FakeOpenAIServer(faults=plan) as server:
+        stats = run_engine(server.base_url, out, coco_root, limit=1, concurrency=1, timeout=0.4)
+    assert server.state.faults[fault] == 1
+    assert stats.requests == 2 and stats.retries == 1 and stats.failed == 0
+    assert ids_of(out, rejects_path(out)) == ["000000000139"]
+
+
+def test_429_retry_after_is_honoured(coco_root, tmp_path):
+    """After a 429 with Retry-After: 0.6, the item is not retried before the 0.6 s are over."""
+    plan = FaultPlan(script=["429"], retry_after_s=0.6)
+    with FakeOpenAIServer(faults=plan) as server:
+        stats = run_engine(server.base_url, tmp_path / "c.jsonl", coco_root, limit=6, concurrency=1)
+    times = [r["t"] for r in server.state.requests]
+    assert stats.accepted + stats.rejected == 6 and stats.retries == 1
+    assert times[1] - times[0] >= 0.55
+
+
+def test_item_that_exhausts_its_retries_is_recorded_and_a_rerun_retries_only_it(coco_root, tmp_path):
+    out = tmp_path / "c.jsonl"
+    # The first three requests (all attempts of the first item at --max-retries 2) answer 500.
+    plan = FaultPlan(script=["500"] * 3)
+    with FakeOpenAIServer(faults=plan) as server:
+        stats = run_engine(server.base_url, out, coco_root, limit=5, concurrency=1, max_retries=2)
+    assert stats.failed == 1 and stats.accepted + stats.rejected == 4
+    failures = [json.loads(line) for line in failures_path(out).read_text().splitlines()]
+    assert len(failures) == 1 and "HTTP 500" in failures[0]["reason"] and failures[0]["attempts"] == 3
+    with FakeOpenAIServer() as server:
+        rerun = run_engine(server.base_url, out, coco_root, limit=5, concurrency=1, max_retries=2)
+    assert server.state.count == 1 and rerun.skipped == 4 and rerun.failed == 0
+    assert sorted(ids_of(out, rejects_path(out))) == sorted(set(ids_of(out, rejects_path(out))))
+    assert len(ids_of(out, rejects_path(out))) == 5
+    assert not failures_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    ("server_kwargs", "run_kwargs", "fragment"),
+    [
+        ({"api_key": "sk-right"}, {"api_key": "sk-wrong"}, "401"),
+        ({"models": {"gpt-4o-mini"}}, {"model": "no-such-model"}, "404"),
+    ],
+)
+def test_wrong_key_or_model_fails_fast_without_retrying(server_kwargs, run_kwargs, fragment, coco_root, tmp_path):
+    out = tmp_path / "c.jsonl"
+    out.write_text('{"id": "000000000001", "image": "x.jpg"}\n')
+    started = time.monotonic()
+    with FakeOpenAIServer(**server_kwargs) as server:
+        with pytest.raises(VisinstructError, match=fragment):
+            run_engine(server.base_url, out, coco_root, limit=20, concurrency=4, **run_kwargs)
+    assert time.monotonic() - started < 10
+    assert server.state.count == 0  # refused before the request counted as an attempt
+    assert out.read_text() == '{"id": "000000000001", "image": "x.jpg"}\n'
+
+
+def test_dead_endpoint_is_one_line_error_exit_2(coco_root, tmp_path):
+    proc = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--limit", "2",
+                   "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "x.jsonl"))
+    assert_user_error(proc, "cannot reach the endpoint")
+
+
+def test_mixed_faults_every_image_accounted_for_once(coco_root, tmp_path):
+    """10% 429, 5% 500, 2% timeouts (plus a few drops and truncated bodies) over all 79 images."""
+    plan = FaultPlan(rates={"429": 0.10, "500": 0.05, "timeout": 0.02, "drop": 0.01, "truncated": 0.01},
+                     seed=7, retry_after_s=0.02, timeout_sleep_s=1.0)
+    out = tmp_path / "c.jsonl"
+    with FakeOpenAIServer(faults=plan, latency_s=0.005) as server:
+        stats = run_engine(server.base_url, out, coco_root, concurrency=16, timeout=0.4)
+    ids = ids_of(out, rejects_path(out))
+    assert len(ids) == len(set(ids)) == 79 and stats.failed == 0
+    assert server.state.faults["429"] > 0 and server.state.faults["500"] > 0 and server.state.faults["timeout"] > 0
+    assert stats.requests == server.state.count == 79 + sum(server.state.faults.values())
