@@ -118,8 +118,9 @@ class ConversationEncoder:
         labels = [IGNORE] * len(ids)
         for k, (s, e) in enumerate(enc["offset_mapping"]):
             for a, b in spans:
-                # A token trains if it carries any non-space answer character (e.g. ' The' after 'ASSISTANT:').
-                if s < b and e > a and full[max(s, a) : min(e, b)].strip():
+                # Tokens inside the span train; a token straddling its edge trains if it carries answer
+                # characters (e.g. ' The' after 'ASSISTANT:'), not if it is only template whitespace.
+                if (a <= s and e <= b and e > s) or (s < b and e > a and full[max(s, a) : min(e, b)].strip()):
                     labels[k] = ids[k]
                     break
         return ids, labels
