@@ -220,7 +220,7 @@ def check_too_short(view: SampleView, env: CheckEnv) -> str | None:
     bounds = env.config.bounds(view.split)
     for i, answer in enumerate(view.answers):
         n = len(_words(answer))
-        if n < bounds.min_answer_words:
+        if 0 < n < bounds.min_answer_words:  # empty answers are empty_turn's
             return f"answer {i + 1} has {n} words, below {bounds.min_answer_words} for {view.split or 'default'}"
     return None
 
