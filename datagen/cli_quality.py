@@ -42,7 +42,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _console() -> Console:
     """Rich output; wide enough for the tables when piped (rich assumes 80 columns then)."""
     console = Console()
-    return console if console.is_terminal else Console(width=150)
+    return console if console.is_terminal else Console(width=140)
 
 
 def check(
@@ -172,7 +172,7 @@ def review(
         count = write_html(items, html, lookup, embed_images, title or str(file.name))
         typer.echo(f"{count} samples -> {html}")
         return
-    console = Console()
+    console = _console()
     page_terminal(items, console, interactive=sys.stdin.isatty() and console.is_terminal)
 
 

@@ -67,7 +67,7 @@ def review_items(
 # --- terminal ----------------------------------------------------------------------------------
 
 
-def sample_panel(item: ReviewItem, total: int | None = None) -> Panel:
+def sample_panel(item: ReviewItem, position: str = "") -> Panel:
     """A rich panel: context, conversation, and check results of one sample."""
     parts: list[Any] = []
     if item.context:
@@ -96,8 +96,7 @@ def sample_panel(item: ReviewItem, total: int | None = None) -> Panel:
         parts.append(Text(f"objects named: {objects}", style="yellow"))
     if not item.report.objects_checked:
         parts.append(Text("object check skipped (no COCO record; pass --coco-root)", style="dim"))
-    position = f"{item.index + 1}/{total}" if total else f"#{item.index + 1}"
-    title = f"{position}  id {item.rec.get('id')}  image {item.rec.get('image')}  split {item.split}"
+    title = f"{position}  #{item.index + 1} in file  id {item.rec.get('id')}  image {item.rec.get('image')}  split {item.split}"
     return Panel(Group(*parts), title=title, title_align="left")
 
 
@@ -107,13 +106,13 @@ def page_terminal(items: list[ReviewItem], console: Console, interactive: bool) 
         console.print("no samples match")
         return
     if not interactive:
-        for item in items:
-            console.print(sample_panel(item, len(items)))
+        for k, item in enumerate(items, 1):
+            console.print(sample_panel(item, f"{k}/{len(items)}"))
         return
     pos = 0
     while True:
         console.clear()
-        console.print(sample_panel(items[pos], len(items)))
+        console.print(sample_panel(items[pos], f"{pos + 1}/{len(items)}"))
         answer = console.input("[dim]Enter/n next · p previous · number jump · q quit[/] ").strip().lower()
         if answer == "q":
             return
