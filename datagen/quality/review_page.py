@@ -100,8 +100,12 @@ function setupFilters() {
   option(reason, "__ok", "passed (" + accepted + ")");
   option(reason, "__flagged", "flagged (" + (SAMPLES.length - accepted) + ")");
   for (const [code, n] of [...countBy(s => s.flags)].sort()) option(reason, code, code + " (" + n + ")");
+  // A link like page.html#reason=truncated&split=detail opens with those filters set.
+  const preset = new URLSearchParams(location.hash.slice(1));
   for (const id of ["split", "reason", "search"]) {
-    document.getElementById(id).addEventListener("input", () => { page = 0; render(); });
+    const control = document.getElementById(id);
+    if (preset.has(id)) control.value = preset.get(id);
+    control.addEventListener("input", () => { page = 0; render(); });
   }
 }
 
