@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from datagen.coco import CocoIndex
@@ -9,6 +10,11 @@ from datagen.jsonl import JsonlWriter
 from datagen.pipeline import sample_id
 from datagen.prompts import default_prompts_dir, load_instructions
 from datagen.schema import IMAGE_TOKEN, Sample
+
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces: COCO captions carry stray newlines and double spaces."""
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def write_caption_pairs(
@@ -30,7 +36,10 @@ def write_caption_pairs(
     with JsonlWriter(tmp) as writer:
         for record in index.records(limit=limit):
             rng = random.Random(f"{seed}:{record.id}")  # per image: independent of order and limit
-            chosen = record.captions if all_captions else [rng.choice(record.captions)]
+            captions = [c for c in (clean_caption(c) for c in record.captions) if c]
+            if not captions:
+                continue
+            chosen = captions if all_captions else [rng.choice(captions)]
             for k, caption in enumerate(chosen):
                 sid = sample_id(record.id) + (f"-{k}" if all_captions else "")
                 sample = Sample(
