@@ -24,19 +24,38 @@ log = logging.getLogger("fake_openai_server")
 
 FAULTS = ("429", "500", "503", "timeout", "drop", "truncated")
 
-# Three question/answer pairs, about 250 tokens: parses as a conversation (and as reasoning, first pair).
-ANSWER_TEMPLATE = (
-    "Question:\nWhat is the main subject of this image?\n===\nAnswer:\nThe image shows {subject}. The scene is captured "
-    "in clear daylight, and the main subject stands out against the background, which makes it easy to see how "
-    "the different elements of the picture relate to each other.\n===\n"
-    "Question:\nWhat might be happening just outside the frame?\n===\nAnswer:\nJudging from the arrangement of "
-    "the objects and the setting, it is likely that people nearby are going about an ordinary day. The details "
-    "suggest a familiar, everyday place rather than a staged photograph, so the surrounding area probably looks "
-    "much like what is visible here.\n===\n"
-    "Question:\nWhy would someone take this photo?\n===\nAnswer:\nSomeone might take this photo to remember the "
-    "moment, to show a friend what they saw, or to document the place. Pictures like this are common because they "
-    "capture a small, relatable scene that many people recognise from their own lives."
+# Filler sentences; each completion draws its own mix, so completions differ like real ones do.
+FILLERS = (
+    "The scene is captured in clear light, which makes the details easy to make out.",
+    "Nothing in the picture looks staged; it reads like an ordinary moment.",
+    "The composition draws the eye to the centre of the frame first.",
+    "Colours in the picture are natural and fairly muted.",
+    "It is likely that this was taken by someone who was simply passing by.",
+    "The setting suggests a familiar, everyday place.",
+    "Small details in the background hint at what happened just before.",
+    "The framing is slightly off-centre, as casual photos often are.",
+    "Someone might take a picture like this to remember the moment.",
+    "The overall mood is calm rather than busy.",
+    "A viewer would probably recognise a scene like this from their own life.",
+    "The light suggests it was taken during the day.",
+    "There is a sense of routine in what is shown.",
+    "The angle of the shot gives a good overview of the scene.",
+    "It would be easy to describe this picture to a friend in a sentence or two.",
+    "The edges of the frame cut off part of the surroundings.",
 )
+
+
+def completion_text(context: str) -> str:
+    """Three question/answer pairs (about 250 tokens) built from the context's captions plus varied filler."""
+    captions = [line.strip().rstrip(". ") for line in context.splitlines() if ":" not in line]
+    captions = [c for c in captions if c] or ["a scene"]
+    pick = random.Random(context)
+    answers = []
+    for n in range(3):
+        caption = captions[n % len(captions)]
+        answers.append(f"{caption[0].upper()}{caption[1:]}. " + " ".join(pick.sample(FILLERS, 3)))
+    questions = ("What is happening in this image?", "What stands out about the scene?", "Why might someone take this photo?")
+    return "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers))
 
 
 @dataclass
@@ -86,9 +105,7 @@ def prompt_digest(messages: list[dict]) -> str:
 
 def completion_body(messages: list[dict], model: str, serial: int) -> dict:
     """A chat.completion object whose text varies with the image context."""
-    last = str(messages[-1].get("content", "")) if messages else ""
-    subject = (last.splitlines() or ["a scene"])[0].strip().rstrip(".").lower() or "a scene"
-    text = ANSWER_TEMPLATE.format(subject=subject)
+    text = completion_text(str(messages[-1].get("content", "")) if messages else "")
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
     return {
         "id": f"chatcmpl-{serial}",
