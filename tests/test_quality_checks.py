@@ -135,6 +135,8 @@ def test_caption_word_in_an_instruction_is_not_a_leak():
         ("I am unable to view the image you provided.", "refusal"),
         ("I apologize, but there is no image attached.", "refusal"),
         ("I can't determine what is in the picture.", "refusal"),
+        ("I'm not able to see the picture you shared.", "refusal"),
+        ("I’m unable to describe it.", "refusal"),
         ("Sure! Here are the questions and answers about the kitchen.", "ai_self_talk"),
         ("I'm an AI and cannot see, but kitchens have ovens.", "ai_self_talk"),
         ("The kitchen is white. Let me know if you have other questions!", "ai_self_talk"),

@@ -146,7 +146,7 @@ def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
 
 _REFUSAL = re.compile(
     r"\bI(?:'m| am) (?:sorry|afraid)\b|\bI apologi[sz]e\b"
-    r"|\bI (?:can(?:no|')t|cannot|am unable to|'m unable to|am not able to|do not|don't) "
+    r"|\bI(?: can(?:no|'|’)t| cannot| do not| don(?:'|’)t|(?:'m|’m| am) (?:unable|not able) to) "
     r"(?:see|view|look at|access|perceive|analy[sz]e|process|provide|help|describe|tell|determine|answer)\b"
     r"|\bunable to (?:see|view|access|process) (?:the |this |any )?(?:image|picture|photo)"
     r"|\b(?:no|without an?) (?:image|picture|photo) (?:is |was |has been )?(?:provided|attached|shared|given|available)"

@@ -23,17 +23,56 @@ from datagen.schema import IMAGE_TOKEN
 Rec = dict[str, Any]
 # Objects to plant in a sample when the image lacks them, in order of preference.
 PLANTABLE = ("dog", "car", "umbrella", "bicycle", "horse", "laptop", "pizza", "cat", "bus", "giraffe")
-LEAKS = (
-    "As the caption says, it is a typical scene.",
-    "The bounding box of the main object is [0.12, 0.30, 0.58, 0.91].",
-    "According to the descriptions given, nothing else stands out.",
-    "Its box starts at 0.345 on the left side.",
-)
-REFUSALS = (
-    "I'm sorry, but I cannot see the image, so I can't answer that.",
-    "I am unable to view the image you provided.",
-)
-SELF_TALK = ("As an AI language model, I would say: ", "Sure! Here are the questions and answers: ")
+# Two sets of phrasings: "dev" was used while writing the checks; "heldout" was written afterwards,
+# to see how the phrase-based checks do on wording they were not tuned on.
+PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "dev": {
+        "leak": (
+            "As the caption says, it is a typical scene.",
+            "The bounding box of the main object is [0.12, 0.30, 0.58, 0.91].",
+            "According to the descriptions given, nothing else stands out.",
+            "Its box starts at 0.345 on the left side.",
+        ),
+        "refusal": (
+            "I'm sorry, but I cannot see the image, so I can't answer that.",
+            "I am unable to view the image you provided.",
+        ),
+        "self_talk": ("As an AI language model, I would say: ", "Sure! Here are the questions and answers: "),
+        "hallucination": ("There is also a {} in the background.",),
+        "cut": (0.6,),
+    },
+    "heldout": {
+        "leak": (
+            "Based on the provided captions, the scene is outdoors.",
+            "The description mentions that it was taken at noon.",
+            "From the object coordinates, the main subject is centered.",
+            "The annotations list several items in the scene.",
+            "In the text I was given, this is described as a busy place.",
+            "The box [0.1, 0.2, 0.5, 0.9] marks the main object.",
+            "Judging by the caption, this was taken in summer.",
+            "The data provided indicate two objects.",
+        ),
+        "refusal": (
+            "Unfortunately, I cannot view images, so I have no way to know.",
+            "I'm not able to see the picture you shared.",
+            "Sorry, I can't help with identifying things in photos.",
+            "There is no image in your message, so I cannot describe it.",
+        ),
+        "self_talk": (
+            "As a text-based AI, I can only guess: ",
+            "Here is a conversation about the image: ",
+            "Okay, let me answer. ",
+            "Great question! ",
+        ),
+        "hallucination": (
+            "You can spot a {} on the left.",
+            "Two {}s are visible near the edge.",
+            "A {} is resting close by.",
+            "It might be a {} in the corner.",
+        ),
+        "cut": (0.35,),
+    },
+}
 
 
 def _answers(rec: Rec) -> list[dict[str, str]]:
@@ -47,46 +86,51 @@ def _append_to_answer(rec: Rec, sentence: str, last: bool = False) -> Rec:
     return out
 
 
-def leak(rec: Rec, i: int, truth: set[str]) -> Rec:
-    return _append_to_answer(rec, LEAKS[i % len(LEAKS)])
+def _pick(phrases: dict[str, tuple], kind: str, i: int):
+    options = phrases[kind]
+    return options[i % len(options)]
 
 
-def refusal(rec: Rec, i: int, truth: set[str]) -> Rec:
+def leak(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
+    return _append_to_answer(rec, _pick(phrases, "leak", i))
+
+
+def refusal(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
-    _answers(out)[-1]["value"] = REFUSALS[i % len(REFUSALS)]
+    _answers(out)[-1]["value"] = _pick(phrases, "refusal", i)
     return out
 
 
-def self_talk(rec: Rec, i: int, truth: set[str]) -> Rec:
+def self_talk(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
     turn = _answers(out)[0]
-    turn["value"] = SELF_TALK[i % len(SELF_TALK)] + turn["value"]
+    turn["value"] = _pick(phrases, "self_talk", i) + turn["value"]
     return out
 
 
-def truncation(rec: Rec, i: int, truth: set[str]) -> Rec:
-    """The last answer cut after ~60% of its words, as a token limit would cut it."""
+def truncation(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
+    """The last answer cut part-way through its words, as a token limit would cut it."""
     out = copy.deepcopy(rec)
     turn = _answers(out)[-1]
     words = turn["value"].split()
-    keep = max(2, int(len(words) * 0.6))
+    keep = max(2, int(len(words) * _pick(phrases, "cut", i)))
     turn["value"] = " ".join(words[:keep]).rstrip(".,;:!?")
     return out
 
 
-def hallucination(rec: Rec, i: int, truth: set[str]) -> Rec:
+def hallucination(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     absent = [c for c in PLANTABLE if c not in truth]
-    return _append_to_answer(rec, f"There is also a {absent[i % len(absent)]} in the background.", last=True)
+    return _append_to_answer(rec, _pick(phrases, "hallucination", i).format(absent[i % len(absent)]), last=True)
 
 
-def repeated_question(rec: Rec, i: int, truth: set[str]) -> Rec:
+def repeated_question(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
     first_q = out["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
     out["conversations"] += [{"from": "human", "value": first_q}, {"from": "gpt", "value": _answers(out)[0]["value"]}]
     return out
 
 
-def misplaced_image(rec: Rec, i: int, truth: set[str]) -> Rec:
+def misplaced_image(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     """<image> moved from the first question into an answer (or doubled)."""
     out = copy.deepcopy(rec)
     first = out["conversations"][0]
@@ -99,20 +143,20 @@ def misplaced_image(rec: Rec, i: int, truth: set[str]) -> Rec:
     return out
 
 
-def swapped_turns(rec: Rec, i: int, truth: set[str]) -> Rec:
+def swapped_turns(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
     turns = out["conversations"]
     turns[0]["from"], turns[1]["from"] = turns[1]["from"], turns[0]["from"]
     return out
 
 
-def empty_answer(rec: Rec, i: int, truth: set[str]) -> Rec:
+def empty_answer(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
     _answers(out)[-1]["value"] = "  "
     return out
 
 
-def too_short(rec: Rec, i: int, truth: set[str]) -> Rec | None:
+def too_short(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec | None:
     """A one-phrase answer where the split needs a paragraph (not applicable to conversation)."""
     if rec.get("split") == "conversation":
         return None
@@ -121,7 +165,7 @@ def too_short(rec: Rec, i: int, truth: set[str]) -> Rec | None:
     return out
 
 
-def too_long(rec: Rec, i: int, truth: set[str]) -> Rec:
+def too_long(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     out = copy.deepcopy(rec)
     turn = _answers(out)[-1]
     words = turn["value"].split()
@@ -131,7 +175,7 @@ def too_long(rec: Rec, i: int, truth: set[str]) -> Rec:
     return out
 
 
-def near_copy(rec: Rec, i: int, truth: set[str]) -> Rec:
+def near_copy(rec: Rec, i: int, truth: set[str], phrases: dict) -> Rec:
     """The same answers under another id, one word changed: a template the generator repeated."""
     out = copy.deepcopy(rec)
     out["id"] = f"{rec['id']}-copy"
@@ -148,7 +192,7 @@ class Variant:
 
     name: str
     expected: str
-    make: Callable[[Rec, int, set[str]], Rec | None]
+    make: Callable[[Rec, int, set[str], dict], Rec | None]
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -175,7 +219,9 @@ class VariantResult:
     missed_ids: list[str] = field(default_factory=list)
 
 
-def evaluate(good: list[Rec], lookup: ImageLookup | None, config: QualityConfig | None = None) -> dict[str, Any]:
+def evaluate(
+    good: list[Rec], lookup: ImageLookup | None, config: QualityConfig | None = None, phrasing: str = "dev"
+) -> dict[str, Any]:
     """False rejects among good samples; per variant, how many bad copies were rejected (and for the right reason)."""
     config = config or QualityConfig()
     matcher = default_matcher()
@@ -198,7 +244,7 @@ def evaluate(good: list[Rec], lookup: ImageLookup | None, config: QualityConfig 
             truth = ground_truth(record, matcher) if record else set()
             if variant.expected == "hallucinated_object" and record is None:
                 continue
-            bad = variant.make(rec, i, truth)
+            bad = variant.make(rec, i, truth, PHRASES[phrasing])
             if bad is None:
                 continue
             reasons = checker.check(SampleView.from_record(bad, record=record)).reasons
@@ -226,10 +272,13 @@ def main(
     good_file: Path = typer.Argument(..., help="Hand-written good samples (LLaVA JSONL)."),
     coco_root: Optional[Path] = typer.Option(None, help="COCO root (enables the object check)."),
     coco_split: str = typer.Option("val2017"),
+    phrasing: str = typer.Option("dev", help="Bad-variant wording: dev (used while writing the checks) or heldout."),
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print the false-reject rate and per-variant catch rates."""
-    result = evaluate(list(read_samples(good_file)), open_lookup(coco_root, coco_split))
+    if phrasing not in PHRASES:
+        raise typer.BadParameter(f"use one of {', '.join(PHRASES)}", param_hint="--phrasing")
+    result = evaluate(list(read_samples(good_file)), open_lookup(coco_root, coco_split), phrasing=phrasing)
     if json_output:
         typer.echo(json.dumps(result, indent=2))
         return
