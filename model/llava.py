@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class ModelConfig:
     pad_to_square: bool = True
     image_token: str = "<image>"
     dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # for LLMs without one (e.g. Vicuna-7B-v1.5); else the tokenizer's own
 
 
 class LlavaLite(nn.Module):
@@ -119,6 +119,8 @@ def build_model(
 ) -> tuple[LlavaLite, PreTrainedTokenizerBase, Any]:
     """Build (model, tokenizer with `<image>`, image processor) from a ModelConfig."""
     tokenizer = load_tokenizer(cfg.llm, cfg.llm_gguf_file)
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
     if not tokenizer.chat_template:
         raise TrainError(f"tokenizer of '{cfg.llm}' has no chat template", "use an instruct/chat LLM")
     image_token_id = add_image_token(tokenizer, cfg.image_token)

@@ -138,20 +138,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: LlavaLite, optimizer: Any, scheduler: Any, step: int, keep: int) -> None:
-    """Trainable weights + optimiser + scheduler + RNG: everything resume needs (frozen weights are rebuilt)."""
+def full_trainable_state(accelerator: Any, model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Trainable weights gathered to full tensors (FSDP/ZeRO shards included); call on every rank."""
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        full = accelerator.get_state_dict(model)
+        return {k: full[k].detach().cpu().clone() for k in names} if accelerator.is_main_process else {}
+    return accelerator.unwrap_model(model).trainable_state_dict()
+
+
+def save_checkpoint(path: Path, accelerator: Any, weights: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+                    step: int, keep: int) -> None:
+    """Trainable weights + per-rank optimiser/scheduler/RNG state: all that resume needs (frozen weights are rebuilt).
+
+    Optimiser state is saved per rank (each rank's shard under FSDP), so resume needs the same world size.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, str(tmp / "trainable.safetensors"))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
+    accelerator.wait_for_everyone()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # atomic: a crash mid-save never leaves a half checkpoint that --resume would pick
-    ckpts = sorted(path.parent.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+               tmp / f"state-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)  # atomic: a crash mid-save never leaves a half checkpoint that --resume would pick
+        ckpts = sorted(path.parent.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -160,18 +177,22 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_trainable(model: LlavaLite, ckpt: Path) -> int:
-    """Load a checkpoint's trainable weights into a model set up for the same stage; return its step."""
-    state = load_file(str(ckpt / "trainable.safetensors"))
-    missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in state]
-    unexpected = [k for k in state if k not in dict(model.named_parameters())]
-    if missing or unexpected:
-        raise TrainError(f"checkpoint {ckpt} does not match this stage's trainable weights",
-                         "resume/export with the same config and stage that wrote it")
+def load_weights(model: LlavaLite, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy trainable weights into a model set up for the same stage, refusing any mismatch."""
     params = dict(model.named_parameters())
+    missing = [k for k, p in params.items() if p.requires_grad and k not in state]
+    unexpected = [k for k in state if k not in params]
+    if missing or unexpected:
+        raise TrainError(f"{source} does not match this stage's trainable weights",
+                         "resume/export with the same config and stage that wrote it")
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
+
+
+def load_trainable(model: LlavaLite, ckpt: Path) -> int:
+    """Load a checkpoint's trainable weights; return its step."""
+    load_weights(model, load_file(str(ckpt / "trainable.safetensors")), f"checkpoint {ckpt}")
     return int(json.loads((ckpt / "meta.json").read_text())["step"])
 
 
@@ -261,7 +282,11 @@ def train_stage(
         if ckpt is None:
             raise TrainError(f"no checkpoint to resume in {out}", "drop --resume or set save_every > 0")
         start = load_trainable(model, ckpt)
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        saved_world = json.loads((ckpt / "meta.json").read_text()).get("world_size", 1)
+        if saved_world != world:
+            raise TrainError(f"{ckpt} was written by {saved_world} processes, this run has {world}",
+                             f"resume with {saved_world} processes, or --export it and start a new stage")
+        state = torch.load(ckpt / f"state-rank{rank}.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -277,6 +302,7 @@ def train_stage(
         (out / "data_report.json").write_text(json.dumps(report.as_dict(), indent=2))
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -289,21 +315,23 @@ def train_stage(
             t0 = time.perf_counter()
             batches = [micro_batch((step - 1) * st.grad_accum + a) for a in range(st.grad_accum)]
             # Normalise by the window's answer-token count so accumulation equals one big batch.
-            n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            loss_sum = 0.0
+            local_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            n_target = int(accelerator.reduce(torch.tensor(local_target, device=accelerator.device), "sum"))
+            loss_sum = torch.zeros((), device=accelerator.device)
             for a, batch in enumerate(batches):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = a == len(batches) - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                     loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
-                    accelerator.backward(loss / n_target)
-                loss_sum += float(loss.detach())
+                    # DDP averages gradients over ranks, so scale by world to get sum(token losses) / all tokens.
+                    accelerator.backward(loss * world / n_target)
+                loss_sum += loss.detach().float()
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            last_loss = loss_sum / n_target
+            last_loss = float(accelerator.reduce(loss_sum, "sum")) / n_target
             n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             n_samples = sum(b["input_ids"].shape[0] for b in batches)
             row = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0],
@@ -315,10 +343,9 @@ def train_stage(
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(out / f"checkpoint-{step}", accelerator.unwrap_model(model), optimizer, scheduler,
-                                    step, cfg.keep_checkpoints)
+                weights = full_trainable_state(accelerator, model, trainable_names)
+                save_checkpoint(out / f"checkpoint-{step}", accelerator, weights, optimizer, scheduler, step,
+                                cfg.keep_checkpoints)
             if stop_after is not None and step >= stop_after:
                 break
     finally:
@@ -326,18 +353,24 @@ def train_stage(
         if metrics_f is not None:
             metrics_f.close()
     accelerator.wait_for_everyone()
-    raw = accelerator.unwrap_model(model)
     export_dir = None
     if accelerator.is_main_process:
         plot_loss(out / "metrics.jsonl", out / "loss.png", f"{cfg.name} stage {stage}")
-        finished = step >= total
-        if finished:
-            save_checkpoint(out / f"checkpoint-{step}", raw, optimizer, scheduler, step, cfg.keep_checkpoints)
-            save_file({k: v.detach().cpu().contiguous() for k, v in raw.projector.state_dict().items()},
-                      str(out / "projector.safetensors"))
+    if step >= total:
+        weights = full_trainable_state(accelerator, model, trainable_names)
+        save_checkpoint(out / f"checkpoint-{step}", accelerator, weights, optimizer, scheduler, step,
+                        cfg.keep_checkpoints)
+        if accelerator.is_main_process:
+            proj = {k[len("projector."):]: v.contiguous() for k, v in weights.items() if k.startswith("projector.")}
+            save_file(proj, str(out / "projector.safetensors"))
             if do_export:
+                raw = accelerator.unwrap_model(model)
+                if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+                    raw = setup_model(cfg, stage)[0]  # sharded params cannot be exported: rebuild and load full ones
+                    load_weights(raw, weights)
                 export_dir = export(raw, tokenizer, image_processor, cfg.model.projector, final_dir(cfg, stage),
                                     cfg.model.image_token)
+    accelerator.wait_for_everyone()
     return StageResult(out, step, last_loss, export_dir, report.as_dict())
 
 
