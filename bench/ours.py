@@ -1,0 +1,58 @@
+"""Our engine on the benchmark workload (cache writes, parsing, quality checks, JSONL). Prints one JSON line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_workload import workload  # noqa: E402
+
+from datagen.backends.base import SamplingParams  # noqa: E402
+from datagen.backends.openai_backend import OpenAIBackend  # noqa: E402
+from datagen.engine.config import EngineConfig  # noqa: E402
+from datagen.pipeline import Job, run_generation  # noqa: E402
+from datagen.prompts import load_prompt_set  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--transport", default="aiohttp")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--no-checks", action="store_true")
+    args = parser.parse_args()
+    checker = None
+    if not args.no_checks:
+        from datagen.quality import make_checker
+
+        checker = make_checker("conversation")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), args.workdir / "conversation.jsonl",
+              args.concurrency, checker=checker, engine=EngineConfig(cache_path=args.workdir / "cache.sqlite"))
+    records = list(workload(args.count))  # built before the clock starts, like curator's input dataset
+
+    async def go():
+        backend = OpenAIBackend("gpt-4o-mini", base_url=args.base_url, api_key="sk-bench", concurrency=args.concurrency,
+                                transport=args.transport)
+        try:
+            return await run_generation(job, backend, records)
+        finally:
+            await backend.aclose()
+
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    stats = asyncio.run(go())
+    print(json.dumps({"done": stats.accepted + stats.rejected, "failed": stats.failed, "accepted": stats.accepted,
+                      "wall_s": time.perf_counter() - started_wall, "cpu_s": time.process_time() - started_cpu,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()
