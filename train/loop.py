@@ -298,6 +298,8 @@ def train_stage(
             (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").write_text("")
+        for stale in out.glob("checkpoint-*"):  # a fresh run must never resume into an older run's state
+            shutil.rmtree(stale, ignore_errors=True)
     if accelerator.is_main_process:
         (out / "data_report.json").write_text(json.dumps(report.as_dict(), indent=2))
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
