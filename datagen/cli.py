@@ -43,6 +43,8 @@ DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 def _quiet_libraries() -> None:
     """Keep library chatter (loading bars, deprecation notes) off the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers draws a tqdm bar while de-quantising GGUF weights; tqdm reads this at import time.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         import transformers
 

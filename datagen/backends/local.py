@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +47,6 @@ def load_model(model: str | None):
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     else:
         source = model
-    # transformers draws a tqdm bar while de-quantising GGUF tensors; keep the terminal for our own bar.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
