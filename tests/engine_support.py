@@ -66,3 +66,20 @@ def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], proc.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def datagen_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process (saves the interpreter start); same result shape as `datagen`."""
+    from typer.testing import CliRunner
+
+    from datagen.cli import app
+    from datagen.errors import VisinstructError
+
+    result = CliRunner().invoke(app, list(args), env={"OPENAI_API_KEY": "sk-test", **(env or {})})
+    stderr = result.stderr
+    code = result.exit_code
+    if isinstance(result.exception, VisinstructError):
+        stderr, code = f"error: {result.exception}\n", 2
+    elif result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(list(args), code, result.stdout, stderr)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.engine.cache import ResponseCache, cache_key
 from datagen.pipeline import rejects_path
-from engine_support import REPO, datagen, ids_of, run_engine
+from engine_support import REPO, datagen_here, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer
 
 MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
@@ -78,14 +78,14 @@ def test_no_cache_flag_and_cache_commands(coco_root, tmp_path):
         common = ("generate", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "3", "--backend", "openai",
                   "--base-url", server.base_url)
         for name in ("a", "b"):
-            proc = datagen(*common, "--no-cache", "--out", str(tmp_path / f"{name}.jsonl"))
+            proc = datagen_here(*common, "--no-cache", "--out", str(tmp_path / f"{name}.jsonl"))
             assert proc.returncode == 0, proc.stderr
         assert server.state.count == 6 and not (tmp_path / ".cache").exists()
-        proc = datagen(*common, "--out", str(tmp_path / "c.jsonl"))
+        proc = datagen_here(*common, "--out", str(tmp_path / "c.jsonl"))
         assert proc.returncode == 0, proc.stderr
     cache = tmp_path / ".cache" / "responses.sqlite"
-    stats = datagen("cache", "stats", "--cache", str(cache))
+    stats = datagen_here("cache", "stats", "--cache", str(cache))
     assert stats.returncode == 0 and "3 responses" in stats.stdout and "openai:gpt-4o-mini: 3" in stats.stdout
-    cleared = datagen("cache", "clear", "--cache", str(cache))
+    cleared = datagen_here("cache", "clear", "--cache", str(cache))
     assert cleared.returncode == 0 and "removed 3" in cleared.stdout
-    assert "0 responses" in datagen("cache", "stats", "--cache", str(cache)).stdout
+    assert "0 responses" in datagen_here("cache", "stats", "--cache", str(cache)).stdout

@@ -8,7 +8,7 @@ import pytest
 from datagen.engine.shard import ShardSpec, merge_shards, shard_of
 from datagen.errors import VisinstructError
 from datagen.pipeline import rejects_path, sample_id
-from engine_support import assert_user_error, datagen, ids_of, load_index
+from engine_support import assert_user_error, datagen, datagen_here, ids_of, load_index
 from fake_openai_server import FakeOpenAIServer
 
 
@@ -45,7 +45,7 @@ def test_three_machines_then_merge_gives_every_id_once(coco_root, tmp_path):
     with FakeOpenAIServer() as server:
         for k in (1, 2, 3):
             out = tmp_path / f"reasoning.shard-{k}-of-3.jsonl"
-            proc = datagen("generate", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "30",
+            proc = datagen_here("generate", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "30",
                            "--shard", f"{k}/3", "--backend", "openai", "--base-url", server.base_url, "--out", str(out))
             assert proc.returncode == 0, proc.stderr
             outs.append(out)
