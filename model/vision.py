@@ -19,17 +19,18 @@ _CLS_TOWERS = {"clip_vision_model", "clip"}
 _SUPPORTED = {"clip_vision_model", "clip", "siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2"}
 
 
-def _vision_part(model: nn.Module) -> nn.Module:
-    """Return the vision-only model when a full CLIP/SigLIP (text+vision) checkpoint was given."""
-    if hasattr(model, "vision_model") and hasattr(model, "text_model"):
-        vision_cls = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
-        import transformers
+def _load_vision_model(name_or_path: str) -> nn.Module:
+    """Load only the vision half of a CLIP/SigLIP checkpoint (full dual-encoder or vision-only)."""
+    import transformers
 
-        cls = getattr(transformers, vision_cls[model.config.model_type])
-        vm = cls(model.config.vision_config)
-        vm.vision_model.load_state_dict(model.vision_model.state_dict())
-        return vm
-    return model
+    cfg = AutoConfig.from_pretrained(name_or_path)
+    vision_cls = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel",
+                  "siglip_vision_model": "SiglipVisionModel", "siglip2": "Siglip2VisionModel",
+                  "siglip2_vision_model": "Siglip2VisionModel"}.get(cfg.model_type)
+    if vision_cls is None:
+        raise TrainError(f"'{name_or_path}' is a {cfg.model_type} model, not a CLIP/SigLIP vision tower",
+                         "set model.vision_tower to a CLIP or SigLIP checkpoint")
+    return getattr(transformers, vision_cls).from_pretrained(name_or_path)
 
 
 class VisionTower(nn.Module):
@@ -83,13 +84,13 @@ def build_vision_tower(
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise TrainError(f"vision tower path '{name_or_path}' does not exist", "check model.vision_tower")
         try:
-            model = AutoModel.from_pretrained(name_or_path)
+            model = _load_vision_model(name_or_path)
         except (OSError, ValueError) as exc:
             raise TrainError(
                 f"could not load vision tower '{name_or_path}' ({type(exc).__name__})",
                 "check the hub id or local path (offline machines need a local copy)",
             ) from exc
-        return VisionTower(_vision_part(model), feature_layer)
+        return VisionTower(model, feature_layer)
     if not vision_config:
         raise TrainError("no vision tower configured", "set model.vision_tower or model.vision_config")
     # A random tower must be identical across stages and exports: build once, then reuse the saved copy.

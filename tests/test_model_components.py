@@ -129,3 +129,26 @@ def test_length_grouped_batches_deterministic_and_complete() -> None:
     assert sorted(i for b in a for i in b) == list(range(50))
     pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
     assert pad(a) < pad(length_grouped_batches(lengths, 4, seed=1, epoch=0, group=False))
+
+
+def test_tower_from_saved_full_clip_checkpoint(tmp_path) -> None:
+    """The real path: a local (or hub) CLIP dual-encoder checkpoint; only its vision half is loaded."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from model.vision import build_vision_tower
+
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)
+    full = CLIPModel(cfg)
+    full.save_pretrained(str(tmp_path))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(tmp_path))
+    tower = build_vision_tower(str(tmp_path), None, -2, None, 0)
+    x = torch.randn(1, 3, 32, 32)
+    ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert type(tower.model).__name__ == "CLIPVisionModel" and torch.allclose(tower(x), ref)
+    proc = build_image_processor(str(tmp_path), tower, pad_to_square=True)
+    assert proc(images=[Image.new("RGB", (50, 20))], return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(TrainError, match="does not exist"):
+        build_vision_tower("./no/such/tower", None, -2, None, 0)

@@ -13,10 +13,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from model.errors import TrainError
+from model.llava import IGNORE
 
 log = logging.getLogger(__name__)
 
-from model.llava import IGNORE  # one definition, shared with the model
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
