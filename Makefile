@@ -61,3 +61,14 @@ train: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python bench/train_bench.py
+
+# Engine throughput vs bespokelabs-curator (own venv, created on first use) and a bare aiohttp client.
+CURATOR_VENV := bench/.venv-curator
+$(CURATOR_VENV)/.installed:
+	$(PY) -m venv $(CURATOR_VENV)
+	$(CURATOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(CURATOR_VENV)/bin/pip install --quiet bespokelabs-curator==0.1.31
+	touch $@
+
+bench-datagen: $(STAMP) $(CURATOR_VENV)/.installed
+	$(BIN)/python bench/datagen_bench.py
