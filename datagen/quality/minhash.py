@@ -59,7 +59,8 @@ class NearDuplicateIndex:
         # Bands of 4 rows make pairs well below the threshold collide too; candidates are then verified.
         self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
         self.keys: list[str] = []
-        self.signatures: list[np.ndarray] = []
+        # Signatures as rows of one growing matrix, so candidates are compared in one numpy step.
+        self.signatures = np.empty((64, num_perm), dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
@@ -73,18 +74,22 @@ class NearDuplicateIndex:
         candidates: set[int] = set()
         for band in self._bands(sig):
             candidates.update(self.buckets.get(band, ()))
-        best: tuple[str, float] | None = None
-        for index in sorted(candidates):
-            similarity = float(np.mean(self.signatures[index] == sig))
-            if similarity >= self.threshold and (best is None or similarity > best[1]):
-                best = (self.keys[index], similarity)
-        return best
+        if not candidates:
+            return None
+        rows = np.fromiter(sorted(candidates), dtype=np.int64, count=len(candidates))
+        similarity = (self.signatures[rows] == sig).mean(axis=1)
+        best = int(np.argmax(similarity))  # first of the most similar: the earliest sample wins ties
+        if similarity[best] < self.threshold:
+            return None
+        return self.keys[rows[best]], float(similarity[best])
 
     def insert(self, key: str, sig: np.ndarray) -> None:
         """Remember a signature under a key."""
         index = len(self.keys)
+        if index == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
+        self.signatures[index] = sig
         self.keys.append(key)
-        self.signatures.append(sig)
         for band in self._bands(sig):
             self.buckets[band].append(index)
 
