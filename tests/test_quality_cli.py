@@ -258,3 +258,21 @@ def test_export_image_paths_relative_to_image_folder(capsys, coco_root, tmp_path
     code, _, err = run(capsys, "export", good, "--out", out, "--mix", "none", "--image-folder", tmp_path,
                         "--images-dir", coco_root / "val2017")
     assert_user_error(code, err, "outside --image-folder")
+
+
+def test_unparsed_generation_rejects_are_read_not_refused(capsys, coco_root, tmp_path):
+    # What `generate` writes when a completion does not parse: no conversations, raw text, stored reasons.
+    unparsed = {"id": "000000000802", "image": "000000000802.jpg", "split": "reasoning", "reject_reasons": ["truncated"],
+                "detail": "0 complete question/answer pairs, need 1", "context": "A kitchen.", "raw": "Question: Why?\nAnswer: The oven"}
+    parsed = {"id": "000000000139", "image": "000000000139.jpg", "split": "reasoning", "reject_reasons": ["source_leak"],
+              "conversations": conv("<image>\nWhy?", "As the caption says, a woman stands at the table near the window in a bright dining room.")}
+    src = write_jsonl(tmp_path / "reasoning.rejects.jsonl", [unparsed, parsed])
+    rej = tmp_path / "again.jsonl"
+    summary = json.loads(run(capsys, "check", src, "--json", "--out-rejected", rej)[1])
+    assert summary["rejected"] == 2 and summary["reject_reasons"] == {"truncated": 1, "source_leak": 1}
+    assert read_jsonl(rej)[0] == unparsed
+    stats = json.loads(run(capsys, "stats", src, "--json")[1])["reasoning"]
+    assert stats["samples"] == 2 and stats["rejected"] == 2 and stats["turns_per_sample"]["mean"] == 2.0
+    code, out, _ = run(capsys, "review", src, "--coco-root", coco_root)
+    assert code == 0 and "Raw completion (did not parse)" in out and "Answer: The oven" in out
+    assert "truncated (stored with the sample)" in out

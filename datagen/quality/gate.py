@@ -76,6 +76,15 @@ def check_file(
     rejected = SampleWriter(rejected_out) if rejected_out else None
     try:
         for rec in read_samples(path):
+            if "conversations" not in rec:
+                # An unparsed generation reject: nothing to check, its stored reasons stand.
+                summary.total += 1
+                summary.rejected += 1
+                summary.splits[split or sample_split(rec, fallback) or "unknown"] += 1
+                summary.reasons.update(str(r) for r in rec["reject_reasons"])
+                if rejected:
+                    rejected.write(rec)
+                continue
             record = lookup.find(rec.get("image")) if lookup else None
             if lookup and record is None and rec.get("image"):
                 summary.images_not_in_coco += 1

@@ -30,6 +30,8 @@ def require_llava(rec: Any, where: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise VisinstructError(f"{where} is not a JSON object", LLAVA_HINT)
     turns = rec.get("conversations")
+    if turns is None and isinstance(rec.get("reject_reasons"), list):
+        return rec  # a generation reject that never parsed (raw text only): kept for stats and review
     if not isinstance(turns, list):
         raise VisinstructError(f'{where} is not a LLaVA-format sample (no "conversations" list)', LLAVA_HINT)
     for i, turn in enumerate(turns):

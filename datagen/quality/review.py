@@ -60,7 +60,9 @@ def review_items(
         context = rec.get("context") if isinstance(rec.get("context"), str) else None
         if context is None and record is not None:
             context = render_context(record, with_boxes=name in SPLITS_WITH_BOXES)
-        report = checker.check(SampleView.from_record(rec, split=name, record=record))
+        view = SampleView.from_record(rec, split=name, record=record)
+        # Unparsed rejects have no turns to check; their stored reasons are shown instead.
+        report = checker.check(view) if "conversations" in rec else SampleReport([], {}, set(), set(), False)
         yield ReviewItem(index, rec, name, context, report, record)
 
 
@@ -74,7 +76,11 @@ def sample_panel(item: ReviewItem, position: str = "") -> Panel:
         parts.append(Text("Context the writer saw", style="bold magenta"))
         parts.append(Text(item.context, style="dim"))
         parts.append(Text(""))
-    parts.append(Text("Conversation", style="bold magenta"))
+    if "conversations" not in item.rec:
+        parts.append(Text("Raw completion (did not parse)", style="bold magenta"))
+        parts.append(Text(str(item.rec.get("raw", "")) + (f"\n[{item.rec['detail']}]" if item.rec.get("detail") else "")))
+    if item.rec.get("conversations"):
+        parts.append(Text("Conversation", style="bold magenta"))
     for turn in item.rec.get("conversations", []):
         speaker = turn.get("from", "?")
         style = "bold cyan" if speaker == "human" else "bold green"
@@ -94,7 +100,7 @@ def sample_panel(item: ReviewItem, position: str = "") -> Panel:
             f"{c}{' (not in image)' if c in item.report.hallucinated else ''}" for c in sorted(item.report.mentioned)
         )
         parts.append(Text(f"objects named: {objects}", style="yellow"))
-    if not item.report.objects_checked:
+    if not item.report.objects_checked and "conversations" in item.rec:
         parts.append(Text("object check skipped (no COCO record; pass --coco-root)", style="dim"))
     title = f"{position}  #{item.index + 1} in file  id {item.rec.get('id')}  image {item.rec.get('image')}  split {item.split}"
     return Panel(Group(*parts), title=title, title_align="left")
@@ -164,6 +170,7 @@ def page_entry(item: ReviewItem, lookup: ImageLookup | None, out_dir: Path, embe
         "split": item.split,
         "context": item.context or "",
         "turns": [[str(t.get("from")), str(t.get("value"))] for t in item.rec.get("conversations", [])],
+        "raw": "" if "conversations" in item.rec else str(item.rec.get("raw", "")),
         "flags": item.flags,
         "details": {**{c: "stored with the sample" for c in item.stored_reasons}, **item.report.details},
         "objects": sorted(item.report.mentioned),

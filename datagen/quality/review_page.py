@@ -209,6 +209,10 @@ function card(s) {
     turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinated) : el("span", {}, value));
     body.appendChild(turn);
   }
+  if (s.raw) {
+    body.appendChild(el("h4", {}, "Raw completion (did not parse)"));
+    body.appendChild(el("pre", { class: "context" }, s.raw));
+  }
   if (s.context) {
     body.appendChild(el("h4", {}, "Context the writer saw"));
     body.appendChild(el("pre", { class: "context" }, s.context));

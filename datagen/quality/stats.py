@@ -82,7 +82,7 @@ def compute_stats(
         for rec in read_samples(path):
             name = split or sample_split(rec, fallback) or "unknown"
             targets = (per_split.setdefault(name, SplitStats()), overall)
-            turns = rec["conversations"]
+            turns = rec.get("conversations", [])
             questions = [t["value"] for t in turns if t["from"] == "human"]
             answers = [t["value"] for t in turns if t["from"] == "gpt"]
             mentioned = matcher.categories("\n".join(answers), include_hedged=count_hedged)
@@ -95,7 +95,8 @@ def compute_stats(
             reasons = rec.get("reject_reasons") if isinstance(rec.get("reject_reasons"), list) else []
             for stats in targets:
                 stats.samples += 1
-                stats.turns.append(len(turns))
+                if turns:  # unparsed rejects have no turns; they count only as rejected
+                    stats.turns.append(len(turns))
                 stats.question_words.extend(_word_count(q) for q in questions)
                 stats.answer_words.extend(_word_count(a) for a in answers)
                 stats.question_types.update(first_word(q) for q in questions)
