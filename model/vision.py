@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +106,14 @@ def build_vision_tower(
         torch.manual_seed(seed)
         model = AutoModel.from_config(cfg)
     log.warning("built a RANDOM %s vision tower from config (smoke run; no real image understanding)", model_type)
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(cache_dir))
+    # Every rank builds the same seeded weights; only rank 0 writes, via rename so no reader sees half a folder.
+    if cache_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        if not (cache_dir / "config.json").exists():
+            tmp.rename(cache_dir)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return VisionTower(model, feature_layer)
 
 

@@ -133,3 +133,31 @@ def test_unknown_hub_model_id_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not load tokenizer 'no-such-org/no-such-model'") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process_accumulation(tmp_path: Path, llm_dir: Path) -> None:
+    """torchrun with 2 CPU (gloo) ranks x batch 2 == 1 process x batch 2 x accum 2: same batches, same curve."""
+    single = _cfg(tmp_path / "single", llm_dir, init_projector="", max_steps=3)
+    ref = train_stage(single, 2, do_export=False)
+    ddp_dir = tmp_path / "ddp"
+    cfg_path = tmp_path / "ddp.yaml"
+    import dataclasses
+
+    import yaml
+
+    tree = dataclasses.asdict(_cfg(ddp_dir, llm_dir, init_projector="", max_steps=3, grad_accum=1))
+    cfg_path.write_text(yaml.safe_dump(tree))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.run",
+         "--config", str(cfg_path), "--stage", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = _metrics(ddp_dir / "run" / "stage2" / "metrics.jsonl")
+    theirs = _metrics(ref.stage_dir / "metrics.jsonl")
+    assert [r["step"] for r in ours] == [1, 2, 3]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert (ddp_dir / "run" / "final" / "config.json").is_file()

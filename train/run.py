@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, list[int]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun/accelerate set RANK; other ranks stay quiet
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if main_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from train.loop import export_checkpoint, train_stage
@@ -90,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for n in stages:
             res = train_stage(cfg, n, resume=args.resume and n == stages[0])
-            print(f"stage {n}: {res.steps} steps, final loss {res.last_loss:.4f}, "
-                  f"kept {res.report['kept']}/{res.report['total']} samples, metrics {res.stage_dir / 'metrics.jsonl'}"
-                  + (f", model {res.export_dir}" if res.export_dir else ""))
+            if main_rank:
+                print(f"stage {n}: {res.steps} steps, final loss {res.last_loss:.4f}, "
+                      f"kept {res.report['kept']}/{res.report['total']} samples, "
+                      f"metrics {res.stage_dir / 'metrics.jsonl'}" + (f", model {res.export_dir}" if res.export_dir else ""))
         return 0
     except TrainError as exc:
         print(f"error: {exc.what}; {exc.hint}" if exc.hint else f"error: {exc.what}", file=sys.stderr)
