@@ -72,7 +72,7 @@ def resolve_backend(backend: BackendName, base_url: Optional[str]) -> str:
 
 
 def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int, concurrency: Optional[int],
-                 timeout: float = 120.0, transport: str = "aiohttp"):
+                 timeout: float = 120.0, transport: str = "direct"):
     """Construct the named backend."""
     if name == "local":
         from datagen.backends.local import LocalBackend
@@ -134,7 +134,8 @@ def generate(
     timeout: float = typer.Option(120.0, min=0.1, rich_help_panel=ENGINE, help="Seconds per request before it counts as a timeout."),
     cache: Optional[Path] = typer.Option(None, rich_help_panel=ENGINE, help="Response cache file (default $VISINSTRUCT_CACHE or <out dir>/.cache/responses.sqlite)."),
     no_cache: bool = typer.Option(False, "--no-cache", rich_help_panel=ENGINE, help="Neither read nor write the response cache."),
-    transport: str = typer.Option("aiohttp", rich_help_panel=ENGINE, help="HTTP transport of the openai client: aiohttp or httpx."),
+    transport: str = typer.Option("direct", rich_help_panel=ENGINE,
+                                  help="direct (aiohttp, fastest), or the openai SDK's request path over aiohttp or httpx."),
     shard: Optional[str] = typer.Option(None, rich_help_panel=COST, help="K/N: take the K-th of N stable slices of the images (join with `datagen merge`)."),
     budget: Optional[float] = typer.Option(None, min=0, rich_help_panel=COST, help="Stop starting requests before the run's spend could pass this many USD."),
     prices: Optional[Path] = typer.Option(None, rich_help_panel=COST, help="YAML/JSON price table merged over the shipped one."),

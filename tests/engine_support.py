@@ -25,7 +25,7 @@ def load_index(coco_root: Path, split: str = "conversation", coco_split: str = "
 
 def run_engine(base_url: str, out: Path, coco_root: Path, *, split: str = "conversation", limit: int | None = None,
                concurrency: int = 8, timeout: float = 5.0, prompts_dir: Path | None = None, api_key: str = "sk-test",
-               model: str = MODEL, **engine) -> RunStats:
+               model: str = MODEL, transport: str = "direct", **engine) -> RunStats:
     """One in-process run of the engine against `base_url`."""
     index = load_index(coco_root, split)
     ids = index.image_ids()[:limit] if limit else index.image_ids()
@@ -35,7 +35,8 @@ def run_engine(base_url: str, out: Path, coco_root: Path, *, split: str = "conve
               engine=EngineConfig(**engine))
 
     async def go() -> RunStats:
-        backend = OpenAIBackend(model=model, base_url=base_url, api_key=api_key, timeout=timeout, concurrency=concurrency)
+        backend = OpenAIBackend(model=model, base_url=base_url, api_key=api_key, timeout=timeout, concurrency=concurrency,
+                                transport=transport)
         try:
             return await run_generation(job, backend, index.records(ids))
         finally:

@@ -12,12 +12,13 @@ from engine_support import assert_user_error, datagen, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer, FaultPlan
 
 
+@pytest.mark.parametrize("transport", ["direct", "aiohttp"])
 @pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "drop", "truncated"])
-def test_one_transient_fault_is_retried_and_the_item_succeeds(fault, coco_root, tmp_path):
+def test_one_transient_fault_is_retried_and_the_item_succeeds(fault, transport, coco_root, tmp_path):
     plan = FaultPlan(script=[fault], retry_after_s=0.05, timeout_sleep_s=1.5)
     out = tmp_path / "c.jsonl"
     with FakeOpenAIServer(faults=plan) as server:
-        stats = run_engine(server.base_url, out, coco_root, limit=1, concurrency=1, timeout=0.4)
+        stats = run_engine(server.base_url, out, coco_root, limit=1, concurrency=1, timeout=0.4, transport=transport)
     assert server.state.faults[fault] == 1
     assert stats.requests == 2 and stats.retries == 1 and stats.failed == 0
     assert ids_of(out, rejects_path(out)) == ["000000000139"]
@@ -50,6 +51,7 @@ def test_item_that_exhausts_its_retries_is_recorded_and_a_rerun_retries_only_it(
     assert not failures_path(out).exists()
 
 
+@pytest.mark.parametrize("transport", ["direct", "aiohttp"])
 @pytest.mark.parametrize(
     ("server_kwargs", "run_kwargs", "fragment"),
     [
@@ -57,13 +59,13 @@ def test_item_that_exhausts_its_retries_is_recorded_and_a_rerun_retries_only_it(
         ({"models": {"gpt-4o-mini"}}, {"model": "no-such-model"}, "404"),
     ],
 )
-def test_wrong_key_or_model_fails_fast_without_retrying(server_kwargs, run_kwargs, fragment, coco_root, tmp_path):
+def test_wrong_key_or_model_fails_fast_without_retrying(server_kwargs, run_kwargs, fragment, transport, coco_root, tmp_path):
     out = tmp_path / "c.jsonl"
     out.write_text('{"id": "000000000001", "image": "x.jpg"}\n')
     started = time.monotonic()
     with FakeOpenAIServer(**server_kwargs) as server:
         with pytest.raises(VisinstructError, match=fragment):
-            run_engine(server.base_url, out, coco_root, limit=20, concurrency=4, **run_kwargs)
+            run_engine(server.base_url, out, coco_root, limit=20, concurrency=4, transport=transport, **run_kwargs)
     assert time.monotonic() - started < 10
     assert server.state.count == 0  # refused before the request counted as an attempt
     assert out.read_text() == '{"id": "000000000001", "image": "x.jpg"}\n'

@@ -1,6 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp server)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,36 +18,53 @@ from datagen.errors import VisinstructError
 
 log = logging.getLogger(__name__)
 
-# Transports the client can use; measured in bench/datagen_bench.py (see README), aiohttp is the default.
-TRANSPORTS = ("aiohttp", "httpx")
+# How chat completions travel; measured in bench/datagen_bench.py (README table): "direct" (aiohttp, no SDK on
+# the hot path) costs about half the CPU per request of the SDK over aiohttp, and a third of the SDK over httpx.
+TRANSPORTS = ("direct", "aiohttp", "httpx")
 DEFAULT_CONCURRENCY = 64
 # The body goes pre-encoded (the SDK would deep-copy and re-encode it), so the content type is set here.
 _JSON_OPTIONS = {"headers": {"Content-Type": "application/json"}}
 
 
-def translate_api_error(exc: Exception, base_url: str | None, model: str) -> VisinstructError | None:
-    """Map an openai exception the user must fix to a VisinstructError; None if it is transient."""
+def fatal_status_error(status: int, message: str, base_url: str | None, model: str) -> VisinstructError | None:
+    """The user-facing error for a status the user must fix (400/401/403/404); None for the others."""
     where = base_url or "api.openai.com"
-    if isinstance(exc, openai.AuthenticationError):
+    if status == 401:
         return VisinstructError(f"{where} rejected the API key (401)", "set OPENAI_API_KEY to a valid key")
-    if isinstance(exc, openai.PermissionDeniedError):
+    if status == 403:
         return VisinstructError(f"{where} refused the request (403)", "check the key's access to the model")
-    if isinstance(exc, openai.NotFoundError):
+    if status == 404:
         return VisinstructError(
             f"{where} does not know model {model!r} (404)", "check --model against the server's /models list and --base-url"
         )
-    if isinstance(exc, openai.BadRequestError):
-        return VisinstructError(f"{where} rejected the request (400): {exc.message}", "check --model and --max-tokens")
+    if status == 400:
+        return VisinstructError(f"{where} rejected the request (400): {message}", "check --model and --max-tokens")
+    return None
+
+
+def status_error(status: int, message: str, headers: Mapping[str, str], base_url: str | None, model: str) -> Exception:
+    """What a non-2xx answer means to the engine: stop the run (VisinstructError) or retry (TransientError)."""
+    fatal = fatal_status_error(status, message, base_url, model)
+    if fatal is not None:
+        return fatal
+    if status == 429:
+        return RateLimitedError("429 rate limited", parse_retry_after(headers.get("retry-after")))
+    if status >= 500 or status in (408, 409, 425):
+        return TransientError(f"HTTP {status}", parse_retry_after(headers.get("retry-after")))
+    return VisinstructError(f"{base_url or 'api.openai.com'} answered HTTP {status}: {message}", "check the request settings")
+
+
+def translate_api_error(exc: Exception, base_url: str | None, model: str) -> VisinstructError | None:
+    """Map an openai exception the user must fix to a VisinstructError; None if it is transient."""
+    if isinstance(exc, openai.APIStatusError):
+        return fatal_status_error(exc.status_code, exc.message, base_url, model)
     return None
 
 
 def classify_error(exc: Exception, base_url: str | None, model: str) -> Exception:
     """The exception the engine should see: VisinstructError (stop), a TransientError (retry), or `exc` itself."""
-    fatal = translate_api_error(exc, base_url, model)
-    if fatal is not None:
-        return fatal
-    if isinstance(exc, openai.RateLimitError):
-        return RateLimitedError("429 rate limited", parse_retry_after(exc.response.headers.get("retry-after")))
+    if isinstance(exc, openai.APIStatusError):
+        return status_error(exc.status_code, exc.message, exc.response.headers, base_url, model)
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         cause = exc.__cause__
         # The aiohttp shim reports a refused connection as ConnectTimeout, httpx as ConnectError.
@@ -55,11 +73,6 @@ def classify_error(exc: Exception, base_url: str | None, model: str) -> Exceptio
         if isinstance(exc, openai.APITimeoutError):
             return TransientError("timeout")
         return TransientError(f"connection error: {type(cause).__name__ if cause else exc}")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status >= 500 or status in (408, 409, 425):
-            return TransientError(f"HTTP {status}", parse_retry_after(exc.response.headers.get("retry-after")))
-        return VisinstructError(f"{base_url or 'api.openai.com'} answered HTTP {status}: {exc.message}", "check the request settings")
     return exc
 
 
@@ -80,13 +93,21 @@ def completion_from_body(body: Any, fallback_model: str) -> Completion:
         raise MalformedResponseError("response is not a chat completion") from None
 
 
+def _error_message(content: bytes) -> str:
+    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+    try:
+        return str(json.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return content[:200].decode("utf-8", "replace")
+
+
 def make_http_client(transport: str, concurrency: int, timeout: float):
     """The SDK's HTTP client for a transport, with a connection pool as large as the concurrency."""
     import httpx2
 
     limits = httpx2.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
     timeouts = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
-    if transport == "aiohttp":
+    if transport in ("aiohttp", "direct"):
         return openai.DefaultAioHttpClient(limits=limits, timeout=timeouts)
     if transport == "httpx":
         return openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeouts)
@@ -105,7 +126,7 @@ class OpenAIBackend:
         api_key: str | None = None,
         timeout: float = 120.0,
         concurrency: int = DEFAULT_CONCURRENCY,
-        transport: str = "aiohttp",
+        transport: str = "direct",
     ) -> None:
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
@@ -116,6 +137,9 @@ class OpenAIBackend:
         self.base_url = base_url
         self.preferred_concurrency = concurrency
         self.observe_headers: Callable[[Mapping[str, str]], None] | None = None
+        self.transport = transport
+        self.timeout = timeout
+        self._session = None  # the direct transport's aiohttp session, made inside the running loop
         self._client = openai.AsyncOpenAI(
             api_key=key,
             base_url=base_url,
@@ -131,26 +155,58 @@ class OpenAIBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         p = request.params
-        body = {"model": self.model, "messages": request.messages, "temperature": p.temperature, "top_p": p.top_p,
-                "max_tokens": p.max_tokens, "seed": p.seed}
-        try:
-            # The SDK's typed `chat.completions.create` walks every message through its TypedDict transform and
-            # builds pydantic models from the reply: ~2 ms of CPU per request, more than the rest of a sample.
-            # Posting the same body through the client keeps its auth, headers, timeouts and error mapping.
-            response = await self._client.post("/chat/completions", cast_to=httpx2.Response,
-                                               content=json.dumps(body).encode(), options=_JSON_OPTIONS)
-            content = response.content
-        except openai.APIError as exc:
-            raise classify_error(exc, self.base_url, self.model) from None
-        except httpx2.HTTPError as exc:  # the body broke off after the status line
-            raise TransientError(f"connection error while reading the body: {type(exc).__name__}") from None
+        body = json.dumps({"model": self.model, "messages": request.messages, "temperature": p.temperature,
+                           "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}).encode()
+        if self.transport == "direct":
+            status, headers, content = await self._post_direct(body)
+        else:
+            status, headers, content = await self._post_sdk(body)
         if self.observe_headers is not None:
-            self.observe_headers(response.headers)
+            self.observe_headers(headers)
         try:
             decoded = json.loads(content)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise MalformedResponseError(f"truncated or invalid JSON body ({len(content)} bytes)") from None
         return completion_from_body(decoded, self.model)
 
+    async def _post_sdk(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Through the SDK client (auth, headers, timeouts and its error mapping); no typed-params transform."""
+        try:
+            response = await self._client.post("/chat/completions", cast_to=httpx2.Response, content=body,
+                                               options=_JSON_OPTIONS)
+            return response.status_code, response.headers, response.content
+        except openai.APIError as exc:
+            raise classify_error(exc, self.base_url, self.model) from None
+        except httpx2.HTTPError as exc:  # the body broke off after the status line
+            raise TransientError(f"connection error while reading the body: {type(exc).__name__}") from None
+
+    async def _post_direct(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """Straight over aiohttp with the SDK client's URL and auth headers; statuses classified as the SDK path does."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max(self.preferred_concurrency, 1)),
+                timeout=aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 10.0)),
+                headers={**{k: v for k, v in self._client.auth_headers.items() if isinstance(v, str)},
+                         "Content-Type": "application/json", "Accept": "application/json"},
+            )
+            self._url = str(self._client.base_url).rstrip("/") + "/chat/completions"
+        try:
+            async with self._session.post(self._url, data=body) as response:
+                content = await response.read()
+                status, headers = response.status, response.headers
+        except asyncio.TimeoutError:
+            raise TransientError("timeout") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise EndpointUnreachableError(f"cannot connect: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise TransientError(f"connection error: {type(exc).__name__}") from None
+        if status >= 300:
+            raise status_error(status, _error_message(content), headers, self.base_url, self.model)
+        return status, headers, content
+
     async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         await self._client.close()
