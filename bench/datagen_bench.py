@@ -101,17 +101,21 @@ def curator_env(workdir: Path) -> dict[str, str]:
 
 def table(results: list[Result], latency: float) -> str:
     """The README table: throughput against the ideal bound and against the other clients."""
-    rows = ["| concurrency | client | req/s | % of ideal (c/latency) | CPU ms/sample | peak RSS MB | ours vs this |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+    rows = ["| concurrency | client | req/s | % of ideal (c/latency) | CPU ms/sample | peak RSS MB | ours (engine + checks) vs this | ours (engine) vs this |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for conc in sorted({r.concurrency for r in results}):
         group = [r for r in results if r.concurrency == conc]
-        ours = next((r for r in group if r.client == "ours (engine + checks)"), None)
+        full = next((r for r in group if r.client == "ours (engine + checks)"), None)
+        engine = next((r for r in group if r.client == "ours (engine, no checks)"), None)
         ideal = conc / latency
+
+        def ratio(ours: Result | None, other: Result) -> str:
+            return f"{ours.rps / other.rps:.2f}x" if ours and other is not ours and other.rps else ""
+
         for r in group:
-            ratio = f"{ours.rps / r.rps:.2f}x" if ours and r is not ours and r.rps else ""
             note = "" if r.done == r.count else f" ({r.done}/{r.count} done)"
             rows.append(f"| {conc} | {r.client}{note} | {r.rps:,.0f} | {100 * r.rps / ideal:.0f}% | "
-                        f"{1000 * r.cpu_s / max(r.done, 1):.2f} | {r.peak_rss_mb:.0f} | {ratio} |")
+                        f"{1000 * r.cpu_s / max(r.done, 1):.2f} | {r.peak_rss_mb:.0f} | {ratio(full, r)} | {ratio(engine, r)} |")
     return "\n".join(rows)
 
 
@@ -138,16 +142,16 @@ def main() -> None:
     try:
         for conc in args.concurrency:
             c = str(conc)
+            ours = [py, str(HERE / "ours.py"), "--count", str(args.count), "--base-url", base_url, "--concurrency", c]
             runs = [
                 ("bare aiohttp (floor)", [py, str(HERE / "bare_client.py"), "--requests", str(requests), "--base-url", base_url,
                                           "--concurrency", c], None),
-                ("ours (engine + checks)", [py, str(HERE / "ours.py"), "--count", str(args.count), "--base-url", base_url,
-                                            "--concurrency", c, "--workdir", str(workdir / f"ours-{c}")], None),
-                ("ours (engine, no checks)", [py, str(HERE / "ours.py"), "--count", str(args.count), "--base-url", base_url,
-                                              "--concurrency", c, "--workdir", str(workdir / f"ours-nc-{c}"), "--no-checks"], None),
-                ("ours, httpx transport (no checks)", [py, str(HERE / "ours.py"), "--count", str(args.count), "--base-url",
-                                                       base_url, "--concurrency", c, "--workdir", str(workdir / f"ours-hx-{c}"),
-                                                       "--no-checks", "--transport", "httpx"], None),
+                ("ours (engine + checks)", ours + ["--workdir", str(workdir / f"ours-{c}")], None),
+                ("ours (engine, no checks)", ours + ["--workdir", str(workdir / f"ours-nc-{c}"), "--no-checks"], None),
+                ("ours via SDK over aiohttp (no checks)", ours + ["--workdir", str(workdir / f"ours-sa-{c}"), "--no-checks",
+                                                                 "--transport", "aiohttp"], None),
+                ("ours via SDK over httpx (no checks)", ours + ["--workdir", str(workdir / f"ours-sh-{c}"), "--no-checks",
+                                                               "--transport", "httpx"], None),
             ]
             if have_curator:
                 runs.append(("curator 0.1.31", [str(args.curator_python), str(HERE / "curator_driver.py"), "--requests",

@@ -25,9 +25,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--transport", default="aiohttp")
+    parser.add_argument("--transport", default="direct")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--no-checks", action="store_true")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--max-retries", type=int, default=6)
     args = parser.parse_args()
     checker = None
     if not args.no_checks:
@@ -36,12 +38,13 @@ def main() -> None:
         checker = make_checker("conversation")
     args.workdir.mkdir(parents=True, exist_ok=True)
     job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), args.workdir / "conversation.jsonl",
-              args.concurrency, checker=checker, engine=EngineConfig(cache_path=args.workdir / "cache.sqlite"))
+              args.concurrency, checker=checker, engine=EngineConfig(cache_path=args.workdir / "cache.sqlite", max_retries=args.max_retries,
+                                         backoff_base_s=0.05, backoff_max_s=2.0))
     records = list(workload(args.count))  # built before the clock starts, like curator's input dataset
 
     async def go():
         backend = OpenAIBackend("gpt-4o-mini", base_url=args.base_url, api_key="sk-bench", concurrency=args.concurrency,
-                                transport=args.transport)
+                                transport=args.transport, timeout=args.timeout)
         try:
             return await run_generation(job, backend, records)
         finally:
@@ -50,6 +53,7 @@ def main() -> None:
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     stats = asyncio.run(go())
     print(json.dumps({"done": stats.accepted + stats.rejected, "failed": stats.failed, "accepted": stats.accepted,
+                      "requests": stats.requests, "retries": stats.retries,
                       "wall_s": time.perf_counter() - started_wall, "cpu_s": time.process_time() - started_cpu,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
