@@ -276,3 +276,21 @@ def test_unparsed_generation_rejects_are_read_not_refused(capsys, coco_root, tmp
     code, out, _ = run(capsys, "review", src, "--coco-root", coco_root)
     assert code == 0 and "Raw completion (did not parse)" in out and "Answer: The oven" in out
     assert "truncated (stored with the sample)" in out
+
+
+def test_interactive_pager_moves_and_quits(coco_root):
+    import io
+
+    from rich.console import Console
+
+    from datagen.quality import QualityConfig
+    from datagen.quality.gate import open_lookup
+    from datagen.quality.review import page_terminal, review_items
+
+    items = list(review_items(GOOD, open_lookup(coco_root, "val2017"), QualityConfig()))[:4]
+    console = Console(file=io.StringIO(), width=120)
+    keys = iter(["", "", "p", "4", "q"])  # next, next, back, jump to 4, quit
+    console.input = lambda prompt="": next(keys)
+    page_terminal(items, console, interactive=True)
+    shown = [line for line in console.file.getvalue().splitlines() if "in file  id" in line]
+    assert [line.split("/")[0].strip("╭─ ") for line in shown] == ["1", "2", "3", "2", "4"]
