@@ -84,7 +84,7 @@ def main() -> None:
               f"({len(set(ids_in(out, rejects)) & persisted)} in the output, {len(cached)} in the cache)")
         print(f"  rerun sent {sum(again.values())} requests for {args.count - len(persisted)} unfinished images; "
               f"persisted results requested again: {repeated_persisted}; images sent twice overall: {sent_twice} "
-              f"(in flight at the kill, at most {args.concurrency})")
+              f"(in flight, or answered but not yet stored, at the kill; concurrency {args.concurrency})")
         print(f"  final: {len(final)} lines, {len(set(final))} distinct ids, missing {len(expected - set(final))}")
 
 

@@ -48,9 +48,10 @@ def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(co
     # Nothing persisted before the kill was requested again, and nothing was requested twice in the rerun.
     assert not {digest_of[i] for i in persisted} & set(again)
     assert len(again) == len(set(again)) == len(all_ids - persisted)
-    # Overall, only requests that were in flight at the moment of the kill were ever sent twice.
+    # Only requests in flight at the kill (at most `concurrency`), or answered a moment before and still on
+    # their way to the sink's next cache commit, were ever sent twice.
     repeated = [d for d, n in server.state.attempts.items() if n > 1]
-    assert len(repeated) <= concurrency
+    assert len(repeated) <= 2 * concurrency
 
 
 def test_half_written_last_line_is_cut_and_redone(coco_root, tmp_path):
