@@ -65,3 +65,17 @@ def test_half_written_last_line_is_cut_and_redone(coco_root, tmp_path):
         stats = run_engine(server.base_url, out, coco_root, limit=4)
     assert stats.skipped == 3 and stats.requests == 1
     assert sorted(ids_of(out)) == sorted(set(ids_of(out))) and len(ids_of(out)) == 4
+
+
+def test_malformed_output_file_is_a_user_error_and_stays_untouched(coco_root, tmp_path):
+    from engine_support import assert_user_error, datagen
+
+    out = tmp_path / "c.jsonl"
+    out.write_text('{"id": "000000000139"}\nnot json\n{"id": "000000000802"}\n')
+    before = out.read_bytes()
+    with FakeOpenAIServer() as server:
+        proc = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--limit", "3",
+                       "--backend", "openai", "--base-url", server.base_url, "--out", str(out))
+        assert server.state.count == 0
+    assert_user_error(proc, "c.jsonl:2 is not valid JSON")
+    assert out.read_bytes() == before
