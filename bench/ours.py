@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--transport", default="direct")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--no-checks", action="store_true")
+    parser.add_argument("--stream", action="store_true", help="feed records lazily (memory check) instead of a prebuilt list")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-retries", type=int, default=6)
     args = parser.parse_args()
@@ -46,7 +47,8 @@ def main() -> None:
     job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), args.workdir / "conversation.jsonl",
               args.concurrency, checker=checker, engine=EngineConfig(cache_path=args.workdir / "cache.sqlite", max_retries=args.max_retries,
                                          backoff_base_s=0.05, backoff_max_s=2.0))
-    records = list(workload(args.count))  # built before the clock starts, like curator's input dataset
+    # Built before the clock starts, like curator's input dataset; --stream shows the engine's own memory is flat.
+    records = workload(args.count) if args.stream else list(workload(args.count))
 
     async def go():
         backend = OpenAIBackend("gpt-4o-mini", base_url=args.base_url, api_key="sk-bench", concurrency=args.concurrency,
