@@ -6,7 +6,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -270,3 +270,27 @@ def length_grouped_batches(
     if group:
         rng.shuffle(batches)
     return batches
+
+
+class MicroBatches:
+    """This rank's micro-batch index lists, numbered globally from `first` to `last` (a DataLoader batch_sampler).
+
+    Micro-batch k is a pure function of (seed, k), so a resumed run starts at k = step x accumulation and
+    sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: bool, world: int, rank: int,
+                 per_epoch: int, first: int, last: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.world, self.rank, self.per_epoch, self.first, self.last = world, rank, per_epoch, first, last
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch_batches: dict[int, list[list[int]]] = {}
+        for k in range(self.first, self.last):
+            epoch, j = divmod(k, self.per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch, self.group)}
+            yield epoch_batches[epoch][j * self.world + self.rank]

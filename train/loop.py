@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 from model.errors import TrainError
 from model.export import export
 from model.llava import IGNORE, LlavaLite, build_model
 from train.config import RunConfig, StageConfig, config_to_dict
-from train.data import Collator, ConversationEncoder, length_grouped_batches, prepare, read_records
+from train.data import Collator, ConversationEncoder, MicroBatches, prepare, read_records
 
 log = logging.getLogger(__name__)
 
@@ -263,17 +264,6 @@ def train_stage(
                          "lower batch_size/grad_accum or add data")
     total = st.max_steps or per_epoch * st.epochs
 
-    epoch_batches: dict[int, list[list[int]]] = {}
-
-    def micro_batch(k: int) -> dict[str, torch.Tensor]:
-        """k-th micro-batch of this rank in the deterministic (seed, epoch) stream: resume just recomputes it."""
-        epoch, j = divmod(k, per_epoch * st.grad_accum)
-        if epoch not in epoch_batches:
-            epoch_batches.clear()
-            epoch_batches[epoch] = length_grouped_batches(lengths, st.batch_size, cfg.seed, epoch, cfg.group_by_length)
-        idx = epoch_batches[epoch][j * world + rank]
-        return collate([samples[i] for i in idx])
-
     optimizer = build_optimizer(model, st)
     scheduler = cosine_with_warmup(optimizer, total, max(1, round(st.warmup_ratio * total)))
     start = 0
@@ -306,6 +296,10 @@ def train_stage(
 
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     model, optimizer = accelerator.prepare(model, optimizer)
+    sampler = MicroBatches(lengths, st.batch_size, cfg.seed, cfg.group_by_length, world, rank,
+                           per_epoch * st.grad_accum, start * st.grad_accum, total * st.grad_accum)
+    loader = iter(DataLoader(samples, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                             pin_memory=accelerator.device.type == "cuda"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     metrics_f = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
@@ -315,7 +309,7 @@ def train_stage(
     try:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
-            batches = [micro_batch((step - 1) * st.grad_accum + a) for a in range(st.grad_accum)]
+            batches = [next(loader) for _ in range(st.grad_accum)]
             # Normalise by the window's answer-token count so accumulation equals one big batch.
             local_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             n_target = int(accelerator.reduce(torch.tensor(local_target, device=accelerator.device), "sum"))
