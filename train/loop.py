@@ -70,11 +70,11 @@ def default_init_projector(cfg: RunConfig, stage: int) -> str | None:
     return None
 
 
-def setup_model(cfg: RunConfig, stage: int) -> tuple[LlavaLite, Any, Any]:
-    """Build the model for a stage and mark what trains."""
+def setup_model(cfg: RunConfig, stage: int, init_projector: bool = True) -> tuple[LlavaLite, Any, Any]:
+    """Build the model for a stage and mark what trains (the projector is overwritten later on export/resume)."""
     st = cfg.stage(stage)
     model, tokenizer, image_processor = build_model(cfg.model, tower_cache(cfg), cfg.seed)
-    init = default_init_projector(cfg, stage)
+    init = default_init_projector(cfg, stage) if init_projector else None
     if init:
         if not Path(init).is_file():
             raise TrainError(f"projector weights '{init}' not found", "run stage 1 first, or set stage2.init_projector=''")
@@ -362,7 +362,7 @@ def train_stage(
             if do_export:
                 raw = accelerator.unwrap_model(model)
                 if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-                    raw = setup_model(cfg, stage)[0]  # sharded params cannot be exported: rebuild and load full ones
+                    raw = setup_model(cfg, stage, init_projector=False)[0]  # sharded params cannot be exported: rebuild and load full ones
                     load_weights(raw, weights)
                 export_dir = export(raw, tokenizer, image_processor, cfg.model.projector, final_dir(cfg, stage),
                                     cfg.model.image_token)
@@ -376,7 +376,7 @@ def export_checkpoint(cfg: RunConfig, stage: int, ckpt: Path | None, out_dir: Pa
     ckpt = ckpt or latest_checkpoint(directory)
     if ckpt is None or not (ckpt / "trainable.safetensors").is_file():
         raise TrainError(f"no checkpoint found at {ckpt or directory}", "pass --export PATH/TO/checkpoint-N")
-    model, tokenizer, image_processor = setup_model(cfg, stage)
+    model, tokenizer, image_processor = setup_model(cfg, stage, init_projector=False)
     step = load_trainable(model, ckpt)
     target = out_dir or ckpt / "hf"
     log.info("exporting %s (step %d) to %s", ckpt, step, target)
