@@ -332,6 +332,7 @@ class GenerationRun:
         self.fatal: list[BaseException] = []
         self.successes = 0
         self._pending: list[Outcome] = []
+        self._closing = False
 
     async def run(self) -> RunStats:
         started = time.perf_counter()
@@ -372,8 +373,6 @@ class GenerationRun:
         if self.fatal:
             raise self.fatal[0]
         return self.stats
-
-    _closing = False
 
     async def _feed(self, loop, feed_thread, queue: asyncio.Queue, concurrency: int) -> None:
         exhausted = False
@@ -430,7 +429,7 @@ class GenerationRun:
                 self.fatal.append(exc)
                 self._sink_room.release()
                 continue
-            except (TransientError, Exception) as exc:  # exhausted retries, or a backend bug: this item fails, the run goes on
+            except Exception as exc:  # retries exhausted, or a backend bug: this item fails, the run goes on
                 if self.budget is not None:
                     self.budget.settle(reserved, 0.0)
                 reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,8 +14,6 @@ from pydantic import BaseModel
 
 from datagen.backends.base import Completion, SamplingParams
 from datagen.backends.openai_backend import classify_error, completion_from_body
-from datagen.coco import ImageRecord
-from datagen.engine.cache import ResponseCache, cache_key
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
 
@@ -218,8 +215,9 @@ def split_results(entry: BatchEntry, outputs: list[dict], errors: list[dict], mo
         if completion is not None and cid:
             results[cid] = completion
     failed = {cid for cid in requested if cid not in results}
-    # Errors only confirm the failures above; an error line for an id we did not send is ignored.
-    del errors
+    # Every id without a usable result is resubmitted; the error file only says why, so it is logged.
+    for line in errors:
+        log.info("batch item %s failed: %s", line.get("custom_id"), (line.get("error") or line.get("response") or {}))
     return results, failed
 
 
@@ -238,15 +236,3 @@ def write_resubmit(entry: BatchEntry, failed: set[str], folder: Path) -> Path | 
 def sink_backend(state: BatchState) -> SimpleNamespace:
     """What ResultSink needs to know about the backend that made these completions."""
     return SimpleNamespace(name="openai", model=state.model)
-
-
-def cached_completion(cache: ResponseCache | None, state: BatchState, request) -> Completion | None:
-    return cache.get(cache_key("openai", state.model, request)) if cache is not None else None
-
-
-def sampling_dict(params: SamplingParams) -> dict[str, Any]:
-    return asdict(params)
-
-
-def records_by_id(index, ids: Iterable[str]) -> dict[str, ImageRecord]:
-    return {sid: index.record(int(sid)) for sid in ids}
