@@ -46,7 +46,7 @@ def _console() -> Console:
 
 
 def check(
-    input: Path = typer.Argument(..., help="LLaVA-format samples: JSONL or a JSON array."),
+    in_file: Path = typer.Argument(..., metavar="IN", help="LLaVA-format samples: JSONL or a JSON array."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to, e.g. val2017, train2017."),
     out_accepted: Optional[Path] = typer.Option(None, help="Write accepted samples here, unchanged (.json = array)."),
@@ -65,12 +65,12 @@ def check(
 
     cfg = _config(config, near_dup_threshold, max_hallucinated, disable, allow_trailing_image)
     lookup = open_lookup(coco_root, coco_split)
-    summary = check_file(input, out_accepted, out_rejected, cfg, lookup, split=split)
+    summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=split)
     if json_output:
         typer.echo(json.dumps(summary.as_dict(), indent=2))
         return
     console = _console()
-    table = Table(title=f"datagen check {input}", title_justify="left")
+    table = Table(title=f"datagen check {in_file}", title_justify="left")
     table.add_column("reason")
     table.add_column("samples", justify="right")
     table.add_column("what it checks", style="dim")

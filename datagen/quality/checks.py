@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.coco import ImageRecord
+from datagen.errors import VisinstructError
 from datagen.quality.config import QualityConfig
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
 from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
@@ -323,8 +324,6 @@ class QualityChecker:
         config = config or QualityConfig()
         unknown = set(config.disabled_checks) - set(REASON_CODES)
         if unknown:
-            from datagen.errors import VisinstructError
-
             raise VisinstructError(f"unknown check(s) to disable: {', '.join(sorted(unknown))}",
                                    f"use reason codes from: {', '.join(REASON_CODES)}")
         self.env = CheckEnv(
