@@ -61,9 +61,14 @@ class LlavaLite(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image positions replaced by projected image features."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds
         mask = input_ids == self.image_token_id
+        if pixel_values is None:
+            if bool(mask.any()):
+                raise TrainError("image tokens in the batch but no pixel_values", "pass the images (use the collator)")
+            if self.training:
+                # A text-only batch must still touch the projector, or DDP waits forever for its gradients.
+                embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters())
+            return embeds
         feats = self.image_features(pixel_values)
         if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
             raise TrainError(

@@ -152,3 +152,29 @@ def test_tower_from_saved_full_clip_checkpoint(tmp_path) -> None:
     assert proc(images=[Image.new("RGB", (50, 20))], return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(TrainError, match="does not exist"):
         build_vision_tower("./no/such/tower", None, -2, None, 0)
+
+
+def test_text_only_sample_mixes_with_image_samples(setup: tuple) -> None:
+    """LLaVA-1.5's mix has text-only samples (no "image"): no placeholder, no pixels, same batch."""
+    tok, model, proc = setup
+    name = coco_captions("val2017")[0][0]
+    recs = [{"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
+            {"id": "i", "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                         {"from": "gpt", "value": "A photo."}]}]
+    samples, report = prepare(recs, ConversationEncoder(tok), COCO / "val2017", model.image_token_id, "<image>",
+                              model.num_image_tokens, 256)
+    assert report.kept == 2 and samples[0].image is None and samples[1].image is not None
+    b = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id)(samples)
+    assert b["pixel_values"].shape[0] == 1
+    with torch.no_grad():
+        embeds = model.embed(b["input_ids"], b["pixel_values"])
+        feats = model.image_features(b["pixel_values"])
+    assert torch.equal(embeds[1][b["input_ids"][1] == model.image_token_id], feats[0])
+    text_only = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id)(samples[:1])
+    assert "pixel_values" not in text_only
+    model.train()
+    loss = model(text_only["input_ids"], None, text_only["attention_mask"], text_only["labels"])
+    loss.backward()
+    model.eval()
+    assert all(p.grad is not None for p in model.projector.parameters()), "DDP needs projector grads every step"
+    model.zero_grad(set_to_none=True)

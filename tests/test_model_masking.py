@@ -64,15 +64,16 @@ _text = st.text(
 @st.composite
 def conversations(draw: st.DrawFn) -> dict:
     n_rounds = draw(st.integers(1, 4))
+    with_image = draw(st.integers(0, 4)) > 0  # mostly image samples, some text-only (LLaVA-1.5 mix)
     turns = []
     for r in range(n_rounds):
         q = draw(_text)
-        if r == 0:
+        if r == 0 and with_image:
             q = draw(st.sampled_from([f"{IMAGE}\n{q}", f"{q}\n{IMAGE}", f"{IMAGE} {q}"]))
         turns += [{"from": "human", "value": q}, {"from": "gpt", "value": draw(_text)}]
     if draw(st.booleans()):
         turns.insert(0, {"from": "system", "value": VICUNA_SYSTEM})
-    return {"id": "h", "image": "x.jpg", "conversations": turns}
+    return {"id": "h", "image": "x.jpg", "conversations": turns} if with_image else {"id": "h", "conversations": turns}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -91,7 +92,7 @@ def test_masking_property_real_coco(encoders: dict[str, ConversationEncoder]) ->
             turns.append({"from": "gpt", "value": caps[0]})
             for c in caps[1 : 1 + k % 3]:
                 turns += [{"from": "human", "value": "And what else?"}, {"from": "gpt", "value": c}]
-            messages = to_messages({"id": name, "conversations": turns}, IMAGE)
+            messages = to_messages({"id": name, "image": name, "conversations": turns}, IMAGE)
             for enc in encoders.values():
                 check_labels(enc, messages)
             n += 1
@@ -99,7 +100,7 @@ def test_masking_property_real_coco(encoders: dict[str, ConversationEncoder]) ->
 
 
 def test_labels_known_example(encoders: dict[str, ConversationEncoder]) -> None:
-    rec = {"id": 1, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+    rec = {"id": 1, "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                       {"from": "gpt", "value": "A red bus."}]}
     enc = encoders["smollm2-chatml"]
     ids, labels = enc.encode(to_messages(rec, IMAGE))
@@ -111,15 +112,22 @@ def test_non_incremental_template_is_an_error() -> None:
     tok = smollm_tokenizer()
     # Renders the number of messages up front: earlier prefixes change when turns are added.
     tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    rec = {"id": 1, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    rec = {"id": 1, "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
     with pytest.raises(TrainError, match="not incremental"):
         ConversationEncoder(tok).encode(to_messages(rec, IMAGE))
 
 
 @pytest.mark.parametrize("value,count", [("no placeholder here", 0), ("<image>\n<image>\ntwo", 2)])
 def test_sample_needs_exactly_one_image_token(value: str, count: int) -> None:
-    rec = {"id": "s1", "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a"}]}
+    rec = {"id": "s1", "image": "a.jpg", "conversations": [{"from": "human", "value": value},
+                                                          {"from": "gpt", "value": "a"}]}
     with pytest.raises(TrainError, match=f"sample s1 has {count} '<image>'"):
+        to_messages(rec, IMAGE)
+
+
+def test_placeholder_without_image_field_is_an_error() -> None:
+    rec = {"id": "s2", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(TrainError, match="sample s2 has '<image>' but no 'image' field"):
         to_messages(rec, IMAGE)
 
 

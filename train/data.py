@@ -42,7 +42,11 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def to_messages(record: dict[str, Any], image_token: str) -> list[dict[str, str]]:
-    """Convert LLaVA turns to chat messages, validating roles and the single `<image>` placeholder."""
+    """Convert LLaVA turns to chat messages, validating roles and the `<image>` placeholder.
+
+    A sample with an "image" needs exactly one `<image>`, in its first user turn; a sample without one
+    (LLaVA-1.5's text-only ShareGPT part) needs none.
+    """
     sid = record.get("id", "?")
     messages = []
     for turn in record["conversations"]:
@@ -52,10 +56,13 @@ def to_messages(record: dict[str, Any], image_token: str) -> list[dict[str, str]
         # LLaVA data puts '<image>\n' before or after the question; strip outer whitespace so templates agree.
         messages.append({"role": role, "content": turn["value"].strip()})
     n_images = sum(m["content"].count(image_token) for m in messages)
-    if n_images != 1 or image_token not in next((m["content"] for m in messages if m["role"] == "user"), ""):
+    if not record.get("image"):
+        if n_images:
+            raise TrainError(f"sample {sid} has '{image_token}' but no 'image' field", "add the image file name")
+    elif n_images != 1 or image_token not in next((m["content"] for m in messages if m["role"] == "user"), ""):
         raise TrainError(
             f"sample {sid} has {n_images} '{image_token}' placeholders (needs exactly one, in the first user turn)",
-            "fix the data: every sample is one image plus a conversation about it",
+            "fix the data: an image sample is one image plus a conversation about it",
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise TrainError(f"sample {sid} has no gpt turn", "every sample needs at least one answer")
@@ -128,11 +135,11 @@ class ConversationEncoder:
 
 @dataclass
 class Sample:
-    """One prepared sample: compact ids (one `<image>`), labels, image path, expanded length."""
+    """One prepared sample: compact ids (one `<image>`, or none if text-only), labels, image path, expanded length."""
 
     ids: list[int]
     labels: list[int]
-    image: Path
+    image: Path | None
     length: int
 
 
@@ -173,22 +180,20 @@ def prepare(
         report.total += 1
         sid = str(rec.get("id", report.total - 1))
         messages = to_messages(rec, image_token)
-        if not rec.get("image"):
-            raise TrainError(f"sample {sid} has '{image_token}' but no 'image' field", "add the image file name")
-        path = folder / str(rec["image"])
-        if not path.is_file():
+        path = folder / str(rec["image"]) if rec.get("image") else None
+        if path is not None and not path.is_file():
             missing.append(str(path))
             continue
         ids, labels = encoder.encode(messages)
-        if ids.count(image_token_id) != 1:
+        if ids.count(image_token_id) != (1 if path else 0):
             raise TrainError(f"sample {sid}: '{image_token}' did not tokenize to one token", "check the tokenizer setup")
-        pos = ids.index(image_token_id)
-        extra = num_image_tokens - 1
+        pos = ids.index(image_token_id) if path else len(ids)
+        extra = num_image_tokens - 1 if path else 0
         if not any(lab != IGNORE for lab in labels):
             report.no_labels += 1
             report.dropped_ids.append(sid)
             continue
-        if pos + num_image_tokens > max_length:
+        if path is not None and pos + num_image_tokens > max_length:
             report.image_past_max_length += 1
             report.dropped_ids.append(sid)
             continue
@@ -200,7 +205,8 @@ def prepare(
                 report.dropped_ids.append(sid)
                 continue
             report.truncated += 1
-        labels[pos] = IGNORE
+        if path is not None:
+            labels[pos] = IGNORE
         samples.append(Sample(ids, labels, path, len(ids) + extra))
     if missing:
         raise TrainError(
@@ -224,7 +230,9 @@ class Collator:
         self.pad_id = pad_id
 
     def expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Replace the single image token by num_image_tokens copies (labels IGNORE)."""
+        """Replace the single image token by num_image_tokens copies (labels IGNORE); text-only rows pass."""
+        if self.image_token_id not in ids:
+            return ids, labels
         pos = ids.index(self.image_token_id)
         n = self.num_image_tokens
         return ids[:pos] + [self.image_token_id] * n + ids[pos + 1 :], labels[:pos] + [IGNORE] * n + labels[pos + 1 :]
@@ -239,9 +247,12 @@ class Collator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(labs)] = torch.tensor(labs)
             attention[i, : len(ids)] = 1
-        images = [load_image(s.image) for s in batch]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "pixel_values": pixel_values}
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        # Pixel rows follow the image samples' batch order, which is the order the splice fills them in.
+        images = [load_image(s.image) for s in batch if s.image is not None]
+        if images:
+            out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return out
 
 
 def load_image(path: Path) -> Image.Image:

@@ -318,7 +318,7 @@ def train_stage(
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = a == len(batches) - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
+                    loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], batch["labels"])
                     # DDP averages gradients over ranks, so scale by world to get sum(token losses) / all tokens.
                     accelerator.backward(loss * world / n_target)
                 loss_sum += loss.detach().float()
