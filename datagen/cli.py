@@ -169,7 +169,7 @@ def generate(
         return
     engine = make_backend(backend_name, model, base_url, batch_size, concurrency, timeout, transport)
     job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config,
-              checker=make_checker(split.value))
+              checker=make_checker(split.value, seen=out))
 
     progress, on_progress = progress_bar(split.value, len(ids))
 

@@ -61,3 +61,18 @@ def test_generation_rejects_carry_quality_reasons(coco_root, prompts_dir, tmp_pa
     assert rejected[f"{ids[4]:012d}"]["reject_reasons"] == ["hallucinated_object"]
     assert stats.accepted == 1 and stats.rejected == 4
     assert all("raw" in r and "context" in r for r in rejected.values())
+
+
+def test_a_resumed_run_remembers_what_it_accepted_before(coco_root, prompts_dir, tmp_path):
+    index = CocoIndex(coco_root, "val2017", with_instances=False)
+    first, second = index.image_ids()[:2]
+    out = tmp_path / "conversation.jsonl"
+    prompts = load_prompt_set(prompts_dir, "conversation")
+    backend = ScriptedBackend({first: (GOOD, "stop"), second: (GOOD, "stop")})
+    for ids in ([first], [first, second]):  # the second run resumes: `first` is skipped, `second` is new
+        job = Job("conversation", prompts, SamplingParams(), out, 1,
+                  checker=make_checker("conversation", coco_available=False, seen=out))
+        asyncio.run(run_generation(job, backend, index.records(ids)))
+    rejected = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+    assert [r["reject_reasons"] for r in rejected] == [["near_duplicate"]]
+    assert rejected[0]["id"] == f"{second:012d}"

@@ -338,6 +338,12 @@ class QualityChecker:
     def config(self) -> QualityConfig:
         return self.env.config
 
+    def remember(self, view: SampleView) -> None:
+        """Add an already accepted sample to the near-duplicate memory without checking it."""
+        text = "\n".join(view.answers)
+        if text.strip() and view.split not in self.config.near_duplicate_skip_splits:
+            self.env.near_duplicates.insert(view.key, self.env.near_duplicates.signature(text))
+
     def check(self, view: SampleView) -> SampleReport:
         """All checks on one sample; an accepted sample joins the near-duplicate index."""
         disabled = set(self.config.disabled_checks)

@@ -16,10 +16,17 @@ from datagen.schema import Sample
 
 
 def make_checker(
-    split: str, config: QualityConfig | None = None, coco_available: bool = True
+    split: str, config: QualityConfig | None = None, coco_available: bool = True, seen: Path | None = None
 ) -> Callable[[Sample, ImageRecord, Any], list[str]]:
-    """A `Job.checker` for one generation run: reject reason codes per sample (stateful for near-duplicates)."""
+    """A `Job.checker` for one generation run: reject reason codes per sample (stateful for near-duplicates).
+
+    `seen`: an output file an earlier run already accepted samples into; a resumed run checks new
+    samples against those too.
+    """
     checker = QualityChecker(config)
+    if seen is not None and Path(seen).is_file():
+        for rec in read_samples(Path(seen)):
+            checker.remember(SampleView.from_record(rec, split=split))
 
     def check(sample: Sample, record: ImageRecord, completion: Any) -> list[str]:
         view = SampleView.from_record(
