@@ -70,6 +70,9 @@ def test_a_resumed_run_remembers_what_it_accepted_before(coco_root, prompts_dir,
     prompts = load_prompt_set(prompts_dir, "conversation")
     backend = ScriptedBackend({first: (GOOD, "stop"), second: (GOOD, "stop")})
     for ids in ([first], [first, second]):  # the second run resumes: `first` is skipped, `second` is new
+        if out.exists():
+            with open(out, "a") as fh:
+                fh.write('{"id": "half a line from a killed run')
         job = Job("conversation", prompts, SamplingParams(), out, 1,
                   checker=make_checker("conversation", coco_available=False, seen=out))
         asyncio.run(run_generation(job, backend, index.records(ids)))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.coco import CocoIndex, ImageRecord
+from datagen.jsonl import repair_tail
 from datagen.quality.checks import QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.io import ImageLookup, SampleWriter, read_samples, sample_split, split_from_filename
@@ -25,6 +26,7 @@ def make_checker(
     """
     checker = QualityChecker(config)
     if seen is not None and Path(seen).is_file():
+        repair_tail(Path(seen))  # a killed run may have left half a line; the run would cut it anyway
         for rec in read_samples(Path(seen)):
             checker.remember(SampleView.from_record(rec, split=split))
 
