@@ -294,3 +294,19 @@ def test_interactive_pager_moves_and_quits(coco_root):
     page_terminal(items, console, interactive=True)
     shown = [line for line in console.file.getvalue().splitlines() if "in file  id" in line]
     assert [line.split("/")[0].strip("╭─ ") for line in shown] == ["1", "2", "3", "2", "4"]
+
+
+def test_check_on_llava_mix_layout(capsys, coco_root, tmp_path):
+    # LLaVA-1.5's mix: image paths under dataset folders, images from other datasets, text-only samples.
+    records = [
+        {"id": "000000030752", "image": "coco/train2017/000000030752.jpg",
+         "conversations": conv("<image>\nWhat is the man doing?", "He is cross country skiing with his dog.")},
+        {"id": "2354786", "image": "gqa/images/2354786.jpg",
+         "conversations": conv("<image>\nIs the sky blue?", "Yes.")},
+        {"id": 17, "conversations": conv("Write a haiku about snow.", "Soft snow on the pines, quiet steps fade into white, the valley sleeps on.")},
+    ]
+    src = tmp_path / "llava_v1_5_mix.json"
+    src.write_text(json.dumps(records))
+    summary = json.loads(run(capsys, "check", src, "--coco-root", coco_root, "--coco-split", "train2017", "--json")[1])
+    assert summary["accepted"] == 3 and summary["images_not_in_coco"] == 1
+    assert summary["chair"]["samples"] == 1  # only the COCO image is object-checked
