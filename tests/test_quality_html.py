@@ -60,6 +60,7 @@ def dump(tmp_path: Path, url: str) -> CardParser:
     assert proc.returncode == 0, proc.stderr[-2000:]
     parser = CardParser()
     parser.feed(proc.stdout)
+    parser.dom = proc.stdout
     return parser
 
 
@@ -100,6 +101,7 @@ def test_page_shows_images_with_their_boxes(coco_root, samples_file, tmp_path):
         assert sorted(card["boxes"]) == expected[card["id"]]
         assert card["figure"]["data-boxes-drawn"] == str(len(expected[card["id"]]))
     assert "rejected" in parsed.cards[-1]["class"] and parsed.cards[-1]["id"] == "leaky"
+    assert parsed.dom.count('<mark class="halluc"') == 1 and ">dog</mark>" in parsed.dom  # 139 shows no dog
 
     shot = tmp_path / "shot.png"
     proc = chromium(tmp_path, page.as_uri(), f"--screenshot={shot}")

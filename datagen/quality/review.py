@@ -20,6 +20,7 @@ from datagen.context import render_context
 from datagen.prompts import SPLITS_WITH_BOXES
 from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
 from datagen.quality.config import QualityConfig
+from datagen.quality.objects import default_matcher
 from datagen.quality.io import ImageLookup, read_samples, sample_split, split_from_filename
 from datagen.quality.review_page import PAGE_TEMPLATE
 
@@ -175,6 +176,7 @@ def page_entry(item: ReviewItem, lookup: ImageLookup | None, out_dir: Path, embe
         "details": {**{c: "stored with the sample" for c in item.stored_reasons}, **item.report.details},
         "objects": sorted(item.report.mentioned),
         "hallucinated": sorted(item.report.hallucinated),
+        "hallucinatedWords": hallucinated_words(item),
         "objectsChecked": item.report.objects_checked,
     }
     if item.record is not None and lookup is not None:
@@ -182,6 +184,15 @@ def page_entry(item: ReviewItem, lookup: ImageLookup | None, out_dir: Path, embe
         entry["w"], entry["h"] = item.record.width, item.record.height
         entry["boxes"] = [[o.category, *[round(v, 1) for v in o.bbox]] for o in item.record.objects]
     return entry
+
+
+def hallucinated_words(item: ReviewItem) -> list[str]:
+    """The words in the answers that named a hallucinated object ("glass of wine"), for highlighting."""
+    if not item.report.hallucinated:
+        return []
+    answers = "\n".join(str(t.get("value", "")) for t in item.rec.get("conversations", []) if t.get("from") == "gpt")
+    found = {m.phrase for m in default_matcher().mentions(answers) if m.category in item.report.hallucinated}
+    return sorted(found, key=len, reverse=True)  # longest first, so the pattern prefers whole phrases
 
 
 def write_html(items: list[ReviewItem], out: Path, lookup: ImageLookup | None, embed: bool, title: str) -> int:

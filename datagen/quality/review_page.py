@@ -199,14 +199,14 @@ function card(s) {
   const details = el("ul", { class: "details" });
   for (const [code, text] of Object.entries(s.details)) details.appendChild(el("li", {}, code + ": " + text));
   if (s.objects.length) details.appendChild(el("li", {}, "objects named: " + s.objects.join(", ")));
-  if (!s.objectsChecked) details.appendChild(el("li", {}, "object check skipped (no COCO record)"));
+  if (!s.objectsChecked && s.turns.length) details.appendChild(el("li", {}, "object check skipped (no COCO record)"));
   body.appendChild(details);
-  body.appendChild(el("h4", {}, "Conversation"));
+  if (s.turns.length) body.appendChild(el("h4", {}, "Conversation"));
   for (const [who, value] of s.turns) {
     const turn = el("div", { class: "turn " + who });
     turn.appendChild(el("b", {}, who));
     turn.appendChild(document.createTextNode(" "));
-    turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinated) : el("span", {}, value));
+    turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinatedWords) : el("span", {}, value));
     body.appendChild(turn);
   }
   if (s.raw) {
