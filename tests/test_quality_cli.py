@@ -134,6 +134,10 @@ def test_bad_config_and_coco_root_are_user_errors(capsys, tmp_path):
     assert_user_error(code, err, "near_duplicate_threshold")
     code, _, err = run(capsys, "check", GOOD, "--coco-root", tmp_path / "nowhere")
     assert_user_error(code, err, "COCO root not found")
+    copy = write_jsonl(tmp_path / "in.jsonl", read_jsonl(GOOD))
+    code, _, err = run(capsys, "check", copy, "--out-rejected", copy)
+    assert_user_error(code, err, "is also the input file")
+    assert read_jsonl(copy) == read_jsonl(GOOD)
 
 
 # --- stats -------------------------------------------------------------------------------------

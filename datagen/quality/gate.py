@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.coco import CocoIndex, ImageRecord
+from datagen.errors import VisinstructError
 from datagen.jsonl import repair_tail
 from datagen.quality.checks import QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
@@ -78,6 +79,9 @@ def check_file(
     split: str | None = None,
 ) -> CheckSummary:
     """Check every sample of a file; accepted ones written unchanged, rejected ones with reject_reasons."""
+    for out in (accepted_out, rejected_out):
+        if out is not None and Path(out).exists() and Path(out).resolve() == Path(path).resolve():
+            raise VisinstructError(f"{out} is also the input file", "write the accepted and rejected samples to new files")
     summary = CheckSummary(object_check="on" if lookup else "skipped (no --coco-root)")
     checker = QualityChecker(config)
     fallback = split or split_from_filename(path)
