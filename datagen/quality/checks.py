@@ -58,11 +58,22 @@ class CheckEnv:
     matcher: ObjectMatcher
     near_duplicates: NearDuplicateIndex
     truths: dict[int, set[str]] = field(default_factory=dict)
+    # The last (answers text, include_hedged) -> categories: one sample's checks ask for it twice.
+    last_mentioned: tuple[str, bool, frozenset[str]] | None = None
 
     def truth(self, record: ImageRecord) -> set[str]:
         if record.id not in self.truths:
             self.truths[record.id] = ground_truth(record, self.matcher)
         return self.truths[record.id]
+
+    def mentioned(self, text: str, include_hedged: bool) -> set[str]:
+        """Categories the text names (the matcher's answer, remembered for the same text)."""
+        last = self.last_mentioned
+        if last is not None and last[0] == text and last[1] == include_hedged:
+            return set(last[2])
+        found = self.matcher.categories(text, include_hedged=include_hedged)
+        self.last_mentioned = (text, include_hedged, frozenset(found))
+        return found
 
 
 def _strip_image(text: str) -> str:
@@ -134,10 +145,50 @@ _LEAK_ANY_TURN = [
 _LEAK_ANSWER = [re.compile(r"\bcaptions?\b|\bcaptioned\b", re.I)]
 
 
+# What each leak pattern cannot match without: lower-case words (one of them must be in the lower-cased
+# text) or a pattern (it must match the text). Checked once per sample, so a sample with none of them
+# skips its pattern; the rest run as before, in the same order, so the reported phrase is the same.
+_LEAK_ANY_TURN_NEEDS: list[tuple[str | re.Pattern[str], ...]] = [
+    ("bounding",),
+    ("coordinate",),
+    ("[",),
+    (re.compile(r"\d\.\d"),),
+    ("given", "provided", "above", "following"),
+    ("according",),
+    ("described", "mentioned", "stated", "noted", "listed", "given"),
+    ("caption",),
+    ("description",),
+    ("annotat",),
+]
+_LEAK_ANSWER_NEEDS: list[tuple[str | re.Pattern[str], ...]] = [("caption",)]
+# The non-ASCII letters that re.IGNORECASE matches to an ASCII letter but str.lower() does not turn into
+# one (İ, ı, ſ, and the Kelvin sign); in a text with any of them every pattern runs.
+_CASE_FOLD_TRAPS = re.compile("[\u0130\u0131\u017f\u212a]")
+
+
+def _possible(
+    patterns: list[re.Pattern[str]], needs: list[tuple[str | re.Pattern[str], ...]], text: str, lowered: str
+) -> list[re.Pattern[str]]:
+    """The patterns, in order, whose required words or pattern occur in `text`."""
+    return [
+        pattern for pattern, need in zip(patterns, needs)
+        if any(n in lowered if isinstance(n, str) else n.search(text) for n in need)
+    ]
+
+
 def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
     """No mention of captions, given descriptions, boxes, coordinates or coordinate-like numbers."""
+    text = "\n".join(value for _, value in view.turns)
+    if not text.isascii() and _CASE_FOLD_TRAPS.search(text):
+        any_turn, answer_only = _LEAK_ANY_TURN, _LEAK_ANSWER
+    else:
+        lowered = text.lower()
+        any_turn = _possible(_LEAK_ANY_TURN, _LEAK_ANY_TURN_NEEDS, text, lowered)
+        answer_only = _possible(_LEAK_ANSWER, _LEAK_ANSWER_NEEDS, text, lowered)
+        if not any_turn and not answer_only:
+            return None
     for speaker, value in view.turns:
-        patterns = _LEAK_ANY_TURN + (_LEAK_ANSWER if speaker == "gpt" else [])
+        patterns = any_turn + (answer_only if speaker == "gpt" else [])
         for pattern in patterns:
             found = pattern.search(value)
             if found:
@@ -266,7 +317,7 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
 
 def object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]]:
     """(categories the answers name, those of them the image is not known to contain)."""
-    mentioned = env.matcher.categories("\n".join(view.answers), include_hedged=env.config.count_hedged_mentions)
+    mentioned = env.mentioned("\n".join(view.answers), env.config.count_hedged_mentions)
     if view.record is None:
         return mentioned, set()
     return mentioned, mentioned - env.truth(view.record)

@@ -9,6 +9,7 @@ import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
 _PRIME = (1 << 31) - 1  # hashes are 32-bit and multipliers < 2^31, so a*h + b fits in uint64
+_HASH_CACHE_SIZE = 1 << 16  # shingle hashes kept per MinHasher
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -32,18 +33,29 @@ class MinHasher:
         self.a = rng.integers(1, _PRIME, size=num_perm, dtype=np.uint64)
         self.b = rng.integers(0, _PRIME, size=num_perm, dtype=np.uint64)
         self.num_perm = num_perm
+        # Shingle -> its 32-bit hash: word pairs recur across texts, so most are hashed once per run.
+        self._hashes: dict[str, int] = {}
+
+    def hashes(self, items: set[str]) -> np.ndarray:
+        """The 32-bit blake2b hash of each item, in the set's iteration order."""
+        cache = self._hashes
+        missing = [s for s in items if s not in cache]
+        if missing:
+            if len(cache) + len(missing) > _HASH_CACHE_SIZE:
+                cache.clear()  # bounded memory; a long run just rehashes what comes next
+            # blake2b, not hash(): Python's str hash changes per process and results must be reproducible.
+            for s in missing:
+                cache[s] = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
+        return np.fromiter(map(cache.__getitem__, items), dtype=np.uint64, count=len(items))
 
     def signature(self, items: set[str]) -> np.ndarray:
         """Per hash function, the minimum over the items (all-max for an empty set)."""
         if not items:
             return np.full(self.num_perm, _PRIME, dtype=np.uint64)
-        # blake2b, not hash(): Python's str hash changes per process and results must be reproducible.
-        hashes = np.fromiter(
-            (int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") for s in items),
-            dtype=np.uint64,
-            count=len(items),
-        )
-        return ((np.outer(hashes, self.a) + self.b) % _PRIME).min(axis=0)
+        values = np.multiply.outer(self.hashes(items), self.a)
+        values += self.b
+        np.remainder(values, _PRIME, out=values)
+        return values.min(axis=0)
 
 
 class NearDuplicateIndex:
@@ -67,7 +79,9 @@ class NearDuplicateIndex:
         return self.hasher.signature(shingles(text, self.shingle_size))
 
     def _bands(self, sig: np.ndarray) -> list[tuple[int, bytes]]:
-        return [(b, sig[b * self.rows : (b + 1) * self.rows].tobytes()) for b in range(len(sig) // self.rows)]
+        raw = np.ascontiguousarray(sig).tobytes()
+        width = self.rows * sig.itemsize
+        return [(b, raw[b * width : (b + 1) * width]) for b in range(len(sig) // self.rows)]
 
     def match(self, sig: np.ndarray) -> tuple[str, float] | None:
         """The most similar remembered text at or above the threshold: (key, estimated Jaccard)."""

@@ -73,6 +73,13 @@ class ObjectMatcher:
         self.ambiguous = {tuple(tokenize(name)) for name in ambiguous}
         self.max_len = max(len(p) for p in self.phrases)
         self.category_names = sorted(categories)
+        # First word -> the lengths of the phrases starting with it, longest first: most words start none,
+        # so `mentions` looks each word up once instead of building a tuple per candidate length.
+        lengths: dict[str, set[int]] = {}
+        for key in self.phrases:
+            if key:
+                lengths.setdefault(key[0], set()).add(len(key))
+        self._lengths_by_first: dict[str, tuple[int, ...]] = {w: tuple(sorted(ls, reverse=True)) for w, ls in lengths.items()}
 
     @classmethod
     def from_file(cls, path: Path) -> "ObjectMatcher":
@@ -95,20 +102,24 @@ class ObjectMatcher:
     def mentions(self, text: str) -> list[Mention]:
         """Every object mention in reading order."""
         tokens = tokenize(text)
+        n = len(tokens)
+        phrases, by_first = self.phrases, self._lengths_by_first
         found: list[Mention] = []
-        i = 0
-        while i < len(tokens):
-            for length in range(min(self.max_len, len(tokens) - i), 0, -1):
-                key = tuple(tokens[i : i + length])
-                if key not in self.phrases:
+        free = 0  # tokens before this index belong to a phrase already matched
+        for i in [i for i, token in enumerate(tokens) if token in by_first]:
+            if i < free:
+                continue
+            for length in by_first[tokens[i]]:
+                if length > n - i:
                     continue
-                category = self.phrases[key]
+                key = tuple(tokens[i : i + length])
+                if key not in phrases:
+                    continue
+                category = phrases[key]
                 if category is not None and (key not in self.ambiguous or self._is_noun_use(tokens, i, i + length)):
                     found.append(Mention(category, " ".join(key), self._negated(tokens, i), self._hedged(tokens, i)))
-                i += length
+                free = i + length
                 break
-            else:
-                i += 1
         return found
 
     @staticmethod
