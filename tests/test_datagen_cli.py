@@ -109,18 +109,18 @@ def test_missing_embedded_model_package_is_a_user_error(monkeypatch):
 
 @pytest.mark.slow
 def test_generate_with_the_embedded_model_end_to_end(coco_root, tmp_path):
-    """Real SmolLM2-135M on three images: every image ends up accepted or rejected with the raw text."""
+    """Real SmolLM2-135M on two images: every image ends up accepted or rejected with the raw text."""
     out = tmp_path / "reasoning.jsonl"
     proc = datagen("generate", "--split", "reasoning", "--coco-root", str(coco_root), "--coco-split", "val2017",
-                   "--limit", "3", "--backend", "local", "--max-tokens", "160", "--temperature", "0",
-                   "--batch-size", "3", "--out", str(out))
+                   "--limit", "2", "--backend", "local", "--max-tokens", "96", "--temperature", "0",
+                   "--batch-size", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "reasoning:" in proc.stdout and "tokens" in proc.stdout
     accepted = [json.loads(l) for l in out.read_text().splitlines()]
     rejects_file = tmp_path / "reasoning.rejects.jsonl"
     rejected = [json.loads(l) for l in rejects_file.read_text().splitlines()] if rejects_file.exists() else []
     ids = [r["id"] for r in accepted + rejected]
-    assert sorted(ids) == ["000000000139", "000000000802", "000000011813"]
+    assert sorted(ids) == ["000000000139", "000000000802"]
     from datagen.schema import Sample
 
     for record in accepted:

@@ -71,7 +71,9 @@ def test_malformed_output_file_is_a_user_error_and_stays_untouched(coco_root, tm
     from engine_support import assert_user_error, datagen
 
     out = tmp_path / "c.jsonl"
-    out.write_text('{"id": "000000000139"}\nnot json\n{"id": "000000000802"}\n')
+    turns = '"conversations": [{"from": "human", "value": "<image>\\nQ?"}, {"from": "gpt", "value": "A."}]'
+    out.write_text(f'{{"id": "000000000139", "image": "a.jpg", {turns}}}\nnot json\n'
+                   f'{{"id": "000000000802", "image": "b.jpg", {turns}}}\n')
     before = out.read_bytes()
     with FakeOpenAIServer() as server:
         proc = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--limit", "3",

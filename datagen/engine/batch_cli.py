@@ -29,13 +29,10 @@ def _job(state, out: Path):
     if prompts.hash != state.prompt_hash:
         raise VisinstructError(f"the {state.split} prompt files changed since this batch was submitted",
                                "restore them, or submit again to a new --out")
-    checker = None
-    try:
-        from datagen.quality import make_checker
+    from datagen.quality import make_checker
 
-        checker = make_checker(state.split)
-    except ImportError:
-        pass
+    # The same gate as live runs, comparing with samples accepted earlier in this output.
+    checker = make_checker(state.split, seen=out)
     config = EngineConfig(cache_path=Path(state.cache) if state.cache else None,
                           failures_path=batch_dir(out) / "failures.jsonl")
     return Job(state.split, prompts, state.sampling, out, 1, checker=checker, engine=config)
