@@ -145,10 +145,45 @@ _LEAK_ANY_TURN = [
 _LEAK_ANSWER = [re.compile(r"\bcaptions?\b|\bcaptioned\b", re.I)]
 
 
-# What each leak pattern cannot match without: lower-case words (one of them must be in the lower-cased
-# text) or a pattern (it must match the text). Checked once per sample, so a sample with none of them
-# skips its pattern; the rest run as before, in the same order, so the reported phrase is the same.
-_LEAK_ANY_TURN_NEEDS: list[tuple[str | re.Pattern[str], ...]] = [
+# Prefilters. The phrase patterns are case-insensitive and scanning a text with one costs far more than
+# looking for a few plain words in it, so each pattern comes with what it cannot match without: lower-case
+# words (a match contains one of them, so one must be in the lower-cased text) or a pattern (it must match
+# the text). A sample without any of them skips the pattern; otherwise the pattern runs exactly as before,
+# so the decision and the reported phrase stay the same. tests/test_quality_speed_equivalence.py pins this.
+Needs = tuple[str | re.Pattern[str], ...]
+
+
+@dataclass(frozen=True)
+class _Prefilter:
+    """A pattern's needs split by kind, for a quick test."""
+
+    words: tuple[str, ...]
+    patterns: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def of(cls, needs: Needs) -> "_Prefilter":
+        return cls(tuple(n for n in needs if isinstance(n, str)), tuple(n for n in needs if not isinstance(n, str)))
+
+# The non-ASCII letters that re.IGNORECASE matches to an ASCII letter but str.lower() does not turn into
+# one (İ, ı, ſ, and the Kelvin sign); in a text with any of them the patterns run without prefilter.
+_CASE_FOLD_TRAPS = re.compile("[\u0130\u0131\u017f\u212a]")
+
+
+def _lowered(text: str) -> str | None:
+    """The text lower-cased for the word prefilters, or None where lower-casing could hide a match."""
+    if not text.isascii() and _CASE_FOLD_TRAPS.search(text):
+        return None
+    return text.lower()
+
+
+def _may_match(needs: _Prefilter, text: str, lowered: str | None) -> bool:
+    """Whether the text has one of the needed words or patterns (always True when `lowered` is None)."""
+    if lowered is None:
+        return True
+    return any(map(lowered.__contains__, needs.words)) or any(p.search(text) for p in needs.patterns)
+
+
+_LEAK_ANY_TURN_NEEDS: list[Needs] = [
     ("bounding",),
     ("coordinate",),
     ("[",),
@@ -160,33 +195,19 @@ _LEAK_ANY_TURN_NEEDS: list[tuple[str | re.Pattern[str], ...]] = [
     ("description",),
     ("annotat",),
 ]
-_LEAK_ANSWER_NEEDS: list[tuple[str | re.Pattern[str], ...]] = [("caption",)]
-# The non-ASCII letters that re.IGNORECASE matches to an ASCII letter but str.lower() does not turn into
-# one (İ, ı, ſ, and the Kelvin sign); in a text with any of them every pattern runs.
-_CASE_FOLD_TRAPS = re.compile("[\u0130\u0131\u017f\u212a]")
-
-
-def _possible(
-    patterns: list[re.Pattern[str]], needs: list[tuple[str | re.Pattern[str], ...]], text: str, lowered: str
-) -> list[re.Pattern[str]]:
-    """The patterns, in order, whose required words or pattern occur in `text`."""
-    return [
-        pattern for pattern, need in zip(patterns, needs)
-        if any(n in lowered if isinstance(n, str) else n.search(text) for n in need)
-    ]
+_LEAK_ANSWER_NEEDS: list[Needs] = [("caption",)]
+_LEAK_ANY_TURN_FILTERS = [_Prefilter.of(n) for n in _LEAK_ANY_TURN_NEEDS]
+_LEAK_ANSWER_FILTERS = [_Prefilter.of(n) for n in _LEAK_ANSWER_NEEDS]
 
 
 def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
     """No mention of captions, given descriptions, boxes, coordinates or coordinate-like numbers."""
     text = "\n".join(value for _, value in view.turns)
-    if not text.isascii() and _CASE_FOLD_TRAPS.search(text):
-        any_turn, answer_only = _LEAK_ANY_TURN, _LEAK_ANSWER
-    else:
-        lowered = text.lower()
-        any_turn = _possible(_LEAK_ANY_TURN, _LEAK_ANY_TURN_NEEDS, text, lowered)
-        answer_only = _possible(_LEAK_ANSWER, _LEAK_ANSWER_NEEDS, text, lowered)
-        if not any_turn and not answer_only:
-            return None
+    lowered = _lowered(text)
+    any_turn = [p for p, needs in zip(_LEAK_ANY_TURN, _LEAK_ANY_TURN_FILTERS) if _may_match(needs, text, lowered)]
+    answer_only = [p for p, needs in zip(_LEAK_ANSWER, _LEAK_ANSWER_FILTERS) if _may_match(needs, text, lowered)]
+    if not any_turn and not answer_only:
+        return None
     for speaker, value in view.turns:
         patterns = any_turn + (answer_only if speaker == "gpt" else [])
         for pattern in patterns:
@@ -218,9 +239,35 @@ _SELF_TALK = re.compile(
 )
 
 
+# Per branch of _REFUSAL, in order: sorry/afraid; apologi[sz]e; "I can't/cannot/do not/don't/'m unable/
+# not able to"; "unable to"; "no image/picture/photo", "without a(n) image"; "without seeing/viewing/access".
+_REFUSAL_NEEDS: Needs = (
+    "sorry", "afraid", "apologi", "i can", "i do not", "i don", "unable", "not able",
+    "no image", "no picture", "no photo", "without",
+)
+# Per branch of _SELF_TALK, in order: "as a(n) AI/...", "I am/I'm ...", "language model", "I do not/don't
+# have ...", "Sure," and the like (the word right before , ! or .), "here is/are <what>" (by what: "here is"
+# alone is in every "there is"), the sign-offs, "note:".
+_SELF_TALK_NEEDS: Needs = (
+    "as a ai", "as an ai", "artificial intelligence", "language model", "text-based", "assistant",
+    "i am", "i'm",
+    "i do not have", "i don't have",
+    *(word + mark for word in ("sure", "certainly", "of course", "okay", "ok") for mark in ",!."),
+    "conversation", "dialogue", "question", "answer", "description", "response", "q&a",
+    "i hope this helps", "let me know if", "feel free to ask",
+    "note",
+)
+_REFUSAL_FILTER = _Prefilter.of(_REFUSAL_NEEDS)
+_SELF_TALK_FILTER = _Prefilter.of(_SELF_TALK_NEEDS)
+
+
 def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
     """No answer declines or apologises instead of answering."""
-    for answer in view.answers:
+    answers = view.answers
+    text = "\n".join(answers)
+    if not _may_match(_REFUSAL_FILTER, text, _lowered(text)):
+        return None
+    for answer in answers:
         found = _REFUSAL.search(answer)
         if found:
             return f"answer says {found.group(0)!r}"
@@ -229,7 +276,11 @@ def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
 
 def check_ai_self_talk(view: SampleView, env: CheckEnv) -> str | None:
     """No answer talks about being an AI or about the writing task ("Here are the questions")."""
-    for answer in view.answers:
+    answers = view.answers
+    text = "\n".join(answers)
+    if not _may_match(_SELF_TALK_FILTER, text, _lowered(text)):
+        return None
+    for answer in answers:
         found = _SELF_TALK.search(answer)
         if found:
             return f"answer says {found.group(0).strip()!r}"

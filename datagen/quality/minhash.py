@@ -17,7 +17,8 @@ def shingles(text: str, size: int) -> set[str]:
     words = _WORD.findall(text.lower())
     if len(words) <= size:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+    # zip of the shifted word lists: the n-grams at every start, without slicing per start
+    return set(map(" ".join, zip(*(words[i:] for i in range(size)))))
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -73,6 +74,7 @@ class NearDuplicateIndex:
         self.keys: list[str] = []
         # Signatures as rows of one growing matrix, so candidates are compared in one numpy step.
         self.signatures = np.empty((64, num_perm), dtype=np.uint64)
+        self._last_bands: tuple[bytes, list[tuple[int, bytes]]] | None = None
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
@@ -80,8 +82,13 @@ class NearDuplicateIndex:
 
     def _bands(self, sig: np.ndarray) -> list[tuple[int, bytes]]:
         raw = np.ascontiguousarray(sig).tobytes()
+        last = self._last_bands
+        if last is not None and last[0] == raw:
+            return last[1]  # `insert` after `match` of the same signature
         width = self.rows * sig.itemsize
-        return [(b, raw[b * width : (b + 1) * width]) for b in range(len(sig) // self.rows)]
+        bands = [(b, raw[b * width : (b + 1) * width]) for b in range(len(sig) // self.rows)]
+        self._last_bands = (raw, bands)
+        return bands
 
     def match(self, sig: np.ndarray) -> tuple[str, float] | None:
         """The most similar remembered text at or above the threshold: (key, estimated Jaccard)."""

@@ -27,6 +27,7 @@ ADJECTIVE_LEADS = frozenset("is are was were looks look appears seems colored co
 # use the laptop to ..."): reasoning answers are full of such talk, and CHAIR counts assertions.
 HEDGES = frozenset("might may could would should if perhaps possibly probably likely maybe suggests suggest suggesting whether".split())
 _SENTENCE_END = frozenset(".!?")
+_TEXT_BREAK = "."  # a clause and sentence end: what separates texts scanned together
 COLOURS = frozenset("white black red blue green yellow brown gray grey pink purple orange silver gold tan beige".split())
 
 
@@ -80,6 +81,9 @@ class ObjectMatcher:
             if key:
                 lengths.setdefault(key[0], set()).add(len(key))
         self._lengths_by_first: dict[str, tuple[int, ...]] = {w: tuple(sorted(ls, reverse=True)) for w, ls in lengths.items()}
+        # Texts joined by a lone "." read like separate texts (negation, hedges and the ambiguous-word rules
+        # all stop at it) unless some phrase itself spans a "." token.
+        self._dot_joins = not any(_TEXT_BREAK in key for key in self.phrases)
 
     @classmethod
     def from_file(cls, path: Path) -> "ObjectMatcher":
@@ -99,12 +103,11 @@ class ObjectMatcher:
             return False
         return nxt in _CLAUSE_END or nxt in NOUN_FOLLOWERS
 
-    def mentions(self, text: str) -> list[Mention]:
-        """Every object mention in reading order."""
-        tokens = tokenize(text)
+    def _found(self, tokens: list[str]) -> list[tuple[int, tuple[str, ...], str]]:
+        """(start, phrase tokens, category) of each object phrase, longest first, left to right."""
         n = len(tokens)
-        phrases, by_first = self.phrases, self._lengths_by_first
-        found: list[Mention] = []
+        phrases, by_first, ambiguous = self.phrases, self._lengths_by_first, self.ambiguous
+        found: list[tuple[int, tuple[str, ...], str]] = []
         free = 0  # tokens before this index belong to a phrase already matched
         for i in [i for i, token in enumerate(tokens) if token in by_first]:
             if i < free:
@@ -116,11 +119,19 @@ class ObjectMatcher:
                 if key not in phrases:
                     continue
                 category = phrases[key]
-                if category is not None and (key not in self.ambiguous or self._is_noun_use(tokens, i, i + length)):
-                    found.append(Mention(category, " ".join(key), self._negated(tokens, i), self._hedged(tokens, i)))
+                if category is not None and (key not in ambiguous or self._is_noun_use(tokens, i, i + length)):
+                    found.append((i, key, category))
                 free = i + length
                 break
         return found
+
+    def mentions(self, text: str) -> list[Mention]:
+        """Every object mention in reading order."""
+        tokens = tokenize(text)
+        return [
+            Mention(category, " ".join(key), self._negated(tokens, i), self._hedged(tokens, i))
+            for i, key, category in self._found(tokens)
+        ]
 
     @staticmethod
     def _negated(tokens: list[str], start: int) -> bool:
@@ -144,7 +155,22 @@ class ObjectMatcher:
 
     def categories(self, text: str, include_hedged: bool = True) -> set[str]:
         """Categories named and not negated in the text (optionally also not hedged)."""
-        return {m.category for m in self.mentions(text) if not m.negated and (include_hedged or not m.hedged)}
+        tokens = tokenize(text)
+        named: set[str] = set()
+        for i, _, category in self._found(tokens):
+            # the same set as from `mentions`, without building them or re-testing a category already in
+            if category not in named and not self._negated(tokens, i) and (include_hedged or not self._hedged(tokens, i)):
+                named.add(category)
+        return named
+
+    def categories_of_each(self, texts: list[str], include_hedged: bool = True) -> set[str]:
+        """The union of `categories` over several texts (one scan where they can be joined)."""
+        if self._dot_joins:
+            return self.categories(f" {_TEXT_BREAK} ".join(texts), include_hedged)
+        found: set[str] = set()
+        for text in texts:
+            found |= self.categories(text, include_hedged)
+        return found
 
 
 @lru_cache(maxsize=1)
@@ -156,10 +182,7 @@ def default_matcher() -> ObjectMatcher:
 
 def ground_truth(record: ImageRecord, matcher: ObjectMatcher) -> set[str]:
     """Categories the image is known to contain: its boxes plus what its captions name."""
-    truth = {obj.category for obj in record.objects}
-    for caption in record.captions:
-        truth |= matcher.categories(caption)
-    return truth
+    return {obj.category for obj in record.objects} | matcher.categories_of_each(list(record.captions))
 
 
 @dataclass
