@@ -1,0 +1,198 @@
+"""The fast paths of the quality checks decide exactly as straightforward reference versions do.
+
+Each reference below is the plain algorithm (every pattern on every turn, every phrase length at every
+word, one caption at a time, one blake2b per shingle); the checks' shortcuts must give the same answers
+on many generated texts built from the phrases the checks look for, including the case-folding traps.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import string
+import sys
+
+import numpy as np
+import pytest
+
+from datagen.coco import ImageRecord, ObjectBox
+from datagen.quality import QualityChecker, SampleView, checks
+from datagen.quality.minhash import _PRIME, MinHasher, NearDuplicateIndex, shingles
+from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth, tokenize
+
+FRAGMENTS = (
+    "the caption says", "The Caption", "captioned", "bounding box", "BOUNDING-BOX", "box coordinates", "coordinates",
+    "[0.1, 0.2]", "[ 1 , 2 ]", "[3]", "0.234", "1.2345", "10.123", ".123", "٣.١٢٣", "the given text", "These provided details",
+    "the above information", "according to the data", "mentioned in the context", "listed by the annotations",
+    "the description says", "annotations", "annotator", "I'm sorry", "I am afraid", "I apologise", "I apologize",
+    "I can't see", "I can’t help", "I cannot view", "I don’t answer", "I do not describe", "I'm unable to describe",
+    "I’m not able to tell", "unable to see the image", "no picture was provided", "without an image given",
+    "without seeing the photo", "without access to the picture", "As an AI", "as a language model", "as an assistant",
+    "I'm a chatbot", "I am an AI", "I am a virtual assistant", "language model", "I don't have eyes",
+    "I do not have the ability", "Sure!", "Of course,", "ok.", "Okay!", "certainly.", "here is a description",
+    "Here are some questions", "here is the q&a", "There is a response", "I hope this helps", "let me know if",
+    "feel free to ask", "(Note:", "note :", "Note that", "a dog", "two dogs", "no dog", "not a cat", "isn't a horse",
+    "might be a laptop", "an orange on the table", "orange and white", "bright orange", "the hot dog", "bus stop",
+    "a tie", "the remote", "a teddy bear", "cell phone", "traffic light", "people", "a person", "cars", "trucks",
+    "İ", "ı", "ſ", "\u212a", "ſorry", "I’m ſorry", "İ am sorry", "captİon", "CAPTİON", "\u212aept", "the", "and", "with",
+    "or", "white", "is", ",", ".", "!", "?", "-", ";", "(", ")", "\n", "  ", "é", "’", "1. item", "- item", "of the",
+)
+
+
+def _texts(seed: int, count: int, max_words: int = 30) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, max_words))) for _ in range(count)]
+
+
+def _views(seed: int, count: int) -> list[SampleView]:
+    rng = random.Random(seed)
+    texts = _texts(seed, 4 * count)
+    views = []
+    for n in range(count):
+        turns = []
+        for t in range(rng.choice([2, 2, 4, 6])):
+            value = texts[4 * n + t % 4]
+            turns.append(("human" if t % 2 == 0 else "gpt", ("<image>\n" if t == 0 else "") + value))
+        views.append(SampleView(key=f"s{n}", turns=turns, split=rng.choice(["conversation", "detail", None])))
+    return views
+
+
+# --- phrase checks: every pattern, every turn ---------------------------------------------------------------
+
+
+def _ref_source_leak(view: SampleView) -> str | None:
+    for speaker, value in view.turns:
+        for pattern in checks._LEAK_ANY_TURN + (checks._LEAK_ANSWER if speaker == "gpt" else []):
+            found = pattern.search(value)
+            if found:
+                return f"{speaker} turn mentions {found.group(0)!r}"
+    return None
+
+
+def _ref_answer_pattern(view: SampleView, pattern: re.Pattern[str], strip: bool) -> str | None:
+    for answer in view.answers:
+        found = pattern.search(answer)
+        if found:
+            return f"answer says {(found.group(0).strip() if strip else found.group(0))!r}"
+    return None
+
+
+def test_phrase_checks_match_the_unfiltered_patterns():
+    views = _views(11, 3000)
+    env = QualityChecker().env
+    for view in views:
+        assert checks.check_source_leak(view, env) == _ref_source_leak(view)
+        assert checks.check_refusal(view, env) == _ref_answer_pattern(view, checks._REFUSAL, strip=False)
+        assert checks.check_ai_self_talk(view, env) == _ref_answer_pattern(view, checks._SELF_TALK, strip=True)
+
+
+def test_every_pattern_match_has_one_of_its_needed_words():
+    filtered = [
+        *zip(checks._LEAK_ANY_TURN, checks._LEAK_ANY_TURN_FILTERS),
+        *zip(checks._LEAK_ANSWER, checks._LEAK_ANSWER_FILTERS),
+        (checks._REFUSAL, checks._REFUSAL_FILTER),
+        (checks._SELF_TALK, checks._SELF_TALK_FILTER),
+    ]
+    hits = 0
+    for text in _texts(12, 4000, max_words=8):
+        for pattern, needs in filtered:
+            found = pattern.search(text)
+            if found:
+                hits += 1
+                # the matched phrase alone must pass the prefilter, not just the text around it
+                assert checks._may_match(needs, found.group(0), checks._lowered(found.group(0))), (pattern.pattern, found)
+    assert hits > 1000
+
+
+def test_case_fold_traps_are_all_the_non_ascii_letters_ignorecase_maps_to_ascii():
+    letter = re.compile("[a-z]", re.I)
+    folded = [chr(cp) for cp in range(0x80, sys.maxunicode + 1) if letter.fullmatch(chr(cp))]
+    assert folded, "re.I maps some non-ASCII letters to ASCII ones"
+    for ch in folded:
+        # fine if lower() gives the very letter re.I matched it to; otherwise the prefilters must stand aside
+        matched = [c for c in string.ascii_lowercase if re.fullmatch(c, ch, re.I)]
+        if ch.lower() not in matched:
+            assert checks._CASE_FOLD_TRAPS.search(ch), hex(ord(ch))
+
+
+# --- objects: every phrase length at every word, one caption at a time --------------------------------------
+
+
+def _ref_mentions(matcher: ObjectMatcher, text: str) -> list[tuple[str, str, bool, bool]]:
+    tokens = tokenize(text)
+    found, i = [], 0
+    while i < len(tokens):
+        for length in range(min(matcher.max_len, len(tokens) - i), 0, -1):
+            key = tuple(tokens[i : i + length])
+            if key in matcher.phrases:
+                category = matcher.phrases[key]
+                if category is not None and (key not in matcher.ambiguous or matcher._is_noun_use(tokens, i, i + length)):
+                    found.append((category, " ".join(key), matcher._negated(tokens, i), matcher._hedged(tokens, i)))
+                i += length
+                break
+        else:
+            i += 1
+    return found
+
+
+def test_object_mentions_and_categories_match_the_plain_scan():
+    matcher = default_matcher()
+    for text in _texts(13, 3000):
+        expected = _ref_mentions(matcher, text)
+        assert [(m.category, m.phrase, m.negated, m.hedged) for m in matcher.mentions(text)] == expected
+        for hedged in (True, False):
+            assert matcher.categories(text, include_hedged=hedged) == {
+                c for c, _, negated, is_hedged in expected if not negated and (hedged or not is_hedged)}
+
+
+@pytest.mark.parametrize("dotted_phrase", [False, True])
+def test_ground_truth_matches_caption_by_caption(dotted_phrase):
+    names = {"dog": ["puppy"], "cat": [], "hot dog": [], "orange": [], "person": ["man", "st. bernard"]}
+    matcher = ObjectMatcher(names, ["orange"], ["bus stop"]) if dotted_phrase else default_matcher()
+    rng = random.Random(14)
+    texts = _texts(14, 3000, max_words=10) + ["st", "bernard", "st.", "bernard dog"]
+    for n in range(1500):
+        captions = [rng.choice(texts) for _ in range(rng.randint(0, 6))]
+        record = ImageRecord(id=n, file_name="x.jpg", width=1, height=1, captions=captions,
+                             objects=[ObjectBox(category="cat", bbox=(0, 0, 1, 1))] if n % 3 == 0 else [])
+        expected = {o.category for o in record.objects}
+        for caption in captions:
+            expected |= {c for c, _, negated, _ in _ref_mentions(matcher, caption) if not negated}
+        assert ground_truth(record, matcher) == expected
+
+
+# --- near-duplicates: one blake2b per shingle, every item against every hash function --------------------------
+
+
+def _ref_signature(hasher: MinHasher, items: set[str]) -> np.ndarray:
+    if not items:
+        return np.full(hasher.num_perm, _PRIME, dtype=np.uint64)
+    hashes = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") for s in items],
+                      dtype=np.uint64)
+    return ((np.outer(hashes, hasher.a) + hasher.b) % _PRIME).min(axis=0)
+
+
+def _ref_shingles(text: str, size: int) -> set[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if len(words) <= size:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def test_shingles_and_signatures_match_the_plain_computation():
+    hasher = MinHasher(128)
+    for text in _texts(15, 1500, max_words=60):
+        for size in (1, 2, 3):
+            assert shingles(text, size) == _ref_shingles(text, size)
+        items = shingles(text, 2)
+        assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))
+        assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))  # second time from the cache
+
+
+def test_near_duplicate_bands_are_the_signature_slices():
+    index = NearDuplicateIndex(0.8, 2, 128)
+    for text in _texts(16, 200, max_words=40):
+        sig = index.signature(text)
+        expected = [(b, sig[b * 4 : (b + 1) * 4].tobytes()) for b in range(32)]
+        assert index._bands(sig) == expected
+        assert index._bands(sig.copy()) == expected
