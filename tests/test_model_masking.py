@@ -76,7 +76,8 @@ def conversations(draw: st.DrawFn) -> dict:
     return {"id": "h", "image": "x.jpg", "conversations": turns} if with_image else {"id": "h", "conversations": turns}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rec=conversations())
 def test_masking_property_random(encoders: dict[str, ConversationEncoder], rec: dict) -> None:
     messages = to_messages(rec, IMAGE)

@@ -17,7 +17,7 @@ EPILOG = """examples:
   python -m train.run --config smoke-cpu --stage all
   python -m train.run --config smoke-cpu --stage 2 --resume
   python -m train.run --config compact-gpu --stage 2 --lora --set stage2.lr=2e-4
-  python -m train.run --config smoke-cpu --stage 2 --export runs/smoke/stage2/checkpoint-10 --export-to out/hf
+  python -m train.run --config smoke-cpu --stage 2 --export runs/smoke/stage2/checkpoint-16 --export-to out/hf
   accelerate launch --config_file train/configs/accelerate-fsdp.yaml -m train.run --config llava-7b --stage 2
   torchrun --nproc_per_node 8 -m train.run --config compact-gpu --stage 2
 """
