@@ -178,3 +178,20 @@ def test_text_only_sample_mixes_with_image_samples(setup: tuple) -> None:
     model.eval()
     assert all(p.grad is not None for p in model.projector.parameters()), "DDP needs projector grads every step"
     model.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    tok = smollm_tokenizer()
+    grads = []
+    for ckpt in (False, True):
+        model = LlavaLite(tiny_clip_tower(), build_projector("mlp2x_gelu", 32, 64), tiny_llm(tok),
+                          tok.convert_tokens_to_ids("<image>"))
+        if ckpt:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        proc = build_image_processor(None, model.tower, True)
+        b = _batch(tok, model, proc, n=2)
+        model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5) for k in grads[0])
