@@ -196,3 +196,26 @@ def test_near_duplicate_bands_are_the_signature_slices():
         expected = [(b, sig[b * 4 : (b + 1) * 4].tobytes()) for b in range(32)]
         assert index._bands(sig) == expected
         assert index._bands(sig.copy()) == expected
+
+
+# --- small helpers: sentence ends read from the end, views straight from a Sample ------------------------------
+
+
+def test_sentence_end_test_matches_the_pattern():
+    rng = random.Random(17)
+    pieces = ("word", " ", ".", "!", "?", "…", '"', "'", "”", "’", ")", "]", "*", "_", "\n", ",", "-", "a.b", "(", "[")
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(20000)]
+    for text in texts:
+        assert checks._ends_sentence(text) == bool(checks._SENTENCE_END.search(text)), repr(text)
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"finish_reason": "stop"}, {"finish_reason": None, "model": "m"}])
+@pytest.mark.parametrize("split", [None, "detail"])
+def test_view_from_sample_is_the_view_from_its_record(meta, split):
+    from datagen.schema import Sample
+
+    sample = Sample(id="000000000802-conversation", image="000000000802.jpg", split="conversation", meta=meta,
+                    conversations=[{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}])
+    for finish_reason in (None, "length"):
+        assert SampleView.from_sample(sample, split=split, finish_reason=finish_reason) == SampleView.from_record(
+            sample.to_record(), split=split, finish_reason=finish_reason)

@@ -11,7 +11,7 @@ from datagen.errors import VisinstructError
 from datagen.quality.config import QualityConfig
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
 from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
-from datagen.schema import IMAGE_TOKEN
+from datagen.schema import IMAGE_TOKEN, Sample
 
 
 @dataclass
@@ -45,6 +45,23 @@ class SampleView:
             turns=[(str(t.get("from")), str(t.get("value"))) for t in rec.get("conversations", [])],
             split=split or rec.get("split"),
             has_image=bool(rec.get("image")),
+            finish_reason=finish_reason or meta.get("finish_reason"),
+            record=record,
+        )
+
+
+    @classmethod
+    def from_sample(
+        cls, sample: Sample, split: str | None = None, finish_reason: str | None = None,
+        record: ImageRecord | None = None,
+    ) -> "SampleView":
+        """The same view as `from_record(sample.to_record(), ...)`, without dumping the model first."""
+        meta = sample.meta if isinstance(sample.meta, dict) else {}
+        return cls(
+            key=str(sample.id),
+            turns=[(str(t.speaker), str(t.value)) for t in sample.conversations],
+            split=split or sample.split,
+            has_image=bool(sample.image),
             finish_reason=finish_reason or meta.get("finish_reason"),
             record=record,
         )
@@ -198,16 +215,36 @@ _LEAK_ANY_TURN_NEEDS: list[Needs] = [
 _LEAK_ANSWER_NEEDS: list[Needs] = [("caption",)]
 _LEAK_ANY_TURN_FILTERS = [_Prefilter.of(n) for n in _LEAK_ANY_TURN_NEEDS]
 _LEAK_ANSWER_FILTERS = [_Prefilter.of(n) for n in _LEAK_ANSWER_NEEDS]
+# The same needs indexed the other way, so each word is looked for once: word (or pattern) -> positions
+# in _LEAK_ANY_TURN + _LEAK_ANSWER of the patterns that need it.
+_LEAK_BY_WORD: dict[str, list[int]] = {}
+_LEAK_BY_PATTERN: list[tuple[re.Pattern[str], int]] = []
+for _i, _filter in enumerate(_LEAK_ANY_TURN_FILTERS + _LEAK_ANSWER_FILTERS):
+    for _word in _filter.words:
+        _LEAK_BY_WORD.setdefault(_word, []).append(_i)
+    _LEAK_BY_PATTERN += [(_need, _i) for _need in _filter.patterns]
+
+
+def _possible_leaks(text: str) -> set[int]:
+    """Positions in _LEAK_ANY_TURN + _LEAK_ANSWER of the patterns whose needs the text has."""
+    lowered = _lowered(text)
+    if lowered is None:
+        return set(range(len(_LEAK_ANY_TURN) + len(_LEAK_ANSWER)))
+    possible: set[int] = set()
+    for word, positions in _LEAK_BY_WORD.items():
+        if word in lowered:
+            possible.update(positions)
+    possible.update(i for need, i in _LEAK_BY_PATTERN if i not in possible and need.search(text))
+    return possible
 
 
 def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
     """No mention of captions, given descriptions, boxes, coordinates or coordinate-like numbers."""
-    text = "\n".join(value for _, value in view.turns)
-    lowered = _lowered(text)
-    any_turn = [p for p, needs in zip(_LEAK_ANY_TURN, _LEAK_ANY_TURN_FILTERS) if _may_match(needs, text, lowered)]
-    answer_only = [p for p, needs in zip(_LEAK_ANSWER, _LEAK_ANSWER_FILTERS) if _may_match(needs, text, lowered)]
-    if not any_turn and not answer_only:
+    possible = _possible_leaks("\n".join(value for _, value in view.turns))
+    if not possible:
         return None
+    any_turn = [p for i, p in enumerate(_LEAK_ANY_TURN) if i in possible]
+    answer_only = [p for i, p in enumerate(_LEAK_ANSWER, start=len(_LEAK_ANY_TURN)) if i in possible]
     for speaker, value in view.turns:
         patterns = any_turn + (answer_only if speaker == "gpt" else [])
         for pattern in patterns:
@@ -288,6 +325,20 @@ def check_ai_self_talk(view: SampleView, env: CheckEnv) -> str | None:
 
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*$")
+_SENTENCE_STOPS = ".!?…"
+_SENTENCE_CLOSERS = "\"'”’)]*_"
+_TRAILING_NON_WORD = re.compile(r"\W+$")
+
+
+def _ends_sentence(text: str) -> bool:
+    """Whether _SENTENCE_END matches, read from the end: a stop, then only closing quotes or brackets."""
+    # The two character sets do not overlap, so the stop must be the character before the closers at the
+    # end; `$` also matches before one final newline, hence the second try.
+    for end in (text, text[:-1] if text.endswith("\n") else ""):
+        before = end.rstrip(_SENTENCE_CLOSERS)
+        if before and before[-1] in _SENTENCE_STOPS:
+            return True
+    return False
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
 _DANGLING = frozenset(
     "and or but the a an of to with in on at for from by as is are was were that which their its his her this "
@@ -305,13 +356,15 @@ def check_truncated(view: SampleView, env: CheckEnv) -> str | None:
         text = answer.rstrip()
         if not text:
             continue
-        last_word = re.sub(r"\W+$", "", text.split()[-1]).lower()
-        if text[-1] in ",;:-–" or (last_word in _DANGLING and not _SENTENCE_END.search(text)):
+        words = text.split()
+        last_word = _TRAILING_NON_WORD.sub("", words[-1]).lower()
+        ends = _ends_sentence(text)
+        if text[-1] in ",;:-–" or (last_word in _DANGLING and not ends):
             return f"answer {i + 1} ends mid-sentence: {text[-40:]!r}"
         if (
             view.split not in config.unpunctuated_splits
-            and len(text.split()) >= config.min_words_needing_final_punctuation
-            and not _SENTENCE_END.search(text)
+            and len(words) >= config.min_words_needing_final_punctuation
+            and not ends
             and not _LIST_ITEM.match(text.splitlines()[-1])
         ):
             return f"answer {i + 1} does not end a sentence: {text[-40:]!r}"

@@ -32,8 +32,8 @@ def make_checker(
             checker.remember(SampleView.from_record(rec, split=split))
 
     def check(sample: Sample, record: ImageRecord, completion: Any) -> list[str]:
-        view = SampleView.from_record(
-            sample.to_record(), split=split, finish_reason=getattr(completion, "finish_reason", None),
+        view = SampleView.from_sample(
+            sample, split=split, finish_reason=getattr(completion, "finish_reason", None),
             record=record if coco_available else None,
         )
         return checker.check(view).reasons
