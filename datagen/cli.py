@@ -124,6 +124,9 @@ def generate(
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass."),
     max_tokens: int = typer.Option(512, min=1, help="Completion token limit per sample."),
     seed: int = typer.Option(0, help="Seed for sampling and instruction choice."),
+    repetition_penalty: float = typer.Option(
+        1.0, min=1.0, help="Penalise repeated tokens (1.0 = off; local backend, vLLM and llama.cpp servers)."
+    ),
     batch_size: int = typer.Option(8, min=1, help="Local backend: prompts per forward pass."),
     prompts_dir: Optional[Path] = typer.Option(None, help="Prompt folder (default: prompts/ of this checkout)."),
     concurrency: Optional[int] = typer.Option(
@@ -159,7 +162,8 @@ def generate(
     index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
     ids = select_ids(index, parse_image_ids(image_ids), limit, shard_spec)
     backend_name = resolve_backend(backend, base_url)
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                            repetition_penalty=repetition_penalty)
     engine_config = EngineConfig(
         rpm=rpm, tpm=tpm, max_retries=max_retries, budget_usd=budget, prices_path=prices,
         cache_path=None if no_cache else (cache or default_cache_path(out.parent)),
@@ -185,7 +189,7 @@ def generate(
         "split": split.value, "coco_root": str(coco_root), "coco_split": coco_split, "images": len(ids),
         "shard": str(shard_spec) if shard_spec else None,
         "backend": engine.name, "model": engine.model, "base_url": base_url, "prompt_hash": prompts.hash,
-        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "repetition_penalty": repetition_penalty,
         "concurrency": job.concurrency, "rpm": rpm, "tpm": tpm, "max_retries": max_retries, "budget_usd": budget,
         "cache": str(engine_config.cache_path) if engine_config.cache_path else None,
     }

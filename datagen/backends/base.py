@@ -13,6 +13,8 @@ class SamplingParams:
     top_p: float = 0.95
     max_tokens: int = 512
     seed: int = 0
+    # 1.0 = off. Small local models loop without it; vLLM/llama.cpp servers accept it, OpenAI does not.
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

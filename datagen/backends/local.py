@@ -137,6 +137,7 @@ class LocalBackend:
                 temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None,
                 top_k=None,
+                repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
                 pad_token_id=tok.pad_token_id,
             )
         prompt_len = inputs["input_ids"].shape[1]

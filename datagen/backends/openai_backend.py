@@ -155,8 +155,11 @@ class OpenAIBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         p = request.params
-        body = json.dumps({"model": self.model, "messages": request.messages, "temperature": p.temperature,
-                           "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}).encode()
+        payload = {"model": self.model, "messages": request.messages, "temperature": p.temperature,
+                   "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}
+        if p.repetition_penalty != 1.0:  # a vLLM / llama.cpp extension; sent only when asked for
+            payload["repetition_penalty"] = p.repetition_penalty
+        body = json.dumps(payload).encode()
         if self.transport == "direct":
             status, headers, content = await self._post_direct(body)
         else:
