@@ -10,9 +10,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from conftest_train import COCO, coco_captions, smollm_tokenizer, tiny_clip_tower, tiny_llm
 from model.export import export
-from model.llava import LlavaLite
+from model.llava import IGNORE, LlavaLite
 from model.projector import build_projector
 from model.vision import build_image_processor
+from train.data import Collator
 
 
 def _model(kind: str, seed: int = 0) -> tuple:
@@ -24,19 +25,28 @@ def _model(kind: str, seed: int = 0) -> tuple:
 
 
 def _roundtrip(tmp_path: Path, tok, model: LlavaLite, proc, kind: str) -> float:
+    """Our logits (computed first: export merges LoRA in place) vs the reloaded HF model's."""
+    image = Image.open(COCO / "val2017" / coco_captions("val2017")[0][0]).convert("RGB")  # non-square
+    question = "What is in the image?"
+    # Training-time path: chat template on "<image>\n<question>", then the collator's expansion.
+    text = tok.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids, _ = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id).expand(ids, [IGNORE] * len(ids))
+    ours_px = proc(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), ours_px)
+
     out = export(model, tok, proc, kind, tmp_path / "hf")
     hf = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(out))
-    image = Image.open(COCO / "val2017" / coco_captions("val2017")[0][0])  # non-square: exercises pad-to-square
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
-    assert int((inputs["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
-    # Same preprocessing as training: the exported image processor is the one the collator used.
-    ours_px = proc(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    # The shipped processor reproduces the training-time tokens and pixels exactly.
+    assert inputs["input_ids"][0].tolist() == ids
     assert torch.allclose(ours_px, inputs["pixel_values"])
     with torch.no_grad():
-        ours = model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
         theirs = hf(**inputs).logits
     gen = hf.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] > inputs["input_ids"].shape[1]
