@@ -219,3 +219,30 @@ def test_view_from_sample_is_the_view_from_its_record(meta, split):
     for finish_reason in (None, "length"):
         assert SampleView.from_sample(sample, split=split, finish_reason=finish_reason) == SampleView.from_record(
             sample.to_record(), split=split, finish_reason=finish_reason)
+
+
+def test_signature_residues_at_the_edges_of_the_prime():
+    hasher = MinHasher(128)
+    # hashes whose a*h + b lands on or next to multiples of the prime for some hash function
+    edge = {int(h) for a, b in zip(hasher.a[:16], hasher.b[:16]) for k in (1, 2, 3, 1000)
+            for h in [((k * _PRIME - int(b)) * pow(int(a), -1, _PRIME) + d) % _PRIME for d in (-1, 0, 1)]}
+    edge |= {0, 1, _PRIME - 1, _PRIME, _PRIME + 1, 2**32 - 1}
+    words = {f"w{h}" for h in edge}
+    hasher._hashes.update({f"w{h}": h for h in edge})
+    expected_hashes = np.array([hasher._hashes[w] for w in words], dtype=np.uint64)
+    expected = ((np.outer(expected_hashes, hasher.a) + hasher.b) % _PRIME).min(axis=0)
+    assert np.array_equal(hasher.signature(words), expected)
+    for w in words:
+        single = ((np.uint64(hasher._hashes[w]) * hasher.a + hasher.b) % _PRIME)
+        assert np.array_equal(hasher.signature({w}), single)
+
+
+def test_hash_cache_overflow_keeps_signatures(monkeypatch):
+    import datagen.quality.minhash as minhash
+
+    monkeypatch.setattr(minhash, "_HASH_CACHE_SIZE", 50)
+    hasher = MinHasher(64)
+    for text in _texts(18, 300, max_words=40):
+        items = shingles(text, 2)
+        assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))
+    assert len(hasher._hashes) <= max(50, max(len(shingles(t, 2)) for t in _texts(18, 300, max_words=40)))

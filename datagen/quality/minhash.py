@@ -44,6 +44,7 @@ class MinHasher:
         if missing:
             if len(cache) + len(missing) > _HASH_CACHE_SIZE:
                 cache.clear()  # bounded memory; a long run just rehashes what comes next
+                missing = list(items)
             # blake2b, not hash(): Python's str hash changes per process and results must be reproducible.
             for s in missing:
                 cache[s] = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
