@@ -149,8 +149,14 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path: Path, llm
     tree = dataclasses.asdict(_cfg(ddp_dir, llm_dir, init_projector="", max_steps=3, grad_accum=1))
     cfg_path.write_text(yaml.safe_dump(tree))
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide on torchrun's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.run",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "train.run",
          "--config", str(cfg_path), "--stage", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
