@@ -6,6 +6,8 @@ STAMP     := $(VENV)/.installed
 SHARED_COCO := ../shared/coco-mini
 COCO_SPLIT ?= val2017
 LIMIT     ?= 4
+# Caps each local batch's decode steps (a batch runs as long as its longest answer).
+MAX_TOKENS ?= 384
 DATA_DIR  ?= data
 FETCH_DIR ?= data/coco
 
@@ -32,7 +34,7 @@ data: $(STAMP)
 	fi; \
 	for split in conversation detail reasoning; do \
 	  $(BIN)/datagen generate --split $$split --coco-root "$$root" --coco-split $(COCO_SPLIT) \
-	    --limit $(LIMIT) --backend local --out $(DATA_DIR)/$$split.jsonl || exit $$?; \
+	    --limit $(LIMIT) --max-tokens $(MAX_TOKENS) --backend local --out $(DATA_DIR)/$$split.jsonl || exit $$?; \
 	done; \
 	echo "samples: $(DATA_DIR)/conversation.jsonl $(DATA_DIR)/detail.jsonl $(DATA_DIR)/reasoning.jsonl (rejects beside them)"
 
