@@ -298,30 +298,29 @@ _REFUSAL_FILTER = _Prefilter.of(_REFUSAL_NEEDS)
 _SELF_TALK_FILTER = _Prefilter.of(_SELF_TALK_NEEDS)
 
 
-def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
-    """No answer declines or apologises instead of answering."""
+def _first_answer_match(view: SampleView, prefilter: "_Prefilter", pattern: re.Pattern[str]) -> re.Match[str] | None:
+    """The first match of `pattern` in the answers, skipping the regex when the prefilter rules it out."""
     answers = view.answers
     text = "\n".join(answers)
-    if not _may_match(_REFUSAL_FILTER, text, _lowered(text)):
+    if not _may_match(prefilter, text, _lowered(text)):
         return None
     for answer in answers:
-        found = _REFUSAL.search(answer)
+        found = pattern.search(answer)
         if found:
-            return f"answer says {found.group(0)!r}"
+            return found
     return None
+
+
+def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
+    """No answer declines or apologises instead of answering."""
+    found = _first_answer_match(view, _REFUSAL_FILTER, _REFUSAL)
+    return f"answer says {found.group(0)!r}" if found else None
 
 
 def check_ai_self_talk(view: SampleView, env: CheckEnv) -> str | None:
     """No answer talks about being an AI or about the writing task ("Here are the questions")."""
-    answers = view.answers
-    text = "\n".join(answers)
-    if not _may_match(_SELF_TALK_FILTER, text, _lowered(text)):
-        return None
-    for answer in answers:
-        found = _SELF_TALK.search(answer)
-        if found:
-            return f"answer says {found.group(0).strip()!r}"
-    return None
+    found = _first_answer_match(view, _SELF_TALK_FILTER, _SELF_TALK)
+    return f"answer says {found.group(0).strip()!r}" if found else None
 
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*$")
