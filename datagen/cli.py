@@ -36,7 +36,7 @@ class BackendName(str, Enum):
     openai = "openai"
 
 
-COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images)."
+COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); or set $COCO_ROOT."
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 
 
@@ -91,7 +91,7 @@ def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch
 
 @app.command()
 def render(
-    coco_root: Path = typer.Option(..., help=COCO_ROOT_HELP),
+    coco_root: Path = typer.Option(..., envvar="COCO_ROOT", help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017, train2017, train2014."),
     image_id: int = typer.Option(..., help="COCO image id."),
     split: Split = typer.Option(Split.detail, help="Which split's context form (conversation omits boxes)."),
@@ -112,7 +112,7 @@ COST = "Cost and sharding"
 @app.command()
 def generate(
     split: Split = typer.Option(..., help="Kind of sample to write."),
-    coco_root: Path = typer.Option(Path("../shared/coco-mini"), help=COCO_ROOT_HELP),
+    coco_root: Path = typer.Option(..., envvar="COCO_ROOT", help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017."),
     out: Path = typer.Option(None, help="Output JSONL (appended; default data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),
@@ -150,7 +150,7 @@ def generate(
     from datagen.coco import CocoIndex
     from datagen.engine.config import EngineConfig, default_cache_path
     from datagen.engine.shard import ShardSpec
-    from datagen.pipeline import Job, run_generation, write_manifest
+    from datagen.pipeline import Job, done_ids, rejects_path, run_generation, sample_id, write_manifest
     from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
     from datagen.quality import make_checker
 
@@ -171,6 +171,11 @@ def generate(
     if dry_run:
         print_dry_run(split.value, prompts, params, index, ids, out, backend_name, model, engine_config)
         return
+    done = done_ids(out, rejects_path(out))
+    if all(sample_id(i) in done for i in ids):
+        # A finished run's rerun: say so without loading a model or opening a connection.
+        typer.echo(f"{split.value}: all {len(ids)} images already done in {out} (and its rejects file); nothing to generate")
+        return
     engine = make_backend(backend_name, model, base_url, batch_size, concurrency, timeout, transport)
     job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config,
               checker=make_checker(split.value, seen=out))
@@ -179,7 +184,7 @@ def generate(
 
     async def run():
         try:
-            return await run_generation(job, engine, index.records(ids), on_progress)
+            return await run_generation(job, engine, index.records(ids), on_progress, done)
         finally:
             await engine.aclose()
 
@@ -199,7 +204,7 @@ def generate(
 
 @app.command()
 def captions(
-    coco_root: Path = typer.Option(Path("../shared/coco-mini"), help=COCO_ROOT_HELP),
+    coco_root: Path = typer.Option(..., envvar="COCO_ROOT", help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="Annotation split."),
     out: Path = typer.Option(Path("data/captions.jsonl"), help="Output JSONL of stage-1 pairs (overwritten)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),

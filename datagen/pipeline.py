@@ -305,7 +305,7 @@ class GenerationRun:
     """One run of the engine over a stream of records; `await run()` returns the stats."""
 
     def __init__(self, job: Job, backend: Backend, records: Iterable[ImageRecord],
-                 on_progress: ProgressFn | None = None) -> None:
+                 on_progress: ProgressFn | None = None, done: set[str] | None = None) -> None:
         self.job = job
         self.backend = backend
         self.config = job.engine
@@ -326,7 +326,7 @@ class GenerationRun:
             from datagen.engine.tokens import PromptTokenCounter
 
             count_tokens = PromptTokenCounter().count
-        skip = done_ids(job.out, rejects_path(job.out))
+        skip = done if done is not None else done_ids(job.out, rejects_path(job.out))
         self.feeder = RequestFeeder(job, backend, records, skip, count_tokens)
         self.sink = ResultSink(job, backend, self.stats, self.price, on_progress)
         self.fatal: list[BaseException] = []
@@ -484,9 +484,13 @@ async def run_generation(
     backend: Backend,
     records: Iterable[ImageRecord],
     on_progress: ProgressFn | None = None,
+    done: set[str] | None = None,
 ) -> RunStats:
-    """Generate samples for `records` not already in the output, writing each as it completes."""
-    return await GenerationRun(job, backend, records, on_progress).run()
+    """Generate samples for `records` not already in the output, writing each as it completes.
+
+    `done`: ids already in the output or its rejects file, if the caller has read them already.
+    """
+    return await GenerationRun(job, backend, records, on_progress, done).run()
 
 
 def write_manifest(out: Path, settings: dict[str, Any], stats: RunStats) -> None:

@@ -132,3 +132,19 @@ def test_generate_with_the_embedded_model_end_to_end(coco_root, tmp_path):
         assert record["reject_reasons"] and "raw" in record and "context" in record
     manifest = [json.loads(l) for l in (tmp_path / "reasoning.runs.jsonl").read_text().splitlines()]
     assert manifest[-1]["prompt_hash"] and manifest[-1]["stats"]["accepted"] == len(accepted)
+
+
+def test_rerun_of_a_finished_run_loads_no_model(coco_root, tmp_path):
+    """Every requested id is already written: no backend is built (a bogus --model would fail to load)."""
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"id": "000000000139", "image": "000000000139.jpg", "conversations": '
+                   '[{"from": "human", "value": "<image>\\nQ?"}, {"from": "gpt", "value": "A."}]}\n')
+    proc = datagen("generate", "--split", "reasoning", "--image-ids", "139", "--backend", "local",
+                   "--model", str(tmp_path / "no-such-model.gguf"), "--out", str(out),
+                   env={"COCO_ROOT": str(coco_root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to generate" in proc.stdout
+    missing = datagen("generate", "--split", "reasoning", "--image-ids", "802", "--backend", "local",
+                      "--model", str(tmp_path / "no-such-model.gguf"), "--out", str(out),
+                      env={"COCO_ROOT": str(coco_root)})
+    assert_user_error(missing, "GGUF file not found")

@@ -53,7 +53,7 @@ def register(batch_app: typer.Typer) -> None:
     @batch_app.command("submit")
     def submit(
         split: str = typer.Option(..., help="conversation, detail or reasoning."),
-        coco_root: Path = typer.Option(Path("../shared/coco-mini"), help="COCO folder in the official layout."),
+        coco_root: Path = typer.Option(..., envvar="COCO_ROOT", help="COCO folder in the official layout (or $COCO_ROOT)."),
         coco_split: str = typer.Option("val2017", help="Annotation split."),
         out: Optional[Path] = typer.Option(None, help="Output JSONL the results go to (default data/<split>.jsonl)."),
         limit: Optional[int] = typer.Option(None, min=1, help="At most this many images."),
