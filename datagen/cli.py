@@ -235,6 +235,29 @@ def coco_fetch(
     typer.echo(f"COCO {split}: annotations and {images} images in {root}")
 
 
+@app.command()
+def judge(
+    input: Path = typer.Argument(..., help="LLaVA-format JSONL written by `datagen generate`."),
+    min_score: float = typer.Option(..., min=1, max=10, help="Keep samples the judge scores at least this (1-10)."),
+    model: Optional[str] = typer.Option(None, help="Judge model (openai) or local path / hub id / .gguf (local)."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint of the judge."),
+    backend: BackendName = typer.Option(BackendName.auto, help="auto = openai if an endpoint is configured, else local."),
+    coco_root: Optional[Path] = typer.Option(None, envvar="COCO_ROOT", help="COCO root, for samples without a `context` field."),
+    coco_split: str = typer.Option("val2017", help="Annotation split of the samples' images."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where <name>.judged.jsonl / <name>.judge-rejects.jsonl go (default: beside IN)."),
+    cache: Optional[Path] = typer.Option(None, help="Response cache file (default: generation's, beside IN)."),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="Judge calls in flight."),
+    batch_size: int = typer.Option(8, min=1, help="Local backend: prompts per forward pass."),
+) -> None:
+    """Score each sample with an LLM judge against its image context; write accepted and rejected files (resumable)."""
+    from datagen.engine.config import default_cache_path
+    from datagen.judge import run_judge
+
+    engine = make_backend(resolve_backend(backend, base_url), model, base_url, batch_size, concurrency)
+    typer.echo(run_judge(input, engine, min_score, coco_root, coco_split, out_dir,
+                         cache or default_cache_path(input.parent), concurrency))
+
+
 def _register_extensions() -> None:
     """Commands that live in their own modules (quality tools, engine tools) attach here."""
     import importlib
