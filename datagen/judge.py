@@ -99,18 +99,17 @@ def parse_verdict(text: str) -> Verdict:
 
 
 def parse_pair_scores(text: str) -> tuple[float, float] | None:
-    """Two scores on the reply's first non-empty line (LLaVA's review format), else None."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return None
-    numbers = [float(n) for n in _NUMBER.findall(lines[0].replace(",", " "))]
-    if len(numbers) != 2:
-        # "Assistant 1: 7 ... Assistant 2: 5" anywhere in the reply.
-        labelled = re.findall(r"assistant\s*([12])\s*[:\-]?\s*(?:score\s*[:=]?\s*)?(\d+(?:\.\d+)?)", text, re.IGNORECASE)
-        by_index = {int(k): float(v) for k, v in labelled}
-        if set(by_index) != {1, 2}:
-            return None
+    """Two scores on the reply's first non-empty line (LLaVA's review format), or labelled ones, else None."""
+    # "Assistant 1: 7 ... Assistant 2: 5" anywhere in the reply (the labels' digits are not scores).
+    labelled = re.findall(r"assistant\s*([12])\s*[:\-]?\s*(?:score\s*[:=]?\s*)?(\d+(?:\.\d+)?)", text, re.IGNORECASE)
+    by_index = {int(k): float(v) for k, v in labelled}
+    if set(by_index) == {1, 2}:
         numbers = [by_index[1], by_index[2]]
+    else:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        numbers = [float(n) for n in _NUMBER.findall(lines[0].replace(",", " "))] if lines else []
+        if len(numbers) != 2:
+            return None
     if not all(SCORE_MIN <= n <= SCORE_MAX for n in numbers):
         return None
     return numbers[0], numbers[1]
