@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.list_clean_ids is not None:
-            ev = Evaluation(config_from(args, args.model, args.out))
+            cfg = config_from(args, args.model, args.out)
+            cfg.drop_contaminated = True  # listing the clean ids is the point: drop, do not refuse
+            ev = Evaluation(cfg)
             ids = ev.clean_ids(ev.index.image_ids(), "held-out")
             print(",".join(str(i) for i in ids[: args.list_clean_ids]))
             return 0
