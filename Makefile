@@ -68,21 +68,26 @@ train: $(STAMP)
 EVAL_MODEL ?= runs/smoke/final
 EVAL_OUT   ?= runs/smoke/eval
 HELDOUT    ?= 4
+# Held-out LLaVA-format files for the benchmark and loss; empty = generate them for HELDOUT clean images.
+EVAL_HELDOUT ?=
 EVAL_FLAGS ?= --pope-images 12 --chair-images 8 --describe-tokens 64 --answer-tokens 64
 eval: $(STAMP)
 	@test -f $(EVAL_MODEL)/config.json || { echo "error: no exported model in $(EVAL_MODEL); run make train first" >&2; exit 2; }
 	@root="$(COCO_ROOT)"; \
 	if [ -z "$$root" ] && [ -d "$(SHARED_COCO)/annotations" ]; then root="$(SHARED_COCO)"; fi; \
 	if [ -z "$$root" ]; then root="$(FETCH_DIR)"; fi; \
-	ids=$$($(BIN)/python -m train.eval.run --model $(EVAL_MODEL) --coco-root "$$root" --coco-split $(COCO_SPLIT) \
-	  --list-clean-ids $(HELDOUT)) || exit $$?; \
-	for split in conversation detail reasoning; do \
-	  $(BIN)/datagen generate --split $$split --coco-root "$$root" --coco-split $(COCO_SPLIT) --image-ids "$$ids" \
-	    --max-tokens $(MAX_TOKENS) --backend local --out $(DATA_DIR)/heldout/$$split.jsonl || exit $$?; \
-	done; \
+	heldout="$(EVAL_HELDOUT)"; \
+	if [ -z "$$heldout" ]; then \
+	  ids=$$($(BIN)/python -m train.eval.run --model $(EVAL_MODEL) --coco-root "$$root" --coco-split $(COCO_SPLIT) \
+	    --list-clean-ids $(HELDOUT)) || exit $$?; \
+	  for split in conversation detail reasoning; do \
+	    $(BIN)/datagen generate --split $$split --coco-root "$$root" --coco-split $(COCO_SPLIT) --image-ids "$$ids" \
+	      --max-tokens $(MAX_TOKENS) --backend local --out $(DATA_DIR)/heldout/$$split.jsonl || exit $$?; \
+	    heldout="$$heldout $(DATA_DIR)/heldout/$$split.jsonl"; \
+	  done; \
+	fi; \
 	t0=$$(date +%s); $(BIN)/python -m train.eval.run --model $(EVAL_MODEL) --coco-root "$$root" --coco-split $(COCO_SPLIT) \
-	  --heldout $(DATA_DIR)/heldout/conversation.jsonl $(DATA_DIR)/heldout/detail.jsonl $(DATA_DIR)/heldout/reasoning.jsonl \
-	  --drop-contaminated --judge-backend local --out $(EVAL_OUT) $(EVAL_FLAGS) || exit $$?; \
+	  --heldout $$heldout --drop-contaminated --judge-backend local --out $(EVAL_OUT) $(EVAL_FLAGS) || exit $$?; \
 	echo "eval wall time: $$(( $$(date +%s) - t0 )) s"
 
 bench-train: $(STAMP)

@@ -156,10 +156,14 @@ class Evaluation:
         ids = self.clean_ids(sorted(objects.categories_of), "pope")
         results: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
-        for sampling in SAMPLINGS:
-            questions = build_pope(objects, sampling, self.cfg.pope_per_image, self.cfg.pope_images, self.cfg.seed, ids)
-            answers = self.model.answer([Prompt(self.cfg.images / q.file_name, q.question) for q in questions],
-                                        self.cfg.pope_tokens)
+        by_sampling = {s: build_pope(objects, s, self.cfg.pope_per_image, self.cfg.pope_images, self.cfg.seed, ids)
+                       for s in SAMPLINGS}
+        # The samplings share their images and "yes" questions: each distinct question is asked once.
+        unique = list(dict.fromkeys((q.file_name, q.question) for qs in by_sampling.values() for q in qs))
+        replies = dict(zip(unique, self.model.answer([Prompt(self.cfg.images / f, text) for f, text in unique],
+                                                     self.cfg.pope_tokens)))
+        for sampling, questions in by_sampling.items():
+            answers = [replies[(q.file_name, q.question)] for q in questions]
             predictions = [parse_yes_no(a) for a in answers]
             results[sampling] = score_pope([q.label for q in questions], predictions).as_dict()
             results[sampling]["images"] = len({q.image_id for q in questions})
