@@ -174,3 +174,16 @@ def test_guard_reads_training_data_named_by_the_config(tmp_path: Path, monkeypat
     (tmp_path / "data" / "train.jsonl").unlink()
     with pytest.raises(VisinstructError, match="are gone"):
         guard([1], ckpt, drop=True, what="pope")
+
+
+def test_stage_export_ignores_later_stages(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for n, name in ((1, "COCO_train2014_000000000001.jpg"), (2, "000000000002.jpg")):
+        (tmp_path / f"d{n}.jsonl").write_text(json.dumps({"image": name, "conversations": []}) + "\n")
+        stage = tmp_path / "run" / f"stage{n}"
+        stage.mkdir(parents=True)
+        (stage / "config.yaml").write_text(f"stage1:\n  data: [d1.jsonl]\nstage2:\n  data: [d{n}.jsonl]\n")
+    (tmp_path / "run" / "stage1" / "final").mkdir()
+    (tmp_path / "run" / "final").mkdir()
+    assert training_images(tmp_path / "run" / "stage1" / "final").ids == {1}
+    assert training_images(tmp_path / "run" / "final").ids == {1, 2}

@@ -54,9 +54,12 @@ def _stage_dirs(checkpoint: Path) -> list[Path]:
     candidates = [checkpoint, checkpoint.parent]  # a report written beside the model, or in a stage dir
     for run_dir in (checkpoint.parent, checkpoint.parent.parent):
         candidates += sorted(run_dir.glob("stage*"))
+    # A stage's own export (runs/x/stage1/final) saw that stage and the earlier ones, not the later ones.
+    last = _stage_of(checkpoint.parent) or 99
     seen: list[Path] = []
     for c in candidates:
-        if c.is_dir() and c not in seen and ((c / "config.yaml").is_file() or (c / "data_report.json").is_file()):
+        if c.is_dir() and c not in seen and ((c / "config.yaml").is_file() or (c / "data_report.json").is_file()) \
+                and (_stage_of(c) or 0) <= last:
             seen.append(c)
     return seen
 
