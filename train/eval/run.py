@@ -261,7 +261,7 @@ class Evaluation:
         notes = [RANDOM_TOWER_NOTE] if uses_random_tower(self.cfg.model) else []
         if not self.cfg.check_contamination:
             notes.append("WARNING: the contamination guard was switched off (--no-contamination-check).")
-        if "bench" in sections:
+        if sections.get("bench", {}).get("judge"):
             notes.append(f"Judge: {sections['bench']['judge']['model']}; a small judge (like the embedded one) is "
                          "weak and its scores are noise; use a strong model for real comparisons.")
         data = {"instances": {"path": str(self.instances_path), "sha256": file_sha(self.instances_path)},
