@@ -36,6 +36,8 @@ def _fmt(value: Any) -> str:
 
 
 def _better(metric: str) -> str:
+    if metric.endswith("yes_ratio"):
+        return "near 0.5"  # an unbiased model answers yes to half of POPE's balanced questions
     return "lower" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "higher"
 
 
