@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import sys
 import time
 from enum import Enum
@@ -197,6 +198,7 @@ def generate(
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "repetition_penalty": repetition_penalty,
         "concurrency": job.concurrency, "rpm": rpm, "tpm": tpm, "max_retries": max_retries, "budget_usd": budget,
         "cache": str(engine_config.cache_path) if engine_config.cache_path else None,
+        "command": "datagen " + shlex.join(sys.argv[1:]),  # for the dataset card (datagen/hf_card.py)
     }
     write_manifest(out, settings, stats)
     print_summary(split.value, out, stats, budget)

@@ -178,9 +178,10 @@ def review(
 
 def export(
     files: list[Path] = typer.Argument(..., help="Accepted sample files (JSONL or JSON arrays), any splits."),
-    out: Path = typer.Option(..., help="Output JSON array for LLaVA's trainer (--data_path)."),
+    out: Path = typer.Option(..., help="Output JSON array for LLaVA's trainer (--data_path); with --format hf, a folder."),
     mix: Optional[str] = typer.Option(
-        None, help="split=weight,...; default LLaVA-Instruct-158K's 58:23:77 conversation:detail:reasoning; 'none' keeps all."
+        None, help="split=weight,...; default LLaVA-Instruct-158K's 58:23:77 conversation:detail:reasoning "
+        "(--format hf: all samples); 'none' keeps all."
     ),
     seed: int = typer.Option(0, help="Seed for sampling and shuffling."),
     total: Optional[int] = typer.Option(None, min=1, help="At most this many samples."),
@@ -190,9 +191,29 @@ def export(
     keep_meta: bool = typer.Option(False, help="Keep split/meta keys (default: only id, image, conversations)."),
     split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+    output_format: str = typer.Option("json", "--format", help="json: LLaVA's JSON array; hf: a Hugging Face dataset "
+                                      "folder (Parquet shards + dataset card), whatever --out's extension."),
+    embed_images: bool = typer.Option(False, help="hf: store the image files in the Parquet (an Image feature)."),
+    image_root: Optional[Path] = typer.Option(None, help="hf: image paths are written relative to this folder (and read from it)."),
+    push_to_hub: Optional[str] = typer.Option(None, metavar="REPO_ID", help="hf: then push the folder to this Hub dataset repo (token: HF_TOKEN or `hf auth login`)."),
+    private: bool = typer.Option(False, help="hf: create the Hub repo as private."),
+    coco_root: Optional[Path] = typer.Option(None, help="hf: COCO folder, for CHAIR in the dataset card."),
+    coco_split: str = typer.Option("val2017", help="hf: COCO split the images belong to."),
 ) -> None:
-    """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array."""
+    """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array (or --format hf)."""
     from datagen.quality.export import export_samples, parse_mix
+
+    if output_format == "hf":  # Hugging Face dataset folder: datagen/hf_export.py
+        from datagen.hf_export import export_hf_command
+
+        export_hf_command(files, out, mix, seed, total, image_root, images_dir, keep_missing, split, embed_images,
+                          push_to_hub, private, coco_root, coco_split, json_output)
+        return
+    if output_format != "json" or push_to_hub or embed_images or image_root:
+        from datagen.errors import VisinstructError
+
+        raise VisinstructError(f"--format {output_format} (or an hf-only flag) is not for JSON output",
+                               "use --format json or --format hf; --embed-images, --image-root, --push-to-hub need --format hf")
 
     report = export_samples(
         files, out, parse_mix(mix), seed=seed, total=total, image_folder=image_folder, images_dir=images_dir,

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from datagen.errors import VisinstructError
+from datagen.hf_dataset import image_cache_dir, is_hf_input, iter_hf_records
 from model.errors import TrainError
 from model.llava import IGNORE
 
@@ -24,6 +26,12 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Read LLaVA-format samples from JSON arrays or JSONL files (extra keys are ignored)."""
     records: list[dict[str, Any]] = []
     for path in map(Path, paths):
+        if is_hf_input(path):  # a Hugging Face dataset folder or hf://org/name; embedded images go to a cache folder
+            try:
+                records.extend(iter_hf_records(path, extract_images_to=image_cache_dir()))
+            except VisinstructError as exc:
+                raise TrainError(exc.what, exc.hint) from None
+            continue
         if not path.exists():
             raise TrainError(f"data file '{path}' does not exist", "run `make data` / `datagen captions`, or fix the path")
         text = path.read_text(encoding="utf-8")

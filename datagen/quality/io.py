@@ -8,6 +8,7 @@ from typing import Any
 
 from datagen.coco import CocoIndex, ImageRecord
 from datagen.errors import VisinstructError
+from datagen.hf_dataset import is_hf_input, iter_hf_records
 from datagen.jsonl import iter_jsonl
 
 SPLIT_NAMES = ("conversation", "detail", "reasoning", "captions")
@@ -41,7 +42,11 @@ def require_llava(rec: Any, where: str) -> dict[str, Any]:
 
 
 def read_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of a JSONL file or a JSON array file, each shape-checked."""
+    """Samples of a JSONL file or a JSON array file, each shape-checked (or of a Hugging Face dataset folder / hf://)."""
+    if is_hf_input(path):
+        for i, rec in enumerate(iter_hf_records(path)):
+            yield require_llava(rec, f"{path} row {i}")
+        return
     path = Path(path)
     if not path.is_file():
         raise VisinstructError(f"file not found: {path}", "pass an existing JSONL or JSON file of samples")
