@@ -423,8 +423,11 @@ def hub_snapshot(repo: str) -> Path:
         raise VisinstructError("huggingface_hub is not installed (needed for hf:// datasets)", INSTALL_HINT) from None
     repo_id, _, revision = repo.partition("@")
     try:
+        # Endpoint and cache read now, not at huggingface_hub's import (HF_ENDPOINT may be set after it).
         return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision or None,
-                                      allow_patterns=["README.md", "*.parquet", "*.json", "*.jsonl"]))
+                                      allow_patterns=["README.md", "*.parquet", "*.json", "*.jsonl"],
+                                      endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception as exc:  # network, auth and missing-repo errors all end the same way for the user
         raise VisinstructError(
             f"cannot get hf://{repo} from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",

@@ -28,7 +28,8 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str
         raise VisinstructError("no Hugging Face token found", "set HF_TOKEN or run `hf auth login` (the token is never stored by datagen)")
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # private=None leaves the visibility to the namespace default (public unless the org says otherwise).
+        api.create_repo(repo_id, repo_type="dataset", private=True if private else None, exist_ok=True)
         info = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
             allow_patterns=["README.md", f"{DATA_FOLDER}/**"], delete_patterns=[f"{DATA_FOLDER}/**"],
@@ -41,5 +42,5 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str
             "check that the token has write access to that namespace and the repo id is right",
         ) from None
     except Exception as exc:  # the HTTP client's connection errors (refused, DNS, TLS) share no base class with OSError
-        raise VisinstructError(f"cannot reach the Hub to push {repo_id} ({exc})", "check the network or HF_ENDPOINT") from None
+        raise VisinstructError(f"cannot reach the Hub to push {repo_id} ({exc})", "check the network or HF_ENDPOINT") from exc
     return str(getattr(info, "commit_url", info))
