@@ -131,7 +131,8 @@ def arrow_schema(embed_images: bool):
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int that fits an int64 column (bools and huge ints go to `extra`)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def to_row(rec: dict[str, Any], split: str, image: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class FakeHub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)  # "datasets/org/name" -> path -> content
     private: dict[str, bool] = field(default_factory=dict)
     lfs_objects: dict[str, bytes] = field(default_factory=dict)
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # method, path, headers
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # method, path, lower-cased headers
     commits: list[dict[str, Any]] = field(default_factory=list)
     base_url: str = ""
 
@@ -93,7 +93,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _route(self, method: str) -> None:
             path = self.path.split("?", 1)[0]
-            hub.requests.append((method, path, dict(self.headers)))
+            hub.requests.append((method, path, {k.lower(): v for k, v in self.headers.items()}))
             body = self._body() if method in ("POST", "PUT") else b""
             # Upload URLs stand for presigned storage URLs: no Hub token there (the client must not send it).
             if method in ("POST", "PUT") and not path.startswith("/lfs-upload/") and not self._authorized():
