@@ -474,14 +474,19 @@ def iter_hf_records(path: str | Path, extract_images_to: Path | None = None, bat
     folder = local_folder(path)
     files = data_files(folder)
     if not files:
-        from datagen.quality.io import read_samples
+        from datagen.quality.io import read_samples, split_from_filename
 
-        # A Hub dataset stored as LLaVA JSON/JSONL files (liuhaotian/LLaVA-Instruct-150K, say).
-        json_files = sorted(p for p in folder.rglob("*.json*") if p.suffix in (".json", ".jsonl"))
+        # A Hub dataset stored as LLaVA JSON/JSONL files (liuhaotian/LLaVA-Instruct-150K, say). Not for a
+        # local folder: beside samples it holds rejects and run manifests, which are not training data.
+        hub = hub_repo_id(path) is not None
+        json_files = sorted(p for p in folder.rglob("*.json*") if p.suffix in (".json", ".jsonl")) if hub else []
         if not json_files:
-            raise VisinstructError(f"{path} has no Parquet or JSON sample files", "pass a folder made by `datagen export --format hf`")
+            raise VisinstructError(f"{path} has no Parquet{' or JSON' if hub else ''} sample files",
+                                   "pass a folder made by `datagen export --format hf`, or a sample file")
         for json_file in json_files:
-            yield from read_samples(json_file)
+            split = split_from_filename(json_file)  # conversation_58k.json -> conversation
+            for rec in read_samples(json_file):
+                yield {**rec, "split": rec["split"]} if "split" in rec or split is None else {**rec, "split": split}
         return
     _, pq = _pyarrow()
     for file in files:

@@ -288,7 +288,7 @@ def test_check_stats_review_take_the_folder(capsys, coco_root, tmp_path):
     assert code == 2
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, "stats", tmp_path / "empty")
-    assert code == 2 and "no Parquet or JSON sample files" in err
+    assert code == 2 and "has no Parquet sample files" in err
 
 
 def test_trainer_reads_the_folder_with_embedded_images(capsys, coco_root, tmp_path, monkeypatch):
@@ -357,6 +357,11 @@ def test_push_to_hub_commits_the_folder_and_hf_ids_read_it_back(capsys, fake_hub
     from train.data import read_records
 
     assert len(read_records(["hf://my-org/my-llava-data"])) == 22
+    # A Hub dataset of LLaVA JSON files (as liuhaotian/LLaVA-Instruct-150K is): read from those, split from the name.
+    llava = [{k: r[k] for k in ("id", "image", "conversations")} for r in read_jsonl(GOOD) if r["split"] == "detail"]
+    hub.repos["datasets/liuhaotian/llava-like"] = {"detail_23k.json": json.dumps(llava).encode(), "README.md": b"# x\n"}
+    stats = json.loads(run(capsys, "stats", "hf://liuhaotian/llava-like", "--json")[1])
+    assert list(stats) == ["detail"] and stats["detail"]["samples"] == len(llava)
     code, _, err = run(capsys, "stats", "hf://my-org/no-such-data")
     assert code == 2 and err.startswith("error: cannot get hf://my-org/no-such-data") and len(err.splitlines()) == 1
 
