@@ -379,3 +379,29 @@ def test_push_errors_are_one_line(capsys, fake_hub, monkeypatch, tmp_path):
     assert code == 2 and "no Hugging Face token" in err
     code, _, err = run(capsys, "export", src, "--format", "hf", "--out", tmp_path / "c", "--push-to-hub", "not-a-repo-id")
     assert code == 2 and "not a repo id" in err
+
+
+def test_card_of_a_real_generate_run_records_its_exact_command(capsys, coco_root, tmp_path, monkeypatch):
+    from fake_openai_server import FakeOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    commands = []
+    with FakeOpenAIServer() as server:
+        for split in SPLITS:
+            args = ["generate", "--split", split, "--coco-root", str(coco_root), "--limit", "3", "--backend", "openai",
+                    "--base-url", server.base_url, "--model", "writer-7b", "--out", str(tmp_path / f"{split}.jsonl"),
+                    "--no-cache"]
+            code, _, err = run(capsys, *args)
+            assert code == 0, err
+            commands.append("datagen " + " ".join(args))
+    inputs = [tmp_path / f"{s}.jsonl" for s in SPLITS]
+    out = tmp_path / "hf"
+    assert run(capsys, "export", *inputs, "--format", "hf", "--out", out)[0] == 0
+    ours = card_header_of(out)["visinstruct"]
+    assert [r["command"] for r in ours["runs"]] == commands
+    written = sum(len(read_jsonl(p)) for p in inputs)
+    assert sum(ours["samples"].values()) == written and set(ours["writer_models"]) == {"writer-7b"}
+    assert all(len(ours["prompt_hashes"][s]) == 1 for s in ours["samples"])
+    for split, gen in ours["generation"].items():
+        rejects = tmp_path / f"{split}.rejects.jsonl"
+        assert gen["rejected"] == (len(read_jsonl(rejects)) if rejects.exists() else 0)
