@@ -153,17 +153,27 @@ def card_header(report: HfExportReport, stats: dict[str, Any], prov: Provenance,
     }
 
 
+def _code(text: Any) -> str:
+    """Untrusted text (model names, hashes, split names) as inline Markdown code that cannot break out."""
+    return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
+
+
+def _block_line(text: Any) -> str:
+    """One line inside a fenced block: no newline or fence can end the block early."""
+    return " ".join(str(text).split()).replace("`", "'")
+
+
 def _fmt(value: Any, pct: bool = False) -> str:
     if value is None:
         return "n/a"
     return f"{100 * value:.1f}%" if pct else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-def card_body(header: dict[str, Any], embed_images: bool) -> str:
+def card_body(header: dict[str, Any], embed_images: bool, load_from: str) -> str:
     """The card's Markdown: summary, figures, provenance, licence, loading, citation."""
     ours = header[CARD_KEY]
     stats, gen = ours["stats"], ours["generation"]
-    lines = [f"# {header['pretty_name']}", "",
+    lines = [f"# {_block_line(header['pretty_name']).lstrip('#')}", "",
              "Synthetic visual instruction data in LLaVA's format (conversation, detail description, complex "
              "reasoning), written by a language model from MS-COCO captions and object boxes with "
              "visinstruct. Each row is one image with a multi-turn conversation.", "",
@@ -172,32 +182,32 @@ def card_body(header: dict[str, Any], embed_images: bool) -> str:
              "|---|---:|---:|---|---:|---:|---:|"]
     for name in sorted(set(ours["samples"]) | set(gen)):
         s, g = stats.get(name, {}), gen.get(name, {})
-        reasons = ", ".join(f"{k} {v}" for k, v in g.get("reject_reasons", {}).items()) or "-"
-        lines.append(f"| {name} | {ours['samples'].get(name, 0)} | {_fmt(g.get('acceptance_rate'), pct=True)} | {reasons} "
+        reasons = ", ".join(f"{_code(k)} {v}" for k, v in g.get("reject_reasons", {}).items()) or "-"
+        lines.append(f"| {_code(name)} | {ours['samples'].get(name, 0)} | {_fmt(g.get('acceptance_rate'), pct=True)} | {reasons} "
                      f"| {_fmt(s.get('chair_i'))} | {_fmt(s.get('chair_s'))} | {s.get('answer_words', {}).get('mean', 0):.1f} |")
     lines += ["", "Acceptance is accepted / (accepted + rejected) over the input files and the rejects files beside "
               "them (n/a when there was no rejects file); CHAIR (object hallucination; lower is better) needs the COCO annotations at export time "
               "(n/a otherwise). Every figure is also in the YAML header under `visinstruct`.", "",
               "## How it was made", ""]
     if ours["writer_models"]:
-        lines.append("Writer model(s): " + ", ".join(f"`{m}` ({n} samples)" if n else f"`{m}`"
+        lines.append("Writer model(s): " + ", ".join(f"{_code(m)} ({n} samples)" if n else _code(m)
                                                      for m, n in ours["writer_models"].items()) + ".")
     else:
         lines.append("Writer model(s): not recorded in the samples or manifests.")
     if ours["prompt_hashes"]:
-        lines.append("Prompt hashes: " + "; ".join(f"{s}: {', '.join(f'`{h}`' for h in hs)}"
+        lines.append("Prompt hashes: " + "; ".join(f"{_code(s)}: {', '.join(_code(h) for h in hs)}"
                                                    for s, hs in ours["prompt_hashes"].items()) + ".")
     lines += ["", "Commands, in order:", "", "```bash"]
-    lines += [run["command"] for run in ours["runs"]] or ["# (no run manifest beside the input files)"]
-    lines += [ours["export_command"], "```", "",
+    lines += [_block_line(run["command"]) for run in ours["runs"]] or ["# (no run manifest beside the input files)"]
+    lines += [_block_line(ours["export_command"]), "```", "",
               "## Licence", "",
               "The COCO annotations the prompts were built from are licensed CC BY 4.0 by the COCO Consortium; "
               "each COCO image keeps its own Flickr licence. The generated text is also subject to the terms of "
               "use of the model(s) that wrote it (listed above): those terms are the publisher's to check and "
               "add here before sharing.", "",
               "## Loading", "", "```python", "from datasets import load_dataset", "",
-              'ds = load_dataset("REPO_OR_FOLDER")              # all splits, one "train" split with a "split" column',
-              'detail = load_dataset("REPO_OR_FOLDER", "detail")  # one split', "```", "",
+              f'ds = load_dataset("{load_from}")  # all splits: one "train" split with a "split" column',
+              f'detail = load_dataset("{load_from}", "detail")  # one split (a config per split)', "```", "",
               "Columns: `id`, `image` (" + ("the image itself, as an `Image` feature" if embed_images else
                                           "a path relative to the image root given at export, e.g. COCO's train2017/") +
               "), `conversations` (LLaVA's list of `{from, value}`), `split`, the generation metadata `model`, "
@@ -206,8 +216,8 @@ def card_body(header: dict[str, Any], embed_images: bool) -> str:
     return "\n".join(lines)
 
 
-def render_card(header: dict[str, Any], embed_images: bool) -> str:
-    """README.md text: the YAML header between --- lines, then the Markdown body."""
+def render_card(header: dict[str, Any], embed_images: bool, load_from: str) -> str:
+    """README.md text: the YAML header between --- lines, then the Markdown body (load_from: repo id or folder)."""
     # json round trip: plain types only (Counter, tuples), so safe_dump writes standard YAML.
     plain = json.loads(json.dumps(header))
-    return "---\n" + yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, width=120) + "---\n\n" + card_body(plain, embed_images)
+    return "---\n" + yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, width=120) + "---\n\n" + card_body(plain, embed_images, load_from)

@@ -365,7 +365,12 @@ def replace_folder(partial: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-    partial.rename(out)
+    try:
+        partial.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)  # put the earlier export back
+        raise
     if old is not None:
         shutil.rmtree(old)
 

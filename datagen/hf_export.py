@@ -24,7 +24,7 @@ class HfExportResult:
 
 
 def export_hf(paths: list[Path], out: Path, options: HfExportOptions, lookup: ImageLookup | None = None,
-              command: str = "datagen export", pretty_name: str | None = None) -> HfExportResult:
+              command: str = "datagen export", repo_id: str | None = None) -> HfExportResult:
     """Write shards and card into a temporary folder beside `out`, then move it into place (all or nothing)."""
     out = Path(out)
     check_out_folder(out)
@@ -39,9 +39,10 @@ def export_hf(paths: list[Path], out: Path, options: HfExportOptions, lookup: Im
         stats = compute_stats([partial], lookup)
         prov = collect_provenance(paths)
         rejected = compute_stats(prov.rejects_files, None) if prov.rejects_files else None
-        header = card_header(report, stats, prov, rejected, options.embed_images, command,
-                             pretty_name or out.resolve().name)
-        (partial / "README.md").write_text(render_card(header, options.embed_images), encoding="utf-8")
+        name = repo_id.split("/")[-1] if repo_id else out.resolve().name
+        header = card_header(report, stats, prov, rejected, options.embed_images, command, name)
+        card = render_card(header, options.embed_images, repo_id or str(out))
+        (partial / "README.md").write_text(card, encoding="utf-8")
         replace_folder(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -67,8 +68,12 @@ def export_hf_command(
         embed_images=embed_images, image_root=image_root, images_dir=images_dir, keep_missing=keep_missing,
         split=split, mix=parse_mix(mix) if mix is not None else None, seed=seed, total=total,
     )
+    if push_to_hub:
+        from datagen.hf_push import check_push
+
+        check_push(push_to_hub)  # a bad repo id or no token fails now, not after the export
     command = "datagen " + shlex.join(sys.argv[1:])
-    result = export_hf(files, out, options, open_lookup(coco_root, coco_split), command=command)
+    result = export_hf(files, out, options, open_lookup(coco_root, coco_split), command=command, repo_id=push_to_hub)
     report = result.report
     summary = {**report.as_dict(), "folder": str(out)}
     if push_to_hub:

@@ -9,6 +9,20 @@ from datagen.hf_dataset import DATA_FOLDER, INSTALL_HINT
 REPO_ID_HINT = "write the repo id as org/name (or user/name)"
 
 
+def check_push(repo_id: str) -> str:
+    """The token to push with, after checking the repo id: run before a long export, not after it."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        raise VisinstructError("huggingface_hub is not installed (needed for --push-to-hub)", INSTALL_HINT) from None
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise VisinstructError(f"--push-to-hub {repo_id!r} is not a repo id", REPO_ID_HINT)
+    token = get_token()
+    if not token:
+        raise VisinstructError("no Hugging Face token found", "set HF_TOKEN or run `hf auth login` (the token is never stored by datagen)")
+    return token
+
+
 def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str | None = None,
                 token: str | None = None) -> str:
     """Create the dataset repo if needed and commit README.md and data/ (old shards removed); the commit URL.
@@ -16,16 +30,10 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, endpoint: str
     The token is the caller's or, when None, huggingface_hub's own lookup (HF_TOKEN, then `hf auth login`'s
     file); it is passed in request headers only and never written anywhere.
     """
-    try:
-        from huggingface_hub import HfApi, get_token
-        from huggingface_hub.errors import HfHubHTTPError
-    except ImportError:
-        raise VisinstructError("huggingface_hub is not installed (needed for --push-to-hub)", INSTALL_HINT) from None
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise VisinstructError(f"--push-to-hub {repo_id!r} is not a repo id", REPO_ID_HINT)
-    token = token or get_token()
-    if not token:
-        raise VisinstructError("no Hugging Face token found", "set HF_TOKEN or run `hf auth login` (the token is never stored by datagen)")
+    token = token or check_push(repo_id)
+    from huggingface_hub import HfApi  # optional dependency, present: check_push imported it
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(endpoint=endpoint, token=token)
     try:
         # private=None leaves the visibility to the namespace default (public unless the org says otherwise).

@@ -377,6 +377,7 @@ def test_push_errors_are_one_line(capsys, fake_hub, monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
     code, _, err = run(capsys, "export", src, "--format", "hf", "--out", tmp_path / "b", "--push-to-hub", "me/data")
     assert code == 2 and "no Hugging Face token" in err
+    assert not (tmp_path / "b").exists()  # checked before exporting
     code, _, err = run(capsys, "export", src, "--format", "hf", "--out", tmp_path / "c", "--push-to-hub", "not-a-repo-id")
     assert code == 2 and "not a repo id" in err
 
@@ -405,3 +406,17 @@ def test_card_of_a_real_generate_run_records_its_exact_command(capsys, coco_root
     for split, gen in ours["generation"].items():
         rejects = tmp_path / f"{split}.rejects.jsonl"
         assert gen["rejected"] == (len(read_jsonl(rejects)) if rejects.exists() else 0)
+
+
+def test_untrusted_text_cannot_break_the_cards_markdown(capsys, tmp_path):
+    recs = [r for r in read_jsonl(GOOD) if r["split"] == "detail"]
+    evil = "m`\n```\n<script>alert(1)</script>\n# Heading"
+    recs[0] = {**recs[0], "meta": {"model": evil, "prompt_hash": "h`\n```"}}
+    src = write_jsonl(tmp_path / "detail.jsonl", recs)
+    (tmp_path / "detail.runs.jsonl").write_text(json.dumps({"split": "detail", "command": "datagen x\n```\n# injected"}) + "\n")
+    assert run(capsys, "export", src, "--format", "hf", "--out", tmp_path / "hf")[0] == 0
+    body = (tmp_path / "hf" / "README.md").read_text().split("\n---\n", 1)[1]
+    fences = [line for line in body.splitlines() if line.startswith("```")]
+    assert len(fences) == 6  # bash, python and bibtex blocks, each opened and closed once
+    assert not [line for line in body.splitlines() if line.startswith("# ") and "injected" in line or "Heading" == line[2:]]
+    assert card_header_of(tmp_path / "hf")["visinstruct"]["writer_models"] == {evil: 1}  # the YAML keeps it exactly
