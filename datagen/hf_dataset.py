@@ -267,6 +267,7 @@ def check_split_name(name: str) -> str:
 
 def _accepted(paths: list[Path], options: HfExportOptions, report: HfExportReport) -> Iterator[tuple[str, dict[str, Any]]]:
     """(split, record) of every accepted sample of the files, streamed, with missing images left out."""
+    # Imported here: datagen.quality.io imports this module (its hook for folders and hf://).
     from datagen.quality.export import relative_image
     from datagen.quality.io import read_samples, sample_split, split_from_filename
 
@@ -308,9 +309,9 @@ def _image_cell(rec: dict[str, Any], options: HfExportOptions) -> tuple[Any, int
     return {"bytes": data, "path": image}, len(data)
 
 
-def _pick(paths: list[Path], options: HfExportOptions, report: HfExportReport) -> dict[str, set[int]] | None:
+def _pick(paths: list[Path], options: HfExportOptions) -> dict[str, set[int]] | None:
     """With a mix or a total: which accepted samples of each split to keep (a counting pass, no records held)."""
-    from datagen.quality.export import plan_counts
+    from datagen.quality.export import plan_counts  # here for the same reason as in _accepted
 
     if options.mix is None and options.total is None:
         return None
@@ -326,7 +327,7 @@ def write_hf_folder(paths: list[Path], folder: Path, options: HfExportOptions) -
     if options.embed_images and options.image_root is None and options.images_dir is None:
         raise VisinstructError("--embed-images needs to know where the images are", "pass --image-root (e.g. COCO/val2017)")
     report = HfExportReport()
-    picked = _pick(paths, options, report)
+    picked = _pick(paths, options)
     schema = arrow_schema(options.embed_images)
     writers: dict[str, ShardWriter] = {}
     seen: Counter = Counter()
@@ -479,7 +480,7 @@ def iter_hf_records(path: str | Path, extract_images_to: Path | None = None, bat
     folder = local_folder(path)
     files = data_files(folder)
     if not files:
-        from datagen.quality.io import read_samples, split_from_filename
+        from datagen.quality.io import read_samples, split_from_filename  # see _accepted
 
         # A Hub dataset stored as LLaVA JSON/JSONL files (liuhaotian/LLaVA-Instruct-150K, say). Not for a
         # local folder: beside samples it holds rejects and run manifests, which are not training data.
