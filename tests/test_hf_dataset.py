@@ -354,9 +354,11 @@ def test_push_to_hub_commits_the_folder_and_hf_ids_read_it_back(capsys, fake_hub
     # hf://org/name wherever a sample file is taken: stats, and the trainer's data list.
     via_hub = json.loads(run(capsys, "stats", "hf://my-org/my-llava-data", "--json")[1])
     assert via_hub == json.loads(run(capsys, "stats", out, "--json")[1])
+    from train.config import load_config
     from train.data import read_records
 
-    assert len(read_records(["hf://my-org/my-llava-data"])) == 22
+    cfg = load_config("smoke-cpu", ["stage2.data=[hf://my-org/my-llava-data]"])
+    assert cfg.stage2.data == ["hf://my-org/my-llava-data"] and len(read_records(cfg.stage2.data)) == 22
     # A Hub dataset of LLaVA JSON files (as liuhaotian/LLaVA-Instruct-150K is): read from those, split from the name.
     llava = [{k: r[k] for k in ("id", "image", "conversations")} for r in read_jsonl(GOOD) if r["split"] == "detail"]
     hub.repos["datasets/liuhaotian/llava-like"] = {"detail_23k.json": json.dumps(llava).encode(), "README.md": b"# x\n"}
