@@ -28,7 +28,6 @@ META_COLUMNS: dict[str, str] = {
     "model": "string", "backend": "string", "prompt_hash": "string", "seed": "int64", "finish_reason": "string",
 }
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
-CORE_STRING_COLUMNS = ("id", "split")
 SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 TURN_KEYS = {"from", "value"}
 
@@ -138,21 +137,24 @@ def _is_int(value: Any) -> bool:
 def to_row(rec: dict[str, Any], split: str, image: Any) -> dict[str, Any]:
     """One Parquet row: typed columns where the values fit them, the rest verbatim in `extra` (JSON)."""
     extra: dict[str, Any] = {k: v for k, v in rec.items() if k not in ("id", "image", "conversations", "split", "meta")}
-    row: dict[str, Any] = {"image": image, "split": split}
-    for key in CORE_STRING_COLUMNS:
-        value = rec.get(key)
-        if isinstance(value, str):
-            row.setdefault(key, value)
-        elif key in rec and not (key == "split" and value is None):
-            extra[key] = value  # an int id, say: kept exactly, the column holds its text
-            row.setdefault(key, None if value is None else str(value))
-    row["split"] = split
+    sample_id = rec.get("id")
+    row: dict[str, Any] = {
+        "id": sample_id if isinstance(sample_id, str) or sample_id is None else str(sample_id),
+        "image": image, "split": split,
+    }
+    if "id" in rec and not isinstance(sample_id, str):
+        extra["id"] = sample_id  # an int id, say: kept exactly, the column holds its text
+    if rec.get("split") is not None and not isinstance(rec["split"], str):
+        extra["split"] = rec["split"]  # not a name; the column holds the split the export resolved
     if "image" in rec and not isinstance(rec["image"], str):
         extra["image"] = rec["image"]  # null (text-only, or a missing file kept) or not a path
-    turns = rec.get("conversations") or []
-    row["conversations"] = [{"from": t["from"], "value": t["value"]} for t in turns]
-    if any(set(t) != TURN_KEYS for t in turns) or "conversations" not in rec:
-        extra["conversations"] = rec.get("conversations")  # turns with more keys than from/value
+    turns = rec.get("conversations")
+    if isinstance(turns, list):
+        row["conversations"] = [{"from": t["from"], "value": t["value"]} for t in turns]
+        if any(set(t) != TURN_KEYS for t in turns):
+            extra["conversations"] = turns  # turns with more keys than from/value
+    elif "conversations" in rec:
+        extra["conversations"] = turns
     meta = rec.get("meta")
     if "meta" in rec:
         if isinstance(meta, dict):

@@ -129,8 +129,8 @@ def records(draw):
         json_value | st.text(max_size=6) | st.integers() | st.fixed_dictionaries(
             {"prompt_tokens": st.integers(0, 10**6), "completion_tokens": st.integers(0, 10**6)}), max_size=8)
     rec = draw(st.fixed_dictionaries(
-        {"conversations": st.lists(turn, max_size=4)},
-        optional={"id": st.text(max_size=12) | st.integers() | st.none(), "image": st.text(max_size=12) | st.none(),
+        {},
+        optional={"conversations": st.lists(turn, max_size=4), "id": st.text(max_size=12) | st.integers() | st.none(), "image": st.text(max_size=12) | st.none(),
                   "split": st.sampled_from(["detail", None]) | st.integers(), "meta": meta | json_value,
                   "context": st.text(max_size=10), "reject_reasons": json_value},
     ))
