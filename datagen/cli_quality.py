@@ -46,7 +46,7 @@ def _console() -> Console:
 
 
 def check(
-    in_file: Path = typer.Argument(..., metavar="IN", help="LLaVA-format samples: JSONL or a JSON array."),
+    in_file: Path = typer.Argument(..., metavar="IN", help="LLaVA-format samples: JSONL, a JSON array, an `export --format hf` folder or hf://org/name."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to, e.g. val2017, train2017."),
     out_accepted: Optional[Path] = typer.Option(None, help="Write accepted samples here, unchanged (.json = array)."),
@@ -95,7 +95,7 @@ def check(
 
 
 def stats(
-    files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (JSONL or JSON arrays)."),
+    files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (JSONL or JSON arrays), HF dataset folders or hf://org/name."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for CHAIR."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
     split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
@@ -138,7 +138,7 @@ def stats(
 
 
 def review(
-    file: Path = typer.Argument(..., help="LLaVA-format samples (accepted or rejects file)."),
+    file: Path = typer.Argument(..., help="LLaVA-format samples (accepted or rejects file, an HF dataset folder or hf://org/name)."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for images, boxes and context."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
     html: Optional[Path] = typer.Option(None, help="Write a static review page here instead of paging in the terminal."),
