@@ -322,6 +322,7 @@ def fake_hub(monkeypatch, tmp_path):
         monkeypatch.setenv("HF_TOKEN", token)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("VISINSTRUCT_CACHE", str(tmp_path / "visinstruct-cache"))  # the trainer's extracted images
         # huggingface_hub reads these at import time; the test process imported it already.
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield server
