@@ -12,9 +12,9 @@ from datagen.errors import VisinstructError
 from datagen.jsonl import repair_tail
 from datagen.quality.checks import QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
-from datagen.quality.io import ImageLookup, SampleWriter, read_samples, sample_split, split_from_filename
+from datagen.quality.io import ImageLookup
+from datagen.sample import Sample, SampleWriter, read_samples, sample_split, split_from_filename
 from datagen.quality.objects import ChairCounter
-from datagen.schema import Sample
 
 
 def make_checker(

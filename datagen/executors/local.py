@@ -1,0 +1,49 @@
+"""The local executor (the default): the live engine over a stream of records, on this machine."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from datagen.backends.base import Backend
+from datagen.coco import ImageRecord
+from datagen.engine.config import EngineConfig
+from datagen.engine.cost import Price, load_prices
+from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
+from datagen.engine.work import Endpoint, RequestPlanner, RunStats
+from datagen.sample import OutputLayout
+from datagen.sink import OutputSink
+from datagen.task import LlavaTask
+
+LOCAL_PRICE = Price(0.0, 0.0)  # the embedded model costs nothing per token
+
+
+def price_of(backend_name: str, model: str, config: EngineConfig) -> Price | None:
+    """The per-token price of the model (None: unknown); the embedded model is free."""
+    if backend_name == "local":
+        return LOCAL_PRICE
+    return load_prices(config.prices_path).lookup(model)
+
+
+def token_counter(engine: LiveEngine):
+    """The prompt-token counter when --tpm or --budget need one, else None (tiktoken loads only then)."""
+    if not engine.needs_token_counts:
+        return None
+    from datagen.engine.tokens import PromptTokenCounter  # tiktoken's encoding takes a while to load
+
+    return PromptTokenCounter().count
+
+
+async def run_local(task: LlavaTask, layout: OutputLayout, backend: Backend, records: Iterable[ImageRecord],
+                    config: EngineConfig, concurrency: int, on_progress: ProgressFn | None = None,
+                    done: set[str] | None = None) -> RunStats:
+    """Generate `task` samples for `records` not already in the output, writing each as it is decided.
+
+    `done`: ids already in the output or its rejects file, if the caller has read them already.
+    """
+    endpoint = Endpoint(backend.name, backend.model)
+    price = price_of(backend.name, backend.model, config)
+    engine = LiveEngine(backend, config, concurrency, price)
+    done = layout.done_ids() if done is None else done
+    planner = RequestPlanner(task, endpoint, done, config.cache_path, token_counter(engine))
+    sink = OutputSink(layout, task.split, engine.stats, task.near_duplicate_gate(layout.samples), config.failures_path)
+    recorder = ResultRecorder(task.judge, sink, engine.stats, endpoint, price, config.cache_path, on_progress)
+    return await engine.run(planner, records, recorder)
