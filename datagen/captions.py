@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datagen.coco import CocoIndex
 from datagen.jsonl import JsonlWriter
-from datagen.pipeline import sample_id
+from datagen.sample import sample_id
 from datagen.prompts import default_prompts_dir, load_instructions
 from datagen.sample import IMAGE_TOKEN, Sample
 

@@ -143,6 +143,11 @@ class LlavaTask:
                                          quality.minhash_permutations)
         self.meta_base = {**(provenance or {}), "prompt_hash": prompts.hash, "seed": params.seed}
 
+    @staticmethod
+    def needs_boxes(split: str) -> bool:
+        """Whether the split's context lists the objects' boxes (so the COCO instances file is needed)."""
+        return split in SPLITS_WITH_BOXES
+
     def item_id(self, record: ImageRecord) -> str:
         """The sample id of an image: what resume, sharding and the failures file count by."""
         return sample_id(record.id)

@@ -44,6 +44,6 @@ async def run_local(task: LlavaTask, layout: OutputLayout, backend: Backend, rec
     engine = LiveEngine(backend, config, concurrency, price)
     done = layout.done_ids() if done is None else done
     planner = RequestPlanner(task, endpoint, done, config.cache_path, token_counter(engine))
-    sink = OutputSink(layout, task.split, engine.stats, task.near_duplicate_gate(layout.samples), config.failures_path)
+    sink = OutputSink(layout, task.split, engine.stats, task.near_duplicate_gate(layout.samples))
     recorder = ResultRecorder(task.judge, sink, engine.stats, endpoint, price, config.cache_path, on_progress)
     return await engine.run(planner, records, recorder)
