@@ -10,6 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
+from datagen.quality.config import load_config
+from datagen.quality.export import export_samples, parse_mix
+from datagen.quality.gate import check_file, open_lookup
+from datagen.quality.review import page_terminal, review_items, write_html
+from datagen.quality.stats import compute_stats
+
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); enables the object checks."
 CONFIG_HELP = "Quality thresholds as YAML or JSON (fields of QualityConfig; others keep their defaults)."
 SPLIT_HELP = "Treat every sample as this split (default: the sample's split field, else the file name)."
@@ -20,8 +27,6 @@ def _config(
     disable: Optional[list[str]] = None, allow_trailing_image: bool = False,
 ):
     """The quality config: defaults, then the file, then flags."""
-    from datagen.quality.config import load_config
-
     base = load_config(config)
     return base.with_overrides(
         near_duplicate_threshold=near_dup_threshold,
@@ -60,9 +65,6 @@ def check(
     allow_trailing_image: bool = typer.Option(False, help="Accept <image> at the end of the first turn too (LLaVA's files)."),
 ) -> None:
     """Check every sample; write accepted and rejected files; print counts per reject reason."""
-    from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
-    from datagen.quality.gate import check_file, open_lookup
-
     cfg = _config(config, near_dup_threshold, max_hallucinated, disable, allow_trailing_image)
     lookup = open_lookup(coco_root, coco_split)
     summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=split)
@@ -102,9 +104,6 @@ def stats(
     json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
     """Per split: samples, turns, question/answer lengths, question types, objects, CHAIR, reject reasons."""
-    from datagen.quality.gate import open_lookup
-    from datagen.quality.stats import compute_stats
-
     result = compute_stats(files, open_lookup(coco_root, coco_split), split=split)
     if json_output:
         typer.echo(json.dumps(result, indent=2))
@@ -151,9 +150,6 @@ def review(
     title: Optional[str] = typer.Option(None, help="HTML page title (default: the file name)."),
 ) -> None:
     """Read samples beside their context and check results: a terminal pager, or one HTML page with images and boxes."""
-    from datagen.quality.gate import open_lookup
-    from datagen.quality.review import page_terminal, review_items, write_html
-
     cfg = _config(config)
     lookup = open_lookup(coco_root, coco_split)
     items = []
@@ -192,8 +188,6 @@ def export(
     json_output: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
     """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array."""
-    from datagen.quality.export import export_samples, parse_mix
-
     report = export_samples(
         files, out, parse_mix(mix), seed=seed, total=total, image_folder=image_folder, images_dir=images_dir,
         keep_missing=keep_missing, keep_meta=keep_meta, split=split,
@@ -215,7 +209,7 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the quality commands to the `datagen` app."""
+    """Attach the quality commands (check, stats, review, export) to the `datagen` app."""
     app.command()(check)
     app.command()(stats)
     app.command()(review)
