@@ -11,7 +11,7 @@ import yaml
 
 from datagen.hf_dataset import DATA_FOLDER, HF_SPLIT, META_COLUMNS, USAGE_FIELDS, HfExportReport
 from datagen.jsonl import iter_jsonl
-from datagen.pipeline import rejects_path, runs_path
+from datagen.sample import OutputLayout
 
 CARD_KEY = "visinstruct"  # our figures in the YAML header, under one key the Hub ignores
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -46,14 +46,32 @@ def collect_provenance(inputs: list[Path]) -> Provenance:
     for path in inputs:
         if not path.is_file():
             continue
-        rejects = rejects_path(path)
-        if rejects.is_file() and rejects.resolve() not in names and rejects not in prov.rejects_files:
-            prov.rejects_files.append(rejects)
-        runs = runs_path(path)
-        if runs.is_file() and runs != path:
-            for entry in iter_jsonl(runs):
-                prov.runs.append({"manifest": runs.name, **entry})
+        layout = OutputLayout(path)
+        if layout.rejects.is_file() and layout.rejects.resolve() not in names and layout.rejects not in prov.rejects_files:
+            prov.rejects_files.append(layout.rejects)
+        if layout.runs.is_file() and layout.runs != path:
+            for entry in iter_jsonl(layout.runs):
+                prov.runs.append({"manifest": layout.runs.name, **run_settings(entry)})
     return prov
+
+
+def run_settings(entry: dict[str, Any]) -> dict[str, Any]:
+    """A manifest line's settings as one flat dict, whichever format wrote it.
+
+    Current manifests hold `{shard, images, prompt_hash, backend, model, ..., command, config: {source: {...},
+    model: {...}, sampling: {...}, ...}, stats}` (the resolved backend and model at the top level win over the
+    config's `auto` / unset ones); older ones held every setting at the top level.
+    """
+    config = entry.get("config")
+    if not isinstance(config, dict):
+        return dict(entry)
+    flat: dict[str, Any] = {}
+    for group in config.values():
+        if isinstance(group, dict):
+            flat.update(group)
+    flat.update({k: v for k, v in config.items() if not isinstance(v, dict)})
+    flat.update({k: v for k, v in entry.items() if k != "config" and v is not None})
+    return flat
 
 
 def _command(run: dict[str, Any]) -> str:
@@ -61,7 +79,7 @@ def _command(run: dict[str, Any]) -> str:
     if isinstance(run.get("command"), str):
         return run["command"]
     flags = ["datagen", "generate"]
-    for key in ("split", "coco_root", "coco_split", "backend", "model", "base_url", "temperature", "top_p",
+    for key in ("split", "coco_root", "coco_split", "limit", "backend", "model", "base_url", "temperature", "top_p",
                 "max_tokens", "seed", "repetition_penalty", "concurrency", "shard"):
         if run.get(key) is not None:
             flags += [f"--{key.replace('_', '-')}", str(run[key])]

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from datagen.cli import main
-from datagen.hf_dataset import (
-    HfExportOptions, arrow_schema, from_row, iter_hf_records, to_row, write_hf_folder,
-)
+from datagen.hf_dataset import HfExportOptions, arrow_schema, from_row, to_row
+from datagen.hf_export import write_hf_folder
+from datagen.sample import read_samples
 from fake_hub_server import FakeHubServer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -163,7 +163,7 @@ def test_image_paths_relative_to_image_root_and_format_wins_over_extension(capsy
     assert code == 0, err
     assert out.is_dir() and (out / "README.md").is_file()
     assert json.loads(stdout)["missing_images"] == 1
-    rows = list(iter_hf_records(out))
+    rows = list(read_samples(out))
     assert len(rows) == len(recs) and all(r["image"].startswith("val2017/") for r in rows)
     assert all((coco_root / r["image"]).is_file() for r in rows)
 
@@ -181,7 +181,7 @@ def test_mix_picks_the_same_samples_as_the_json_export(capsys, tmp_path):
     code, stdout, _ = run(capsys, "export", *paths, "--format", "hf", "--out", as_hf, "--mix", "llava", "--seed", "5", "--json")
     assert code == 0
     picked_json = {(r["split"], r["conversations"][1]["value"]) for r in json.loads(as_json.read_text())}
-    picked_hf = {(r["split"], r["conversations"][1]["value"]) for r in iter_hf_records(as_hf)}
+    picked_hf = {(r["split"], r["conversations"][1]["value"]) for r in read_samples(as_hf)}
     assert picked_hf == picked_json
     assert json.loads(stdout)["per_split"] == json.loads(json_report)["per_split"] == {"conversation": 22, "detail": 8, "reasoning": 30}
 
@@ -219,7 +219,7 @@ def test_shards_split_by_size_and_row_groups_bound_memory(tmp_path, coco_root):
     import pyarrow.parquet as pq
 
     assert all(pq.ParquetFile(tmp_path / "out" / s).metadata.row_group(0).num_rows <= 2 for s in report.shards)
-    assert [r["id"] for r in iter_hf_records(tmp_path / "out")] == [r["id"] for r in read_jsonl(src)]
+    assert [r["id"] for r in read_samples(tmp_path / "out")] == [r["id"] for r in read_jsonl(src)]
 
 
 # --- the card ----------------------------------------------------------------------------------
@@ -423,3 +423,34 @@ def test_untrusted_text_cannot_break_the_cards_markdown(capsys, tmp_path):
     assert len(fences) == 6  # bash, python and bibtex blocks, each opened and closed once
     assert not [line for line in body.splitlines() if line.startswith("# ") and "injected" in line or "Heading" == line[2:]]
     assert card_header_of(tmp_path / "hf")["visinstruct"]["writer_models"] == {evil: 1}  # the YAML keeps it exactly
+
+
+def test_card_reads_current_and_old_manifests(tmp_path):
+    """A manifest line as `generate` writes it now (config nested, command on top) and an old flat one."""
+    from datagen.cli.generate import manifest
+    from datagen.engine.work import RunStats
+    from datagen.hf_card import _command, collect_provenance
+    from datagen.run_config import GenerateConfig
+    from datagen.sample import OutputLayout
+    from datagen.sink import write_manifest
+
+    src = write_jsonl(tmp_path / "detail.jsonl", [r for r in read_jsonl(GOOD) if r["split"] == "detail"])
+    config = GenerateConfig.model_validate({"source": {"split": "detail", "coco_root": "coco", "limit": 3},
+                                            "model": {"backend": "auto"}, "sampling": {"seed": 4}})
+    layout = OutputLayout(src)
+    write_manifest(layout, manifest(config, images=3, prompt_hash="ph", backend="openai", model="m-7b",
+                                    concurrency=8, cache=None, command=None), RunStats(accepted=3, rejected=1))
+    write_manifest(layout, manifest(config, images=3, prompt_hash="ph", backend="openai", model="m-7b",
+                                    concurrency=8, cache=None, command="datagen generate --split detail"), RunStats())
+    with open(layout.runs, "a") as fh:  # a manifest line of the earlier, flat format
+        fh.write(json.dumps({"split": "detail", "model": "old-1b", "backend": "local", "seed": 1,
+                             "coco_root": "c", "stats": {"accepted": 2}}) + "\n")
+    new, recorded, old = collect_provenance([src]).runs
+    assert (new["split"], new["model"], new["backend"], new["prompt_hash"]) == ("detail", "m-7b", "openai", "ph")
+    assert new["stats"]["accepted"] == 3
+    assert _command(new).startswith("datagen generate --split detail --coco-root coco --coco-split val2017 --limit 3 "
+                                    "--backend openai "
+                                    "--model m-7b") and "--seed 4" in _command(new)
+    assert _command(recorded) == "datagen generate --split detail"
+    assert (old["model"], old["backend"]) == ("old-1b", "local")
+    assert _command(old).startswith("datagen generate --split detail --coco-root c --backend local --model old-1b")

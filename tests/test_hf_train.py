@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest_train import COCO, save_tiny_llm, tiny_clip_config, write_caption_pairs, write_instruct
-from datagen.hf_dataset import HfExportOptions, write_hf_folder
+from datagen.hf_dataset import HfExportOptions
+from datagen.hf_export import write_hf_folder
 from model.llava import ModelConfig
 from train.config import RunConfig, StageConfig
 from train.loop import train_stage
