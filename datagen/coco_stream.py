@@ -63,6 +63,15 @@ class _Buffer:
         return json.JSONDecodeError(message, self.text, self.pos)
 
 
+_NUMBER_TAIL = frozenset("0123456789.eE+-")
+
+
+def _may_continue(text: str, end: int) -> bool:
+    """True when everything from `end` to the window's end could still belong to a number."""
+    tail = text[end:end + 32]
+    return len(tail) < 32 and all(c in _NUMBER_TAIL for c in tail) and end + len(tail) >= len(text)
+
+
 class _Walker:
     """Parses values from a `_Buffer` with the stdlib decoder, refilling when a value is cut."""
 
@@ -83,8 +92,9 @@ class _Walker:
                 if cut and buf.fill():
                     continue
                 raise self._absolute(exc) from None
-            # A number at the very end of the window may continue in the next chunk.
-            if end >= len(buf.text) and not buf.eof and buf.fill():
+            # A number (or literal) reaching the window's end may continue in the next chunk:
+            # "0" of "0.5", or "0." that the scanner reads as 0.
+            if not buf.eof and _may_continue(buf.text, end) and buf.fill():
                 continue
             buf.pos = end
             return obj
