@@ -82,31 +82,49 @@ class ChildRun:
     wall_s: float
     peak_rss_mb: float
     returncode: int
+    cpu_s: float = 0.0
     first_request_s: float | None = None
+    first_request_cpu_s: float | None = None
 
 
 class TimedServer(FakeOpenAIServer):
     """The fake endpoint, noting when the first chat request arrives."""
 
     first_request_at: float | None = None
+    first_request_cpu_s: float | None = None
+    watch_pid: int | None = None
 
     async def chat(self, request):
         if self.first_request_at is None:
             self.first_request_at = time.monotonic()
+            if self.watch_pid is not None:
+                self.first_request_cpu_s = process_cpu_s(self.watch_pid)
         return await super().chat(request)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a live process has used (a figure the machine's load does not inflate)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(argv: list[str], env: dict[str, str], server: TimedServer | None = None) -> ChildRun:
     """Run one process; its own peak RSS comes from wait4 (not the whole process tree's)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if server is not None:
+        server.watch_pid = proc.pid
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         print(proc.stderr.read().decode()[-2000:], file=sys.stderr)
     first = None if server is None or server.first_request_at is None else server.first_request_at - start
-    return ChildRun(wall, usage.ru_maxrss / 1024, proc.returncode, first)
+    cpu = None if server is None else server.first_request_cpu_s
+    return ChildRun(wall, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime, first, cpu)
 
 
 def main() -> None:
@@ -116,6 +134,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--latency", type=float, default=0.01, help="fake endpoint latency (s)")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--baseline-repo", type=Path, help="also run the first --requests count with this checkout's code (e.g. main)")
+    parser.add_argument("--rebuild", action="store_true", help="delete an index left in --workdir, to time the build again")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic COCO here (default: a temp dir)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coco-index-bench-"))
@@ -126,10 +146,13 @@ def main() -> None:
         print(f"generated synthetic COCO in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     sizes = {p.name: round(p.stat().st_size / 1e6, 1) for p in (root / "annotations").iterdir()}
     env = {**os.environ, "VISINSTRUCT_INDEX_DIR": str(workdir / "index"), "PYTHONPATH": str(REPO)}
+    if args.rebuild:
+        for old in (workdir / "index").glob("*.cocoidx"):
+            old.unlink()
     report: dict = {"annotation_mb": sizes, "load_before": os.getloadavg()}
     build = run_child([sys.executable, "-c", f"from datagen.coco import ensure_index; ensure_index({str(root)!r}, {split!r})"], env)
     index_files = list((workdir / "index").glob("*.cocoidx"))
-    report["build"] = {"wall_s": round(build.wall_s, 1), "peak_rss_mb": round(build.peak_rss_mb), "rc": build.returncode,
+    report["build"] = {"wall_s": round(build.wall_s, 1), "cpu_s": round(build.cpu_s, 1), "peak_rss_mb": round(build.peak_rss_mb), "rc": build.returncode,
                        "index_mb": round(sum(p.stat().st_size for p in index_files) / 1e6, 1)}
     # What a run (or a worker) pays to reach its records once the index exists, apart from CLI imports.
     probe = ("import time; t0 = time.monotonic(); from datagen.coco import CocoIndex; "
@@ -137,19 +160,24 @@ def main() -> None:
              "print(round(time.monotonic() - t0, 3), len(ids))")
     opened = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True)
     report["open_index_s_and_images"] = opened.stdout.split() or opened.stderr[-500:]
-    for count in args.requests:
+    runs = [("index", count, str(REPO)) for count in args.requests]
+    if args.baseline_repo:
+        runs.append(("baseline", args.requests[0], str(args.baseline_repo)))
+    for label, count, code in runs:
         with TimedServer(latency_s=args.latency, lifetime_s=7200, record=False) as server:
-            out = workdir / f"detail-{count}.jsonl"
-            for stale in workdir.glob(f"detail-{count}*"):
+            out = workdir / f"detail-{label}-{count}.jsonl"
+            for stale in workdir.glob(f"detail-{label}-{count}*"):
                 stale.unlink()
             run = run_child([sys.executable, "-m", "datagen.cli", "generate", "--split", "detail", "--coco-root", str(root),
                              "--coco-split", split, "--limit", str(count), "--backend", "openai", "--base-url", server.base_url,
                              "--model", "fake", "--concurrency", str(args.concurrency), "--no-cache", "--out", str(out)],
-                            env, server)
+                            {**env, "PYTHONPATH": code}, server)
             lines = sum(1 for _ in open(out)) if out.exists() else 0
-            rejects = sum(1 for p in workdir.glob(f"detail-{count}.rejects*") for _ in open(p))
-        report[f"generate_{count}"] = {"wall_s": round(run.wall_s, 1), "peak_rss_mb": round(run.peak_rss_mb),
-                                       "first_request_s": None if run.first_request_s is None else round(run.first_request_s, 2),
+            rejects = sum(1 for p in workdir.glob(f"detail-{label}-{count}.rejects*") for _ in open(p))
+        report[f"generate_{label}_{count}"] = {
+            "code": code, "wall_s": round(run.wall_s, 1), "cpu_s": round(run.cpu_s, 1), "peak_rss_mb": round(run.peak_rss_mb),
+            "first_request_s": None if run.first_request_s is None else round(run.first_request_s, 2),
+            "cpu_s_at_first_request": run.first_request_cpu_s,
                                        "accepted": lines, "rejected": rejects, "rc": run.returncode}
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))

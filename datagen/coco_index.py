@@ -332,6 +332,7 @@ def write_index(target: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared index from other users' workers
         with os.fdopen(fd, "wb") as out:
             out.write(MAGIC + len(header).to_bytes(4, "little") + header)
             out.write(b"\0" * (data_start - out.tell()))
