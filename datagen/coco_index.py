@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from datagen.coco_stream import stream_top_level
+from datagen.coco_stream import NotAnObjectError, stream_top_level
 
 MAGIC = b"VICOCOIX"
 FORMAT_VERSION = 1
@@ -238,8 +238,6 @@ class _InstancesReader:
 
 def read_annotations(path: Path, reader: _CaptionsReader | _InstancesReader) -> None:
     """Stream one annotation file into `reader`; JSON errors propagate as json.JSONDecodeError."""
-    from datagen.coco_stream import NotAnObjectError
-
     with open(path, encoding="utf-8") as stream:
         try:
             stream_top_level(stream, reader.start, reader.element)
@@ -251,7 +249,7 @@ def read_annotations(path: Path, reader: _CaptionsReader | _InstancesReader) -> 
 def _last_wins(ids: np.ndarray) -> np.ndarray:
     """Positions of the last occurrence of each id (a dict keyed by id keeps the last), by id."""
     reversed_ids = ids[::-1]
-    unique, first_in_reversed = np.unique(reversed_ids, return_index=True)
+    _, first_in_reversed = np.unique(reversed_ids, return_index=True)
     return (len(ids) - 1 - first_in_reversed).astype(np.int64)
 
 

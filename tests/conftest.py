@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def prompts_dir() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def coco_index_dir(tmp_path_factory) -> Path:
+def coco_index_dir(tmp_path_factory) -> Iterator[Path]:
     """COCO indexes built by the suite go to a temp folder, not the user's ~/.cache (subprocesses inherit it)."""
     folder = tmp_path_factory.mktemp("coco-index")
     previous = os.environ.get("VISINSTRUCT_INDEX_DIR")

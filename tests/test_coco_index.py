@@ -1,6 +1,7 @@
 """The COCO index renders exactly what pycocotools-read annotations render, and is reused until stale."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,17 +14,14 @@ from hypothesis import strategies as st
 from pycocotools.coco import COCO
 
 from datagen.coco import CocoIndex, ensure_index, open_index
-from datagen.coco_stream import stream_top_level
+from datagen.coco_stream import NotAnObjectError, stream_top_level
 from datagen.context import render_context
 from datagen.errors import VisinstructError
 
 
 def reference_contexts(root: Path, split: str) -> dict[int, tuple[str, str]]:
     """Contexts rendered the way main read COCO before the index: pycocotools, per image."""
-    with_redirect = io.StringIO()
-    import contextlib
-
-    with contextlib.redirect_stdout(with_redirect):
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         caps = COCO(str(root / "annotations" / f"captions_{split}.json"))
         inst = COCO(str(root / "annotations" / f"instances_{split}.json"))
     names = {c["id"]: c["name"] for c in inst.dataset.get("categories", [])}
@@ -105,12 +103,17 @@ def test_streamed_top_level_equals_json_load(doc, chunk):
     assert seen == json.loads(text)
 
 
-@pytest.mark.parametrize("text", ["{", '{"a": [1, 2', '{"a": 1} x', '{"a" 1}', "[1]", "", '{"a": [1,]}', '{"a": "x'])
+@pytest.mark.parametrize("text", ["{", '{"a": [1, 2', '{"a": 1} x', '{"a" 1}', "", '{"a": [1,]}', '{"a": "x', '{"a": [0.]}'])
 def test_streamed_reader_rejects_what_json_load_rejects(text):
-    with pytest.raises(ValueError):
-        json.loads(text) if text.startswith("{") else (_ for _ in ()).throw(ValueError())
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
         stream_top_level(io.StringIO(text), lambda k, a: None, lambda k, v: None, chunk_chars=2)
+
+
+def test_streamed_reader_refuses_a_top_level_that_is_not_an_object():
+    with pytest.raises(NotAnObjectError):
+        stream_top_level(io.StringIO("[1, 2]"), lambda k, a: None, lambda k, v: None)
 
 
 def test_index_is_reused_and_rebuilt_when_an_annotation_file_changes(coco_root, tmp_path):
