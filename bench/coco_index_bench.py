@@ -111,10 +111,11 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(argv: list[str], env: dict[str, str], server: TimedServer | None = None) -> ChildRun:
+def run_child(argv: list[str], env: dict[str, str], server: TimedServer | None = None, cwd: Path = REPO) -> ChildRun:
     """Run one process; its own peak RSS comes from wait4 (not the whole process tree's)."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd matters: `python -m datagen.cli` imports the package from the working directory first.
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if server is not None:
         server.watch_pid = proc.pid
     _, status, usage = os.wait4(proc.pid, 0)
@@ -171,7 +172,7 @@ def main() -> None:
             run = run_child([sys.executable, "-m", "datagen.cli", "generate", "--split", "detail", "--coco-root", str(root),
                              "--coco-split", split, "--limit", str(count), "--backend", "openai", "--base-url", server.base_url,
                              "--model", "fake", "--concurrency", str(args.concurrency), "--no-cache", "--out", str(out)],
-                            {**env, "PYTHONPATH": code}, server)
+                            {**env, "PYTHONPATH": code}, server, cwd=Path(code))
             lines = sum(1 for _ in open(out)) if out.exists() else 0
             rejects = sum(1 for p in workdir.glob(f"detail-{label}-{count}.rejects*") for _ in open(p))
         report[f"generate_{label}_{count}"] = {
