@@ -57,7 +57,7 @@ def write_synthetic_coco(root: Path, split: str, images: int, instances: int, se
             out.write(("," if k else "") + ",".join(chunk))
         out.write("]}")
     # A pool of polygons keeps generation fast; sizes follow train2017 (~520 bytes per annotation).
-    polygons = [json.dumps([[round(rng.uniform(0, 640), 2) for _ in range(rng.randint(20, 92))]]) for _ in range(512)]
+    polygons = [json.dumps([[round(rng.uniform(0, 640), 2) for _ in range(rng.randint(20, 72))]]) for _ in range(512)]
     with open(ann_dir / f"instances_{split}.json", "w") as out:
         out.write('{"info": {"description": "synthetic"}, "licenses": [], "images": [' + images_json + '], "annotations": [')
         chunk = []
