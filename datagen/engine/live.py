@@ -9,12 +9,13 @@ many records a run has.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
+
+from tenacity import RetryCallState, wait_random_exponential
 
 from datagen.backends.base import Backend, Completion
 from datagen.engine.cache import ResponseCache
@@ -111,10 +112,16 @@ class ResultRecorder:
 
 
 def backoff_s(config: EngineConfig, error: TransientError, attempt_no: int) -> float:
-    """The server's Retry-After when it gave one, else exponential backoff with full jitter."""
+    """The server's Retry-After when it gave one, else tenacity's exponential backoff with full jitter.
+
+    Only the wait policy comes from tenacity: it is consulted once per retry (rare), while the retry
+    loop itself stays plain because it runs once per request on the event loop.
+    """
     if error.retry_after is not None:
         return float(error.retry_after)
-    return random.uniform(0.0, min(config.backoff_max_s, config.backoff_base_s * 2 ** (attempt_no - 1)))
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt_no
+    return float(wait_random_exponential(multiplier=config.backoff_base_s, max=config.backoff_max_s)(state))
 
 
 class LiveEngine:
