@@ -23,6 +23,7 @@ HF_SCHEME = "hf://"
 DATA_FOLDER = "data"
 HF_SPLIT = "train"  # the one Hugging Face split; ours (conversation, detail, ...) are a column and configs
 EXTRA_COLUMN = "extra"
+IMAGE_CACHE_ENV = "VISINSTRUCT_IMAGE_CACHE"  # the folder the trainer extracts embedded images into
 INSTALL_HINT = "install the hf extra: pip install 'visinstruct[hf]'"
 # Meta fields that `generate` writes, stored as typed columns; anything else goes into the JSON `extra` column.
 META_COLUMNS: dict[str, str] = {
@@ -267,9 +268,15 @@ def local_folder(path: str | Path) -> Path:
 
 
 def image_cache_dir() -> Path:
-    """Where embedded images are written for the trainer (inputs are never modified)."""
-    base = os.environ.get("VISINSTRUCT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "visinstruct")
-    return Path(base).expanduser() / "hf-images"
+    """Where embedded images are written for the trainer (inputs are never modified).
+
+    `$VISINSTRUCT_IMAGE_CACHE`, else `$XDG_CACHE_HOME/visinstruct/hf-images` (~/.cache/...). Not under
+    `$VISINSTRUCT_CACHE`: that names the response cache's SQLite file, not a folder.
+    """
+    folder = os.environ.get(IMAGE_CACHE_ENV)
+    if folder:
+        return Path(folder).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "visinstruct" / "hf-images"
 
 
 def _extract_image(cell: dict[str, Any], into: Path) -> str | None:

@@ -294,7 +294,10 @@ def test_check_stats_review_take_the_folder(capsys, coco_root, tmp_path):
 def test_trainer_reads_the_folder_with_embedded_images(capsys, coco_root, tmp_path, monkeypatch):
     from train.data import read_records
 
-    monkeypatch.setenv("VISINSTRUCT_CACHE", str(tmp_path / "cache"))
+    responses = tmp_path / "responses.sqlite"
+    responses.write_bytes(b"")
+    monkeypatch.setenv("VISINSTRUCT_CACHE", str(responses))  # the response cache file: not where images go
+    monkeypatch.setenv("VISINSTRUCT_IMAGE_CACHE", str(tmp_path / "images"))
     src = write_jsonl(tmp_path / "detail.jsonl", [r for r in read_jsonl(GOOD) if r["split"] == "detail"])
     out = tmp_path / "hf"
     assert run(capsys, "export", src, "--format", "hf", "--out", out, "--embed-images",
@@ -304,7 +307,8 @@ def test_trainer_reads_the_folder_with_embedded_images(capsys, coco_root, tmp_pa
     assert len(records) == len(originals)
     for rec in records:
         path = Path(rec["image"])
-        assert path.is_absolute() and path.read_bytes() == (coco_root / "val2017" / originals[rec["id"]]["image"]).read_bytes()
+        assert path.is_absolute() and path.parent == (tmp_path / "images").resolve()
+        assert path.read_bytes() == (coco_root / "val2017" / originals[rec["id"]]["image"]).read_bytes()
         assert rec["conversations"] == originals[rec["id"]]["conversations"]
     assert read_records([str(out)]) == records  # the second read finds the images already written
 
@@ -322,7 +326,7 @@ def fake_hub(monkeypatch, tmp_path):
         monkeypatch.setenv("HF_TOKEN", token)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.setenv("VISINSTRUCT_CACHE", str(tmp_path / "visinstruct-cache"))  # the trainer's extracted images
+        monkeypatch.setenv("VISINSTRUCT_IMAGE_CACHE", str(tmp_path / "hf-images"))  # the trainer's extracted images
         # huggingface_hub reads these at import time; the test process imported it already.
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield server

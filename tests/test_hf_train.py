@@ -16,7 +16,7 @@ from train.loop import train_stage
 
 @pytest.mark.parametrize("embed", [True, False], ids=["embedded-images", "image-paths"])
 def test_stage2_trains_on_an_exported_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embed: bool) -> None:
-    monkeypatch.setenv("VISINSTRUCT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VISINSTRUCT_IMAGE_CACHE", str(tmp_path / "hf-images"))
     samples = write_instruct(tmp_path / "conversation.jsonl", n=8)
     folder = tmp_path / "hf"
     # The image column names files relative to the image root, which the config gives as image_folder.
