@@ -49,13 +49,13 @@ def write_requests(path: Path, count: int) -> None:
     from bench_workload import workload
 
     from datagen.backends.base import SamplingParams
-    from datagen.pipeline import Job, build_request
     from datagen.prompts import load_prompt_set
+    from datagen.task import LlavaTask
 
-    job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), path.with_suffix(".unused"), 1)
+    task = LlavaTask("conversation", load_prompt_set(None, "conversation"), SamplingParams())
     with open(path, "w", encoding="utf-8") as fh:
         for record in workload(count):
-            request, _ = build_request(job, record)
+            request = task.prepare(record).request
             fh.write(json.dumps({"id": f"{record.id:012d}", "messages": request.messages}) + "\n")
 
 

@@ -1,9 +1,10 @@
 """Where a generation run's results go: accepted, rejected, failures and the manifest, under one OutputLayout.
 
-Every file is appended line by line (`JsonlWriter`: one write per line, a half-written tail cut on the
-next open), so a killed run loses at most the line it was writing and a rerun resumes from the ids it
-finds. Locks and atomic replacement (issue 9) belong in `OutputSink.open` / `close` and
-`write_manifest`: the only places that open these files for a run.
+Every file is appended in whole lines (`JsonlWriter.write_many`: the lines of one batch in one write,
+flushed; a half-written tail is cut on the next open), so a killed run loses at most the lines it was
+writing (their completions are already in the response cache) and a rerun resumes from the ids it
+finds. Locks and atomic writes (issue 9) belong in `OutputSink.open` / `flush` / `close` and
+`write_manifest`: the only places that open or append these files for a run.
 
 Near-duplicates are decided here, in the run's order: a judged sample is held until every item
 before it (by `seq`, which follows ascending image id) is decided, then `NearDuplicateGate.decide`
@@ -39,6 +40,8 @@ class OutputSink:
         self.accepted: JsonlWriter | None = None
         self.rejected: JsonlWriter | None = None
         self.failures_fh: TextIO | None = None
+        self.pending_accepted: list[dict[str, Any]] = []  # lines waiting for `flush`: one write per batch
+        self.pending_rejected: list[dict[str, Any]] = []
         self.next_seq = 0  # the first item of the run not yet decided
         self.held: dict[int, Verdict | None] = {}  # decided items after next_seq (None: nothing to write)
 
@@ -49,10 +52,21 @@ class OutputSink:
         # The failures file lists the latest run's failures only; it is created at the first one.
         self.failures_file.unlink(missing_ok=True)
 
+    def flush(self) -> None:
+        """Append the lines decided since the last flush (issue 9: the atomic-append point)."""
+        if self.pending_accepted:
+            self.accepted.write_many(self.pending_accepted)
+            self.pending_accepted = []
+        if self.pending_rejected:
+            self.rejected.write_many(self.pending_rejected)
+            self.pending_rejected = []
+
     def close(self) -> None:
         """Write what is still held (in order: nothing before it will come in this run), then close."""
         for seq in sorted(self.held):
             self._release(self.held.pop(seq))
+        if self.accepted is not None:
+            self.flush()
         for closable in (self.accepted, self.rejected, self.failures_fh):
             if closable is not None:
                 closable.close()
@@ -104,12 +118,12 @@ class OutputSink:
         stats = self.stats
         if isinstance(verdict, Accepted):
             stats.accepted += 1
-            self.accepted.write(verdict.record)
+            self.pending_accepted.append(verdict.record)
             return
         stats.rejected += 1
         for code in verdict.reasons:
             stats.reject_reasons[code] = stats.reject_reasons.get(code, 0) + 1
-        self.rejected.write(verdict.entry)
+        self.pending_rejected.append(verdict.entry)
 
 
 def write_manifest(layout: OutputLayout, config: dict[str, Any], stats: RunStats) -> None:

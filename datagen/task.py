@@ -27,13 +27,23 @@ from datagen.sample import read_samples, sample_id
 
 
 @dataclass(frozen=True)
-class TaskRequest:
-    """One image's request, with what judging its completion needs (the record and the context text)."""
+class Subject:
+    """What judging a completion needs to know about its image: small, so it is cheap to send to a worker."""
 
     item_id: str  # the sample id: the unit of resume, sharding and the failures file
     record: ImageRecord
-    request: ChatRequest
     context: str
+
+
+@dataclass(frozen=True)
+class TaskRequest(Subject):
+    """One image's chat request, with its subject (what judging the completion needs)."""
+
+    request: ChatRequest
+
+    @property
+    def subject(self) -> Subject:
+        return Subject(self.item_id, self.record, self.context)
 
 
 def reject_entry(base: dict[str, Any], reasons: list[str], detail: str, evidence: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +152,11 @@ class LlavaTask:
         self.signer = NearDuplicateIndex(quality.near_duplicate_threshold, quality.shingle_size,
                                          quality.minhash_permutations)
         self.meta_base = {**(provenance or {}), "prompt_hash": prompts.hash, "seed": params.seed}
+        self._args = (split, prompts, params, quality, provenance, coco_available, gate)
+
+    def __reduce__(self):
+        """Pickled as its arguments: a worker process rebuilds the checker instead of receiving its caches."""
+        return (type(self), self._args)
 
     @staticmethod
     def needs_boxes(split: str) -> bool:
@@ -156,7 +171,7 @@ class LlavaTask:
         """The chat request for one image (its key names the item: image id + split)."""
         context = render_context(record, with_boxes=self.with_boxes)
         request = ChatRequest(key=f"{record.id}:{self.split}", messages=self.prompts.messages(context), params=self.params)
-        return TaskRequest(sample_id(record.id), record, request, context)
+        return TaskRequest(sample_id(record.id), record, context, request)
 
     def instruction(self, record: ImageRecord) -> str | None:
         """Detail samples get a question drawn per image from the instruction list (stable for a seed)."""
@@ -164,7 +179,7 @@ class LlavaTask:
             return None
         return pick_instruction(self.prompts.instructions, record.id, self.params.seed)
 
-    def judge(self, prepared: TaskRequest, completion: Completion) -> Verdict:
+    def judge(self, prepared: Subject, completion: Completion) -> Verdict:
         """Parse and check one completion; near-duplicates are left to the gate (see the class docs)."""
         record = prepared.record
         meta = {

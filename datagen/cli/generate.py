@@ -18,7 +18,7 @@ from datagen.coco import CocoIndex
 from datagen.engine.cost import load_prices
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
 from datagen.errors import VisinstructError
-from datagen.executors.local import run_local
+from datagen.executors.local import make_judge, run_local
 from datagen.prompts import load_prompt_set
 from datagen.run_config import BackendName, ExecutorName, GenerateConfig
 from datagen.sample import sample_id
@@ -123,11 +123,13 @@ def run_generate(config: GenerateConfig) -> None:
     backend = make_backend(backend_name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
                            live.timeout, live.transport)
     concurrency = live.concurrency or backend.preferred_concurrency
+    judge = make_judge(task, concurrency)  # before the progress bar's thread: its worker process forks now
     progress, on_progress = progress_bar(split, len(ids))
 
     async def run():
         try:
-            return await run_local(task, layout, backend, index.records(ids), engine_config, concurrency, on_progress, done)
+            return await run_local(task, layout, backend, index.records(ids), engine_config, concurrency, on_progress,
+                                   done, judge)
         finally:
             await backend.aclose()
 

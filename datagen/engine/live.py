@@ -9,18 +9,18 @@ many records a run has.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
 from datagen.backends.base import Backend, Completion
 from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price
+from datagen.engine.judging import Judge
 from datagen.engine.errors import EndpointUnreachableError, RateLimitedError, TransientError
 from datagen.engine.ratelimit import RateLimiter
 from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint, Failed, RequestPlanner, Result,
@@ -38,6 +38,7 @@ class VerdictSink(Protocol):
     """Where judged results go (datagen.sink.OutputSink)."""
 
     def open(self) -> None: ...
+    def flush(self) -> None: ...
     def close(self) -> None: ...
     def skipped(self, count: int) -> None: ...
     def verdict(self, seq: int, verdict: Any) -> None: ...
@@ -50,7 +51,7 @@ class ResultRecorder:
     the task's judgement, and the sink. Used by the live engine and by Batch API collection alike.
     """
 
-    def __init__(self, judge: Callable[[Any, Completion], Any], sink: VerdictSink, stats: RunStats,
+    def __init__(self, judge: Judge, sink: VerdictSink, stats: RunStats,
                  endpoint: Endpoint, price: Price | None, cache_path: Path | None = None,
                  on_progress: ProgressFn | None = None) -> None:
         self.judge = judge
@@ -68,12 +69,13 @@ class ResultRecorder:
         self.sink.open()
 
     def close(self) -> None:
-        """Close the sink (it writes what it still holds), then the cache."""
+        """Close the sink (it writes what it still holds), then the cache and the judge."""
         try:
             self.sink.close()
         finally:
             if self.cache is not None:
                 self.cache.close()
+            self.judge.close()
 
     def record(self, results: list[Result]) -> None:
         """Store a batch of results; their cache rows go in one transaction before any output line."""
@@ -83,6 +85,8 @@ class ResultRecorder:
             if rows:
                 self.cache.put_many(rows)
         stats, sink = self.stats, self.sink
+        completed = [r for r in results if isinstance(r, Completed)]
+        verdicts = iter(self.judge.judge_many([(r.item.prepared, r.completion) for r in completed]))
         for result in results:
             if isinstance(result, Completed):
                 completion = result.completion
@@ -94,27 +98,23 @@ class ResultRecorder:
                             completion.prompt_tokens, completion.completion_tokens)
                 else:
                     stats.cache_hits += 1
-                sink.verdict(result.item.seq, self.judge(result.item.prepared, completion))
+                sink.verdict(result.item.seq, next(verdicts))
             elif isinstance(result, Failed):
                 sink.failure(result.item.seq, result.item.item_id, result.reason, result.attempts)
             elif isinstance(result, BudgetStopped):
                 sink.not_started(result.item.seq)
             else:
                 sink.skipped(result.count)
+        sink.flush()
         if self.on_progress:
             self.on_progress(self.stats)
 
 
-def _wait_for(config: EngineConfig):
-    """Server's Retry-After when it gave one, else exponential backoff with full jitter."""
-    backoff = wait_random_exponential(multiplier=config.backoff_base_s, max=config.backoff_max_s)
-
-    def wait(state) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = getattr(exc, "retry_after", None)
-        return float(hinted) if hinted is not None else backoff(state)
-
-    return wait
+def backoff_s(config: EngineConfig, error: TransientError, attempt_no: int) -> float:
+    """The server's Retry-After when it gave one, else exponential backoff with full jitter."""
+    if error.retry_after is not None:
+        return float(error.retry_after)
+    return random.uniform(0.0, min(config.backoff_max_s, config.backoff_base_s * 2 ** (attempt_no - 1)))
 
 
 class LiveEngine:
@@ -262,40 +262,39 @@ class LiveEngine:
             self._emit(Completed(item, completion, fresh=True, attempts=attempts))
 
     async def _request(self, item: WorkItem) -> tuple[Completion, int]:
-        """One completion with the limiter and retries; raises the last error when retries run out."""
+        """One completion with the limiter and retries; raises the last error when retries run out.
+
+        A plain loop rather than a retry library: this runs once per request on the event loop, so its
+        cost is paid thousands of times a second at high concurrency.
+        """
         config, stats = self.config, self.stats
         reserve_tokens = item.prompt_tokens_est + item.request.params.max_tokens
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(config.max_retries + 1),
-            wait=_wait_for(config),
-            retry=retry_if_exception_type(TransientError),
-            reraise=True,
-        )
         attempt_no = 0
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempt_no = attempt.retry_state.attempt_number
-                    if attempt_no > 1:
-                        stats.retries += 1
-                    await self.limiter.acquire(reserve_tokens)
-                    stats.requests += 1
-                    try:
-                        completion = await self.backend.complete(item.request)
-                    except RateLimitedError as exc:
-                        self.limiter.pause(exc.retry_after if exc.retry_after is not None else 1.0)
-                        raise
-                    except EndpointUnreachableError as exc:
-                        if self.successes == 0 and attempt_no >= UNREACHABLE_ATTEMPTS:
-                            raise VisinstructError(
-                                f"cannot reach the endpoint ({exc.reason})", "start the server or fix --base-url"
-                            ) from None
-                        raise
-                    self.successes += 1
-                    self.limiter.settle_tokens(reserve_tokens, completion.prompt_tokens + completion.completion_tokens)
-                    return completion, attempt_no
-        except TransientError as exc:
-            exc.reason = f"{exc.reason} (gave up after {attempt_no} attempts)"
-            exc.attempts = attempt_no
-            raise
-        raise AssertionError("unreachable")  # tenacity either returns or raises
+        while True:
+            attempt_no += 1
+            if attempt_no > 1:
+                stats.retries += 1
+            await self.limiter.acquire(reserve_tokens)
+            stats.requests += 1
+            try:
+                completion = await self.backend.complete(item.request)
+            except RateLimitedError as exc:
+                self.limiter.pause(exc.retry_after if exc.retry_after is not None else 1.0)
+                error: TransientError = exc
+            except EndpointUnreachableError as exc:
+                if self.successes == 0 and attempt_no >= UNREACHABLE_ATTEMPTS:
+                    raise VisinstructError(
+                        f"cannot reach the endpoint ({exc.reason})", "start the server or fix --base-url"
+                    ) from None
+                error = exc
+            except TransientError as exc:
+                error = exc
+            else:
+                self.successes += 1
+                self.limiter.settle_tokens(reserve_tokens, completion.prompt_tokens + completion.completion_tokens)
+                return completion, attempt_no
+            if attempt_no > config.max_retries:
+                error.reason = f"{error.reason} (gave up after {attempt_no} attempts)"
+                error.attempts = attempt_no
+                raise error
+            await asyncio.sleep(backoff_s(config, error, attempt_no))

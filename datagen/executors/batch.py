@@ -16,6 +16,7 @@ from datagen.coco import CocoIndex, ImageRecord
 from datagen.engine.batch_api import (BatchEntry, BatchState, custom_id, ids_in_request_file, request_line,
                                       split_results, write_request_files, write_resubmit)
 from datagen.engine.cost import Price
+from datagen.engine.judging import InlineJudge
 from datagen.engine.live import ResultRecorder
 from datagen.engine.work import AlreadyDone, Completed, Endpoint, RequestPlanner, RunStats
 from datagen.errors import VisinstructError
@@ -49,7 +50,7 @@ def recorder_for(task: LlavaTask, layout: OutputLayout, state: BatchState, stats
                  price: Price | None) -> ResultRecorder:
     """What stores batch results: the live run's recorder and sink, failures listed in the batch folder."""
     sink = OutputSink(layout, task.split, stats, task.near_duplicate_gate(layout.samples), layout.batch_failures)
-    return ResultRecorder(task.judge, sink, stats, Endpoint(BACKEND, state.model), price,
+    return ResultRecorder(InlineJudge(task), sink, stats, Endpoint(BACKEND, state.model), price,
                           Path(state.cache) if state.cache else None)
 
 

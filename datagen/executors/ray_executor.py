@@ -102,6 +102,16 @@ class Judged:
     verdict: Verdict | None = None
 
 
+class WorkerVerdicts:
+    """The recorder's judge on the driver: the verdicts were reached on the workers; it hands them on."""
+
+    def judge_many(self, pairs: list[tuple[Judged, Completion]]) -> list[Verdict | None]:
+        return [judged.verdict for judged, _ in pairs]
+
+    def close(self) -> None:
+        return None
+
+
 @dataclass
 class ChunkResult:
     """One actor call's output: a result per item, the request counters, and a fatal error if one stopped it."""
@@ -370,7 +380,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
     sink = OutputSink(layout, task.split, stats, task.near_duplicate_gate(layout.samples))
     # The workers stored fresh completions already; the recorder counts, hands on verdicts and writes files.
-    recorder = ResultRecorder(lambda judged, completion: judged.verdict, sink, stats, endpoint, price, None, on_progress)
+    recorder = ResultRecorder(WorkerVerdicts(), sink, stats, endpoint, price, None, on_progress)
     clock = time.perf_counter()
     skipped = [0]
     planner.open()
