@@ -64,6 +64,15 @@ class BackendSpec:
     timeout: float = 120.0
     transport: str = "direct"
 
+    def preload(self) -> Backend | None:
+        """Import (and for the embedded model, load) what the backend needs, at worker start-up rather than in
+        the first call; the openai client itself is made later, inside the worker's event loop."""
+        if self.name == "local":
+            return self.build(self.batch_size)
+        import datagen.backends.openai_backend  # noqa: F401  (the openai SDK is slow to import)
+
+        return None
+
     def build(self, concurrency: int) -> Backend:
         """The backend, made in the process that uses it."""
         if self.name == "local":
@@ -82,7 +91,8 @@ class RayTimings:
 
     connect_s: float = 0.0  # ray.init: starting a local cluster, or joining one
     first_request_after_s: float = 0.0  # from the dataset's start to the first worker call (actor pool start)
-    work_s: float = 0.0  # from the first worker call to the last result written
+    plan_s: float = 0.0  # the driver's planning: done ids skipped, requests prepared, keyed, looked up in the cache
+    work_s: float = 0.0  # planning plus the time from the first worker call to the last result written
     workers: int = 0
 
 
@@ -209,6 +219,7 @@ class EngineStage:
         self.endpoint = endpoint
         self.limiter = limiter
         self.cache_writer = cache_writer
+        self.backend = spec.preload()
         self.engine: LiveEngine | None = None
         self.slots: asyncio.Semaphore | None = None
         self.reported_requests = self.reported_retries = 0
@@ -216,7 +227,7 @@ class EngineStage:
 
     def _start(self) -> LiveEngine:
         """The backend and engine, made on first use inside the actor's running event loop."""
-        backend = self.spec.build(self.concurrency)
+        backend = self.backend or self.spec.build(self.concurrency)
         engine = LiveEngine(backend, self.config, self.concurrency, self.price)
         if self.limiter is not None and self.config_limits():
             engine.limiter = RemoteLimiter(self.limiter)
@@ -385,8 +396,10 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     skipped = [0]
     planner.open()
     try:
+        plan_started = time.perf_counter()
         chunk_size = max(CHUNK_MIN, per_worker // 4)
         rows = [{"items": pickle.dumps(chunk)} for chunk in chunks(planner.plan(records), chunk_size, skipped)]
+        timings.plan_s = time.perf_counter() - plan_started
     finally:
         planner.close()
     recorder.open()
@@ -419,7 +432,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                     break
             if first_call is not None:
                 timings.first_request_after_s = max(0.0, first_call - dataset_started)
-                timings.work_s = time.time() - first_call
+                timings.work_s = timings.plan_s + time.time() - first_call
         if limiter is not None:
             stats.rate_limited_s = ray.get(limiter.waited_s.remote())
     finally:
