@@ -73,3 +73,17 @@ def test_submit_with_wrong_key_keeps_the_request_file_for_a_rerun(coco_root, tmp
                        "--base-url", server.base_url, "--out", str(out), env={"OPENAI_API_KEY": "sk-right"})
         assert proc.returncode == 0, proc.stderr
         assert len(BatchState.load(OutputLayout(out).batch_state).batches) == 1 and len(server.state.batches) == 1
+
+
+def test_submit_takes_generate_s_options_and_the_same_request_body(coco_root, tmp_path):
+    """`batch submit` shares generate's option groups: --repetition-penalty, --model, split as a choice."""
+    out = tmp_path / "detail.jsonl"
+    proc = datagen_here("batch", "submit", "--split", "detail", "--coco-root", str(coco_root), "--limit", "2",
+                        "--repetition-penalty", "1.1", "--model", "my-model", "--out", str(out), "--dry-run", "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(l) for l in open(OutputLayout(out).batch_dir / "requests-001.jsonl")]
+    assert len(lines) == 2
+    assert all(l["body"]["repetition_penalty"] == 1.1 and l["body"]["model"] == "my-model" for l in lines)
+    assert BatchState.load(OutputLayout(out).batch_state).model == "my-model"
+    wrong = datagen_here("batch", "submit", "--split", "captions", "--coco-root", str(coco_root), "--out", str(out))
+    assert wrong.returncode == 2 and "captions" in wrong.stderr

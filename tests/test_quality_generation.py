@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.coco import CocoIndex

@@ -9,7 +9,7 @@ import typer
 
 from datagen.cli.common import format_usd, make_backend, select_ids
 from datagen.cli.options import (
-    BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt, ModelOpt, NoCacheOpt,
+    CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt, ModelOpt, NoCacheOpt,
     PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt, build,
 )
 from datagen.coco import CocoIndex
