@@ -20,9 +20,7 @@ Design choices (docs/ray.md says more):
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import os
 import pickle
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from datagen.backends.base import Backend, Completion
+from datagen.backends.base import Backend, ChatRequest, Completion
 from datagen.coco import ImageRecord
 from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
@@ -45,7 +43,6 @@ from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
 from datagen.task import LlavaTask, Verdict
 
-log = logging.getLogger(__name__)
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
@@ -106,10 +103,12 @@ class RayRun:
 
 @dataclass(frozen=True)
 class Judged:
-    """A work item's stand-in on its way back to the driver: the id and the verdict a worker reached."""
+    """A work item's stand-in on its way back to the driver: the id and the verdict a worker reached (and the
+    request, when the driver stores the completion in the cache itself)."""
 
     item_id: str
     verdict: Verdict | None = None
+    request: ChatRequest | None = None
 
 
 class WorkerVerdicts:
@@ -341,12 +340,14 @@ def chunks(planned: Iterable[WorkItem | AlreadyDone], size: int, skipped: list[i
         yield chunk
 
 
-def pool_size(backend: str, concurrency: int, cluster_cpus: float) -> int:
+def pool_size(backend: str, concurrency: int, cluster_cpus: float, gpus: float = 0.0) -> int:
     """How many workers: openai ones are I/O-bound (one per PER_WORKER_CONCURRENCY requests, at least two
-    when the cluster has the CPUs); local-model ones are CPU-bound (one per CPU)."""
+    when the cluster has the CPUs); local-model ones are CPU-bound (one per CPU); vLLM engines one per GPU."""
     cpus = max(1, int(cluster_cpus))
     if backend == "local":
         return cpus
+    if backend == "vllm":
+        return max(1, int(gpus))
     return max(1, min(cpus, max(2, math.ceil(concurrency / PER_WORKER_CONCURRENCY))))
 
 
@@ -358,10 +359,9 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     import ray.data
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if spec.name == "vllm":
-        from datagen.executors.ray_vllm import run_vllm  # ray.data.llm + vLLM: the optional [vllm] extra
-
-        return run_vllm(task, layout, spec, records, config, concurrency, on_progress, done, address)
+    if spec.name == "vllm" and (config.rpm or config.tpm or config.budget_usd is not None):
+        raise VisinstructError("--rpm, --tpm and --budget pace an endpoint; --backend vllm runs its own engines",
+                               "drop them, or serve the model with `vllm serve` and use --backend openai")
     timings = RayTimings()
     started_ray, timings.connect_s = connect(address, num_cpus)
     endpoint = Endpoint(spec.name, spec.model)
@@ -376,13 +376,14 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
 
         count_tokens = PromptTokenCounter().count
     done = layout.done_ids() if done is None else done
-    workers = pool_size(spec.name, concurrency, ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    workers = pool_size(spec.name, concurrency, resources.get("CPU", 1), resources.get("GPU", 0))
     # Local-model workers each batch --batch-size prompts; openai workers share --concurrency between them.
     per_worker = spec.batch_size if spec.name == "local" else max(1, math.ceil(concurrency / workers))
     timings.workers = workers
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     cache_writer = limiter = None
-    if config.cache_path is not None:
+    if config.cache_path is not None and spec.name != "vllm":
         Path(config.cache_path).parent.mkdir(parents=True, exist_ok=True)
         cache_writer = ray.remote(CacheWriter).options(num_cpus=0, scheduling_strategy=here).remote(str(config.cache_path))
     if config.rpm or config.tpm or config.budget_usd is not None:
@@ -391,7 +392,9 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
     sink = OutputSink(layout, task.split, stats, task.near_duplicate_gate(layout.samples))
     # The workers stored fresh completions already; the recorder counts, hands on verdicts and writes files.
-    recorder = ResultRecorder(WorkerVerdicts(), sink, stats, endpoint, price, None, on_progress)
+    # vLLM's pipeline has no cache writer: the recorder stores its fresh completions as they arrive.
+    recorder = ResultRecorder(WorkerVerdicts(), sink, stats, endpoint, price,
+                              config.cache_path if spec.name == "vllm" else None, on_progress)
     clock = time.perf_counter()
     skipped = [0]
     planner.open()
@@ -412,13 +415,18 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                EngineStage, batch_size=1,
-                fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=8),
-                num_cpus=1 if spec.name == "local" else 0.5,
-                ray_remote_args_fn=spread_over_nodes,
-            )
+            if spec.name == "vllm":
+                from datagen.executors.ray_vllm import vllm_dataset  # ray.data.llm + vLLM: the optional [vllm] extra
+
+                dataset = vllm_dataset(rows, task, spec, workers)
+            else:
+                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                    EngineStage, batch_size=1,
+                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
+                    compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=8),
+                    num_cpus=1 if spec.name == "local" else 0.5,
+                    ray_remote_args_fn=spread_over_nodes,
+                )
             dataset_started = time.time()
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for blob in batch["result"]:
