@@ -46,6 +46,8 @@ from datagen.task import LlavaTask, Verdict
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
+# Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
+CALLS_PER_WORKER = 4
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
@@ -400,7 +402,8 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     planner.open()
     try:
         plan_started = time.perf_counter()
-        chunk_size = max(CHUNK_MIN, per_worker // 4)
+        # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
+        chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
         rows = [{"items": pickle.dumps(chunk)} for chunk in chunks(planner.plan(records), chunk_size, skipped)]
         timings.plan_s = time.perf_counter() - plan_started
     finally:
@@ -423,7 +426,8 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                 dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                     EngineStage, batch_size=1,
                     fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
-                    compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=8),
+                    compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+                                                       max_tasks_in_flight_per_actor=2 * CALLS_PER_WORKER),
                     num_cpus=1 if spec.name == "local" else 0.5,
                     ray_remote_args_fn=spread_over_nodes,
                 )
