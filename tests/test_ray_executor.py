@@ -139,8 +139,11 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
     def cached_ids() -> set[str]:
         if not cache.exists():
             return set()
-        with sqlite3.connect(cache) as db:
-            return {sample_id(int(row[0].split(":")[0])) for row in db.execute("SELECT item FROM responses")}
+        try:
+            with sqlite3.connect(cache) as db:
+                return {sample_id(int(row[0].split(":")[0])) for row in db.execute("SELECT item FROM responses")}
+        except sqlite3.OperationalError:  # the writer has created the file but not its table yet
+            return set()
 
     with FakeOpenAIServer(latency_s=0.2) as server:
         args = [sys.executable, "-m", "datagen.cli", "generate", "--split", SPLIT, "--coco-root", str(coco_root),
