@@ -49,11 +49,11 @@ def engine_config(cache: Path | None, **overrides) -> EngineConfig:
 
 
 def ray_run(server: FakeOpenAIServer, out: Path, coco_root: Path, *, concurrency: int = 8, task: LlavaTask | None = None,
-            cache: Path | None = None, **overrides) -> RayRun:
+            cache: Path | None = None, window: int = 50_000, **overrides) -> RayRun:
     index = load_index(coco_root, SPLIT)
     spec = BackendSpec("openai", MODEL, server.base_url, timeout=5.0)
     return run_ray(task or make_task(), OutputLayout(out), spec, index.records(index.image_ids()),
-                   engine_config(cache, **overrides), concurrency)
+                   engine_config(cache, **overrides), concurrency, window=window)
 
 
 def records_by_id(path: Path) -> dict[str, dict]:
@@ -101,7 +101,7 @@ def test_ray_and_local_write_the_same_samples_and_a_cached_rerun_sends_nothing(r
         asyncio.run(local())
         paid = server.state.count
         assert paid == len(index.image_ids())
-        run = ray_run(server, ray_out, coco_root, cache=cache)
+        run = ray_run(server, ray_out, coco_root, cache=cache, window=40)  # two windows: the order carries across
         assert server.state.count == paid, "a run whose completions are all cached sends nothing"
     assert run.stats.cache_hits == paid and run.stats.requests == 0
     for name in ("samples", "rejects"):

@@ -25,6 +25,7 @@ import pickle
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from datagen.task import LlavaTask, Verdict
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
+# Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
+WINDOW_ITEMS = 50_000
 # Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
 CALLS_PER_WORKER = 4
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
@@ -355,8 +358,12 @@ def pool_size(backend: str, concurrency: int, cluster_cpus: float, gpus: float =
 
 def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: Iterable[ImageRecord],
             config: EngineConfig, concurrency: int, on_progress: ProgressFn | None = None,
-            done: set[str] | None = None, address: str | None = None, num_cpus: int | None = None) -> RayRun:
-    """Generate `task` samples for `records` not already in the output, on Ray; the same files as `run_local`."""
+            done: set[str] | None = None, address: str | None = None, num_cpus: int | None = None,
+            window: int = WINDOW_ITEMS) -> RayRun:
+    """Generate `task` samples for `records` not already in the output, on Ray; the same files as `run_local`.
+
+    The driver plans `window` items at a time and runs one dataset per window (the sink's order carries on).
+    """
     import ray  # optional extra; see connect()
     import ray.data
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -399,25 +406,27 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                               config.cache_path if spec.name == "vllm" else None, on_progress)
     clock = time.perf_counter()
     skipped = [0]
+    # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
+    chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    fatal: VisinstructError | None = None
+    first_call = dataset_started = None
+    recorder.open()
     planner.open()
     try:
-        plan_started = time.perf_counter()
-        # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
-        chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
-        rows = [{"items": pickle.dumps(chunk)} for chunk in chunks(planner.plan(records), chunk_size, skipped)]
-        timings.plan_s = time.perf_counter() - plan_started
-    finally:
-        planner.close()
-    recorder.open()
-    fatal: VisinstructError | None = None
-    first_call = None
-    try:
-        if skipped[0]:
-            recorder.record([AlreadyDone(skipped[0])])
-        if rows:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            ctx.print_on_execution_start = False
+        planned = chunks(planner.plan(records), chunk_size, skipped)
+        while fatal is None:
+            # One window of planned items at a time: the driver holds a window, not the whole run.
+            plan_started = time.perf_counter()
+            rows = [{"items": pickle.dumps(chunk)} for chunk in islice(planned, max(1, window // chunk_size))]
+            timings.plan_s += time.perf_counter() - plan_started
+            if skipped[0]:
+                recorder.record([AlreadyDone(skipped[0])])
+                skipped[0] = 0
+            if not rows:
+                break
             if spec.name == "vllm":
                 from datagen.executors.ray_vllm import vllm_dataset  # ray.data.llm + vLLM: the optional [vllm] extra
 
@@ -431,7 +440,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                     num_cpus=1 if spec.name == "local" else 0.5,
                     ray_remote_args_fn=spread_over_nodes,
                 )
-            dataset_started = time.time()
+            dataset_started = dataset_started or time.time()
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for blob in batch["result"]:
                     chunk: ChunkResult = pickle.loads(blob)
@@ -442,12 +451,14 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                     fatal = fatal or chunk.fatal
                 if fatal is not None:
                     break
-            if first_call is not None:
-                timings.first_request_after_s = max(0.0, first_call - dataset_started)
-                timings.work_s = timings.plan_s + time.time() - first_call
+        if first_call is not None:
+            # Start-up: until the first window's first worker call; later windows' pool starts count as work.
+            timings.first_request_after_s = max(0.0, first_call - dataset_started)
+            timings.work_s = timings.plan_s + time.time() - first_call
         if limiter is not None:
             stats.rate_limited_s = ray.get(limiter.waited_s.remote())
     finally:
+        planner.close()
         recorder.close()
         stats.elapsed_s = time.perf_counter() - clock
         if cache_writer is not None:
