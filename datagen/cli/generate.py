@@ -16,6 +16,7 @@ from datagen.cli.options import (
 )
 from datagen.coco import CocoIndex
 from datagen.engine.cost import load_prices
+from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
 from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
@@ -169,8 +170,6 @@ def manifest(config: GenerateConfig, **resolved: Any) -> dict[str, Any]:
 
 def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: list[int]) -> None:
     """Count the prompt tokens of every pending request and price the run; sends nothing."""
-    from datagen.engine.tokens import PromptTokenCounter  # tiktoken's encoding takes a while to load
-
     split, layout, params = task.split, config.layout(), task.params
     backend_name, model_name = config.model.backend_name(), config.model.model_name()
     engine_config = config.engine_config()

@@ -172,7 +172,7 @@ class LiveEngine:
             store_task = asyncio.create_task(self._drain(loop, store_thread, recorder))
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
             try:
-                await self._feed(loop, feed_thread, planner, iter(records), queue)
+                await self._feed(loop, feed_thread, planner.plan(records), queue)
                 await asyncio.gather(*workers)
             finally:
                 for task in workers:
@@ -197,10 +197,10 @@ class LiveEngine:
             raise self.fatal[0]
         return self.stats
 
-    async def _feed(self, loop, feed_thread, planner: RequestPlanner, records: Iterator[Any], queue: asyncio.Queue) -> None:
+    async def _feed(self, loop, feed_thread, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue) -> None:
         exhausted = False
         while not exhausted and not self.fatal:
-            items, skipped, exhausted = await loop.run_in_executor(feed_thread, planner.next_chunk, records, FEED_CHUNK)
+            items, skipped, exhausted = await loop.run_in_executor(feed_thread, RequestPlanner.next_chunk, planned, FEED_CHUNK)
             if skipped:
                 self._emit(AlreadyDone(skipped))
             for item in items:

@@ -166,15 +166,16 @@ class RequestPlanner:
         self.next_seq += 1
         return item
 
-    def next_chunk(self, records: Iterator[Any], size: int) -> tuple[list[WorkItem], int, bool]:
-        """Up to `size` items, how many records were already done, and whether the records ran out."""
+    @staticmethod
+    def next_chunk(planned: Iterator[WorkItem | AlreadyDone], size: int) -> tuple[list[WorkItem], int, bool]:
+        """From `plan(...)`: up to `size` items, how many records were already done, and whether they ran out."""
         items: list[WorkItem] = []
         skipped = 0
-        for record in records:
-            if self.task.item_id(record) in self.done:
-                skipped += 1
+        for entry in planned:
+            if isinstance(entry, AlreadyDone):
+                skipped += entry.count
                 continue
-            items.append(self.item(self.task.prepare(record)))
+            items.append(entry)
             if len(items) >= size:
                 return items, skipped, False
         return items, skipped, True

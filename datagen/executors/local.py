@@ -1,7 +1,7 @@
 """The local executor (the default): the live engine over a stream of records, on this machine."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from datagen.backends.base import Backend
 from datagen.coco import ImageRecord
@@ -9,6 +9,7 @@ from datagen.engine.config import EngineConfig
 from datagen.engine.cost import Price, load_prices
 from datagen.engine.judging import InlineJudge, Judge, ProcessJudge
 from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
+from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.work import Endpoint, RequestPlanner, RunStats
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
@@ -34,12 +35,10 @@ def price_of(backend_name: str, model: str, config: EngineConfig) -> Price | Non
     return load_prices(config.prices_path).lookup(model)
 
 
-def token_counter(engine: LiveEngine):
-    """The prompt-token counter when --tpm or --budget need one, else None (tiktoken loads only then)."""
+def token_counter(engine: LiveEngine) -> Callable[[list[dict[str, str]]], int] | None:
+    """The prompt-token counter when --tpm or --budget need one, else None (tiktoken's encoding loads only then)."""
     if not engine.needs_token_counts:
         return None
-    from datagen.engine.tokens import PromptTokenCounter  # tiktoken's encoding takes a while to load
-
     return PromptTokenCounter().count
 
 

@@ -1,4 +1,7 @@
-"""The quality gate: for generation (a Job.checker) and for existing files (`datagen check`)."""
+"""The quality gate over samples: a per-sample checker, and `datagen check` over existing files.
+
+Generation judges through `datagen.task.LlavaTask`, which decides near-duplicates in run order.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -20,7 +23,7 @@ from datagen.quality.objects import ChairCounter
 def make_checker(
     split: str, config: QualityConfig | None = None, coco_available: bool = True, seen: Path | None = None
 ) -> Callable[[Sample, ImageRecord, Any], list[str]]:
-    """A `Job.checker` for one generation run: reject reason codes per sample (stateful for near-duplicates).
+    """Reject reason codes per (sample, record, completion), near-duplicates decided in call order.
 
     `seen`: an output file an earlier run already accepted samples into; a resumed run checks new
     samples against those too.
