@@ -157,6 +157,9 @@ def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: l
     with progress:
         run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency, on_progress,
                       done, config.executor.ray_address)
+    timings = run.timings
+    typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
+               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work")
     return run.stats
 
 

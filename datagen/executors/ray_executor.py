@@ -20,6 +20,7 @@ Design choices (docs/ray.md says more):
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import pickle
 import time
@@ -29,20 +30,28 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from datagen.backends.base import Backend, ChatRequest, Completion
+# This module is the optional [ray] extra's: the CLI imports it only for --executor ray.
+import ray
+import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from datagen.backends.base import Backend, Completion
 from datagen.coco import ImageRecord
 from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price
 from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
 from datagen.engine.ratelimit import RateLimiter
+from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint, Failed, RequestPlanner, Result,
                                  RunStats, WorkItem)
 from datagen.errors import VisinstructError
 from datagen.executors.local import price_of
+from datagen.executors.ray_items import ChunkResult, Judged, WorkerVerdicts
+from datagen.executors.ray_vllm import vllm_dataset
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
-from datagen.task import LlavaTask, Verdict
+from datagen.task import LlavaTask
 
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
@@ -104,37 +113,6 @@ class RayRun:
 
     stats: RunStats
     timings: RayTimings = field(default_factory=RayTimings)
-
-
-@dataclass(frozen=True)
-class Judged:
-    """A work item's stand-in on its way back to the driver: the id and the verdict a worker reached (and the
-    request, when the driver stores the completion in the cache itself)."""
-
-    item_id: str
-    verdict: Verdict | None = None
-    request: ChatRequest | None = None
-
-
-class WorkerVerdicts:
-    """The recorder's judge on the driver: the verdicts were reached on the workers; it hands them on."""
-
-    def judge_many(self, pairs: list[tuple[Judged, Completion]]) -> list[Verdict | None]:
-        return [judged.verdict for judged, _ in pairs]
-
-    def close(self) -> None:
-        return None
-
-
-@dataclass
-class ChunkResult:
-    """One actor call's output: a result per item, the request counters, and a fatal error if one stopped it."""
-
-    results: list[Result]
-    requests: int = 0
-    retries: int = 0
-    started_at: float = 0.0  # wall clock of the call's start (the bench's "first request")
-    fatal: VisinstructError | None = None
 
 
 class CacheWriter:
@@ -316,9 +294,9 @@ def spread_over_nodes() -> dict[str, Any]:
 
 def connect(address: str | None, num_cpus: int | None = None) -> tuple[bool, float]:
     """Join the cluster at `address` (or start a local one); whether this call started Ray, and how long it took."""
-    import ray  # optional extra (`pip install -e '.[ray]'`); imported only by --executor ray
-
     started = time.perf_counter()
+    # Ray Data's per-dataset INFO lines (plans, progress) would bury the run's own progress bar and summary.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False, 0.0
     try:
@@ -364,10 +342,6 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
 
     The driver plans `window` items at a time and runs one dataset per window (the sink's order carries on).
     """
-    import ray  # optional extra; see connect()
-    import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if spec.name == "vllm" and (config.rpm or config.tpm or config.budget_usd is not None):
         raise VisinstructError("--rpm, --tpm and --budget pace an endpoint; --backend vllm runs its own engines",
                                "drop them, or serve the model with `vllm serve` and use --backend openai")
@@ -381,8 +355,6 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                                "add the model to a price file and pass --prices FILE")
     count_tokens = None
     if config.tpm or config.budget_usd is not None:
-        from datagen.engine.tokens import PromptTokenCounter  # tiktoken's encoding takes a while to load
-
         count_tokens = PromptTokenCounter().count
     done = layout.done_ids() if done is None else done
     resources = ray.cluster_resources()
@@ -409,7 +381,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
     chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False
     fatal: VisinstructError | None = None
     first_call = dataset_started = None
@@ -428,14 +400,13 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
             if not rows:
                 break
             if spec.name == "vllm":
-                from datagen.executors.ray_vllm import vllm_dataset  # ray.data.llm + vLLM: the optional [vllm] extra
-
                 dataset = vllm_dataset(rows, task, spec, workers)
             else:
                 dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                     EngineStage, batch_size=1,
                     fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
-                    compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+                    compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
+                                                       max_concurrent_calls_per_actor=CALLS_PER_WORKER,
                                                        max_tasks_in_flight_per_actor=2 * CALLS_PER_WORKER),
                     num_cpus=1 if spec.name == "local" else 0.5,
                     ray_remote_args_fn=spread_over_nodes,

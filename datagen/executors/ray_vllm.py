@@ -12,6 +12,7 @@ from typing import Any
 
 from datagen.backends.base import Completion
 from datagen.engine.work import Completed, WorkItem
+from datagen.executors.ray_items import ChunkResult, Judged
 
 VLLM_BATCH_SIZE = 64  # rows per engine call; ray.data.llm keeps several in flight per engine
 
@@ -31,8 +32,6 @@ def item_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def judge_batch(batch: dict[str, Any], task: Any, model: str) -> dict[str, Any]:
     """Completions (from vLLM, or cached) -> judged results, as the openai stage returns them."""
-    from datagen.executors.ray_executor import ChunkResult, Judged  # the executor module imports ray: workers have it
-
     results = []
     for n, blob in enumerate(batch["item"]):
         item: WorkItem = pickle.loads(blob)
@@ -52,8 +51,8 @@ def judge_batch(batch: dict[str, Any], task: Any, model: str) -> dict[str, Any]:
 
 def vllm_dataset(rows: list[dict[str, Any]], task: Any, spec: Any, engines: int):
     """The dataset of judged results: uncached items through vLLM engines (one per GPU), cached ones straight on."""
-    import ray.data
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # the [vllm] extra
+    import ray.data  # the [ray] extra: imported by --executor ray only
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # needs the [vllm] extra
 
     items = item_rows(rows)
     judge = {"fn_kwargs": {"task": task, "model": spec.model}, "batch_size": VLLM_BATCH_SIZE}
