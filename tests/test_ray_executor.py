@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,9 +40,9 @@ def ray_address():
         ray.shutdown()
 
 
-def make_task(gate: bool = True) -> LlavaTask:
-    return LlavaTask(SPLIT, load_prompt_set(None, SPLIT), SamplingParams(max_tokens=300), provenance={"backend": "openai"},
-                     gate=gate)
+def make_task(gate: bool = True, max_tokens: int = 300, backend: str = "openai") -> LlavaTask:
+    return LlavaTask(SPLIT, load_prompt_set(None, SPLIT), SamplingParams(max_tokens=max_tokens),
+                     provenance={"backend": backend}, gate=gate)
 
 
 def engine_config(cache: Path | None, **overrides) -> EngineConfig:
@@ -59,6 +60,17 @@ def ray_run(server: FakeOpenAIServer, out: Path, coco_root: Path, *, concurrency
 def records_by_id(path: Path) -> dict[str, dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return {row["id"]: row for row in rows}
+
+
+def cached_ids(cache: Path) -> set[str]:
+    """The sample ids whose completions are in the cache file (empty while it is being created)."""
+    if not cache.exists():
+        return set()
+    try:
+        with sqlite3.connect(cache) as db:
+            return {sample_id(int(row[0].split(":")[0])) for row in db.execute("SELECT item FROM responses")}
+    except sqlite3.OperationalError:  # the writer has created the file but not its table yet
+        return set()
 
 
 def test_faults_every_id_exactly_once_across_accepted_rejected_and_failures(ray_address, coco_root, tmp_path):
@@ -136,15 +148,6 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
     env = {**os.environ, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
-    def cached_ids() -> set[str]:
-        if not cache.exists():
-            return set()
-        try:
-            with sqlite3.connect(cache) as db:
-                return {sample_id(int(row[0].split(":")[0])) for row in db.execute("SELECT item FROM responses")}
-        except sqlite3.OperationalError:  # the writer has created the file but not its table yet
-            return set()
-
     with FakeOpenAIServer(latency_s=0.2) as server:
         args = [sys.executable, "-m", "datagen.cli", "generate", "--split", SPLIT, "--coco-root", str(coco_root),
                 "--backend", "openai", "--base-url", server.base_url, "--out", str(out), "--cache", str(cache),
@@ -152,14 +155,14 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
         deadline = time.monotonic() + 300  # a hang guard far above the worst case, not a timing
-        while time.monotonic() < deadline and proc.poll() is None and len(cached_ids()) < 20:
+        while time.monotonic() < deadline and proc.poll() is None and len(cached_ids(cache)) < 20:
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         killed_at = time.monotonic()
         time.sleep(1.0)  # the cluster notices the driver's death and stops its workers
-        persisted = set(ids_of(out, layout.rejects)) | cached_ids()
+        persisted = set(ids_of(out, layout.rejects)) | cached_ids(cache)
         assert 20 <= len(persisted) < len(all_ids), "the kill should land mid-run"
         before = server.state.count
         late = [r for r in server.state.requests[:before] if r["t"] > killed_at]
@@ -184,3 +187,70 @@ def test_ray_flags_are_checked_before_anything_runs(coco_root):
     assert_user_error(proc, "--ray-address needs --executor ray")
     proc = datagen_here("generate", "--split", SPLIT, "--coco-root", str(coco_root), "--backend", "vllm", "--model", "m")
     assert_user_error(proc, "--backend vllm runs only on Ray")
+
+
+def engine_workers_of_this_cluster() -> list[int]:
+    """Pids of the LLM-stage workers of the Ray this test process started (their ancestor is this process)."""
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::MapWorker(MapBatches(EngineStage))"):
+            pid = ancestor = int(entry.name)
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = parent(ancestor)
+            if ancestor == os.getpid():
+                found.append(pid)
+    return found
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_every_id_is_written_once(ray_address, coco_root, tmp_path):
+    all_ids = {sample_id(i) for i in load_index(coco_root, SPLIT).image_ids()}
+    out, cache = tmp_path / "c.jsonl", tmp_path / "cache.sqlite"
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 300  # a hang guard far above the worst case, not a timing
+        while time.monotonic() < deadline and not killed:
+            if len(cached_ids(cache)) >= 8:  # the pool is running: a chunk is stored
+                workers = engine_workers_of_this_cluster()
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+                    return
+            time.sleep(0.05)
+
+    with FakeOpenAIServer(latency_s=0.1) as server:
+        killer = threading.Thread(target=kill_one_worker, daemon=True)
+        killer.start()
+        run = ray_run(server, out, coco_root, concurrency=4, cache=cache)
+        killer.join(10)
+    assert killed, "a worker was killed mid-run"
+    final = ids_of(out, OutputLayout(out).rejects)
+    assert len(final) == len(set(final)) and set(final) == all_ids and run.stats.failed == 0
+    repeated = [d for d, n in server.state.attempts.items() if n > 1]
+    assert len(repeated) <= 4 + 8 * 2  # the killed worker's chunks in flight, asked again by its replacement
+
+
+@pytest.mark.slow
+def test_local_backend_runs_the_embedded_model_in_cpu_workers(ray_address, coco_root, tmp_path):
+    index = load_index(coco_root, SPLIT)
+    ids = index.image_ids()[:2]
+    out = tmp_path / "c.jsonl"
+    spec = BackendSpec("local", "smollm2-135m-instruct", batch_size=2)
+    # A few tokens per sample: the test is about the workers and the files, not about the samples' quality.
+    run = run_ray(make_task(max_tokens=24, backend="local"), OutputLayout(out), spec, index.records(ids), engine_config(tmp_path / "cache.sqlite"), 2)
+    stats = run.stats
+    assert stats.accepted + stats.rejected == 2 and stats.failed == 0 and stats.requests == 2
+    assert stats.prompt_tokens > 0 and stats.completion_tokens > 0 and stats.cost_usd == 0.0
+    assert sorted(ids_of(out, OutputLayout(out).rejects)) == [sample_id(i) for i in ids]
