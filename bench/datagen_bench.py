@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ class Result:
     cpu_s: float
     peak_rss_mb: float
     repeat: int = 0
+    startup_s: float = 0.0  # cluster start-up (Ray executor), reported apart, not in wall_s
 
     @property
     def rps(self) -> float:
@@ -83,7 +85,8 @@ def run_client(name: str, argv: list[str], concurrency: int, count: int, env: di
         log.error("%s failed (exit %d): %s", name, proc.returncode, proc.stderr.strip()[-2000:])
         return None
     data = json.loads(lines[-1])
-    return Result(name, concurrency, count, int(data["done"]), data["wall_s"], data["cpu_s"], data["peak_rss_mb"])
+    return Result(name, concurrency, count, int(data["done"]), data["wall_s"], data["cpu_s"], data["peak_rss_mb"],
+                  startup_s=data.get("startup_s", 0.0))
 
 
 def curator_env(workdir: Path) -> dict[str, str]:
@@ -157,6 +160,31 @@ def baseline_ours(repo: Path):
     return client
 
 
+def ours_on_ray(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+    """Our Ray Data executor with checks, on a local Ray of this machine's CPUs (start-up timed apart)."""
+    return ClientRun([sys.executable, str(HERE / "ours_ray.py"), "--count", str(ctx.count), "--base-url", ctx.base_url,
+                      "--concurrency", str(conc), "--workdir", str(ctx.workdir / f"ray-{conc}-{repeat}")])
+
+
+RAY = "ours on Ray (engine + checks)"
+
+
+def ray_table(results: list[Result]) -> str:
+    """The Ray executor against the local engine: medians of per-repeat ratios; start-up apart."""
+    rows = ["| concurrency | Ray req/s (median) | local req/s (median) | Ray / local (median of per-repeat ratios) | "
+            "Ray cluster start-up s (median, not in the ratio) |", "|---:|---:|---:|---:|---:|"]
+    for conc in sorted({r.concurrency for r in results}):
+        ray_runs = [r for r in results if r.client == RAY and r.concurrency == conc]
+        local = {r.repeat: r for r in results if r.client == OURS and r.concurrency == conc}
+        ratios = [r.rps / local[r.repeat].rps for r in ray_runs if r.repeat in local and local[r.repeat].rps]
+        if not ray_runs or not ratios:
+            continue
+        rows.append(f"| {conc} | {median([r.rps for r in ray_runs]):,.0f} | {median([r.rps for r in local.values()]):,.0f} | "
+                    f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                    f"{median([r.startup_s for r in ray_runs]):.1f} |")
+    return "\n".join(rows)
+
+
 # Name -> client. Another executor (e.g. Ray) adds one function here and one name to DEFAULT_CLIENTS.
 CLIENTS = {
     "bare aiohttp (floor)": bare_client,
@@ -165,8 +193,10 @@ CLIENTS = {
     "ours via SDK over aiohttp (no checks)": ours(checks=False, transport="aiohttp"),
     "ours via SDK over httpx (no checks)": ours(checks=False, transport="httpx"),
     "curator 0.1.31": curator_client,
+    RAY: ours_on_ray,
 }
-DEFAULT_CLIENTS = ["bare aiohttp (floor)", "ours (engine + checks)", "ours (engine, no checks)", "curator 0.1.31"]
+DEFAULT_CLIENTS = ["bare aiohttp (floor)", "ours (engine + checks)", "ours (engine, no checks)", "curator 0.1.31"] + (
+    [RAY] if importlib.util.find_spec("ray") else [])  # the Ray executor is the optional [ray] extra
 OURS = "ours (engine + checks)"
 
 
@@ -249,6 +279,8 @@ def main() -> None:
     text = table(results, args.latency)
     header = (f"{args.count} requests, endpoint latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPUs, "
               f"{args.repeats} repeats, load average {load[0]:.1f} at the end")
+    if any(r.client == RAY for r in results):
+        text += "\n\n" + ray_table(results)
     print(header)
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)

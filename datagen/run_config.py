@@ -5,7 +5,7 @@ import os
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from datagen.backends.base import SamplingParams
 from datagen.engine.config import EngineConfig
@@ -27,6 +27,27 @@ class BackendName(str, Enum):
     auto = "auto"
     local = "local"
     openai = "openai"
+    vllm = "vllm"  # vLLM engines on Ray GPU workers (ray.data.llm): --executor ray only
+
+
+class ExecutorName(str, Enum):
+    local = "local"  # the live engine on this machine
+    ray = "ray"  # Ray Data over a cluster (or a local Ray)
+
+
+class ExecutorOptions(BaseModel):
+    """Who runs the engine: this machine, or a Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: ExecutorName = ExecutorName.local
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExecutorOptions":
+        if self.ray_address and self.executor is not ExecutorName.ray:
+            raise VisinstructError("--ray-address needs --executor ray", "add --executor ray or drop --ray-address")
+        return self
 
 
 class SourceOptions(BaseModel):
@@ -138,8 +159,15 @@ class GenerateConfig(BaseModel):
     sampling: SamplingOptions = SamplingOptions()
     cache: CacheOptions = CacheOptions()
     live: LiveOptions = LiveOptions()
+    executor: ExecutorOptions = ExecutorOptions()
     out: Path | None = None
     dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _vllm_on_ray(self) -> "GenerateConfig":
+        if self.model.backend is BackendName.vllm and self.executor.executor is not ExecutorName.ray:
+            raise VisinstructError("--backend vllm runs only on Ray", "add --executor ray (and pip install -e '.[vllm]')")
+        return self
 
     def layout(self) -> OutputLayout:
         """--out, else data/<split>.jsonl (data/<split>.shard-K-of-N.jsonl for a shard)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 
 from datagen.cli.common import format_usd, make_backend, print_summary, progress_bar, select_ids
 from datagen.cli.options import (
-    COST, ENGINE, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
+    COST, ENGINE, EXECUTOR, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
     ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt,
     build,
 )
@@ -19,9 +20,10 @@ from datagen.coco import CocoIndex
 from datagen.engine.cost import load_prices
 from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
+from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
 from datagen.prompts import load_prompt_set
-from datagen.run_config import BackendName, GenerateConfig
+from datagen.run_config import BackendName, ExecutorName, GenerateConfig
 from datagen.sample import sample_id
 from datagen.sink import write_manifest
 from datagen.task import LlavaTask
@@ -67,6 +69,10 @@ def generate(
         rich_help_panel=COST, help="YAML/JSON price table merged over the shipped one.")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", rich_help_panel=COST, help="Count prompt tokens and print the estimated cost; send nothing.")] = False,
+    executor: Annotated[ExecutorName, typer.Option(
+        rich_help_panel=EXECUTOR, help="local (this machine) or ray (Ray Data; needs the ray extra).")] = ExecutorName.local,
+    ray_address: Annotated[Optional[str], typer.Option(
+        rich_help_panel=EXECUTOR, help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: a local Ray).")] = None,
 ) -> None:
     """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
     config = build(
@@ -79,6 +85,7 @@ def generate(
         cache=dict(cache=cache, no_cache=no_cache),
         live=dict(batch_size=batch_size, concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries,
                   timeout=timeout, transport=transport, budget=budget, prices=prices),
+        executor=dict(executor=executor, ray_address=ray_address),
         out=out, dry_run=dry_run,
     )
     run_generate(config, command="datagen " + shlex.join(sys.argv[1:]))
@@ -112,6 +119,13 @@ def run_generate(config: GenerateConfig, command: str | None = None) -> None:
         typer.echo(f"{split}: all {len(ids)} images already done in {layout.samples} (and its rejects file); nothing to generate")
         return
     live = config.live
+    if config.executor.executor is ExecutorName.ray:
+        stats = run_on_ray(config, task, index, ids, done)
+        write_manifest(layout, manifest(config, images=len(ids), prompt_hash=prompts.hash, backend=backend_name,
+                                        model=config.model.model_name(), concurrency=live.concurrency,
+                                        cache=engine_config.cache_path), stats)
+        print_summary(split, layout, stats, live.budget)
+        return
     backend = make_backend(backend_name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
                            live.timeout, live.transport)
     concurrency = live.concurrency or backend.preferred_concurrency
@@ -131,6 +145,28 @@ def run_generate(config: GenerateConfig, command: str | None = None) -> None:
                                     model=backend.model, concurrency=concurrency, cache=engine_config.cache_path,
                                     command=command), stats)
     print_summary(split, layout, stats, live.budget)
+
+
+def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: list[int], done: set[str]):
+    """The same run on Ray Data (datagen.executors.ray_executor); the stats as a local run reports them."""
+    try:
+        from datagen.executors.ray_executor import BackendSpec, run_ray  # imports ray: only for --executor ray
+    except ImportError as exc:
+        raise VisinstructError(f"--executor ray needs Ray Data ({exc})", "pip install -e '.[ray]'") from None
+    from datagen.backends.openai_backend import DEFAULT_CONCURRENCY  # the openai SDK is slow to import
+
+    live, backend_name = config.live, config.model.backend_name()
+    spec = BackendSpec(backend_name, config.model.model_name(), config.model.base_url or os.environ.get("OPENAI_BASE_URL"),
+                       live.batch_size, live.timeout, live.transport)
+    concurrency = live.concurrency or (live.batch_size if backend_name == "local" else DEFAULT_CONCURRENCY)
+    progress, on_progress = progress_bar(task.split, len(ids))
+    with progress:
+        run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency, on_progress,
+                      done, config.executor.ray_address)
+    timings = run.timings
+    typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
+               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work")
+    return run.stats
 
 
 def manifest(config: GenerateConfig, **resolved: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from datagen.run_config import BackendName, Split
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); or set $COCO_ROOT."
 ENGINE = "Engine: pacing, retries, cache"
 COST = "Cost and sharding"
+EXECUTOR = "Executor: this machine or a Ray cluster"
 
 # Source: which images.
 SplitOpt = Annotated[Split, typer.Option(help="Kind of sample to write.")]
