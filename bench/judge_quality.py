@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from datagen.coco import CocoIndex  # noqa: E402
+from datagen.cli.common import make_backend  # noqa: E402
 from datagen.context import render_context  # noqa: E402
+from datagen.judge import run_judge  # noqa: E402
 from datagen.quality.evaluate import PHRASES, hallucination  # noqa: E402
 from datagen.quality.objects import default_matcher, ground_truth  # noqa: E402
-from datagen.schema import IMAGE_TOKEN  # noqa: E402
+from datagen.sample import IMAGE_TOKEN  # noqa: E402
 
 Rec = dict[str, Any]
 
@@ -91,8 +93,6 @@ def main() -> int:
     p.add_argument("--per-split", type=int, default=4)
     p.add_argument("--cache", type=Path, default=REPO / "bench" / ".cache" / "judge.sqlite")
     args = p.parse_args()
-    from datagen.cli import make_backend
-    from datagen.judge import run_judge
 
     cases, kinds = build_cases(args.coco_root, args.per_split)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from datagen.engine.errors import EndpointUnreachableError, TransientError
 from datagen.errors import VisinstructError
 from datagen.jsonl import JsonlWriter, iter_jsonl, repair_tail
 from datagen.prompts import default_prompts_dir, files_hash
-from datagen.schema import IMAGE_TOKEN
+from datagen.sample import IMAGE_TOKEN, OutputLayout, read_samples
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 REASON_CHARS = 240  # the one-line reason kept with each verdict
@@ -190,8 +190,8 @@ class JudgeEngine:
 def judged_paths(source: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """data/detail.jsonl -> data/detail.judged.jsonl and data/detail.judge-rejects.jsonl (or in out_dir)."""
     stem = source.name.removesuffix(".jsonl").removesuffix(".json")
-    folder = Path(out_dir) if out_dir else source.parent
-    return folder / f"{stem}.judged.jsonl", folder / f"{stem}.judge-rejects.jsonl"
+    layout = OutputLayout((Path(out_dir) if out_dir else source.parent) / f"{stem}.jsonl")
+    return layout.judged, layout.judge_rejects
 
 
 @dataclass
@@ -237,7 +237,7 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
     done = _done_ids([accepted_path, rejected_path], min_score, model)
     stats = JudgeStats()
     records: list[dict[str, Any]] = []
-    for record in iter_jsonl(source):
+    for record in read_samples(source):
         if str(record.get("id")) in done:
             stats.skipped += 1
         else:

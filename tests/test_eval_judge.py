@@ -144,9 +144,10 @@ def test_prompt_placeholders_filled_once() -> None:
 
 def test_cli_judge_command(tmp_path: Path, monkeypatch) -> None:
     import datagen.cli as cli
+    import datagen.cli.judge as judge_cli
 
     src = write(tmp_path / "detail.jsonl", [sample(1, "A cat."), sample(2, "A PLANTED zebra.")])
-    monkeypatch.setattr(cli, "make_backend", lambda *a, **k: ScriptedJudge())
+    monkeypatch.setattr(judge_cli, "make_backend", lambda *a, **k: ScriptedJudge())
     result = CliRunner().invoke(cli.app, ["judge", str(src), "--min-score", "6", "--model", "judge-1",
                                           "--cache", str(tmp_path / "c.sqlite")])
     assert result.exit_code == 0, result.output

@@ -73,7 +73,7 @@ def args(model_flag: list[str], out: Path, heldout: Path, *extra: str) -> list[s
 
 def test_eval_report_and_guard(runs, tmp_path: Path, monkeypatch, capsys) -> None:
     a, _, heldout = runs
-    monkeypatch.setattr("datagen.cli.make_backend", lambda *x, **k: PairJudge())
+    monkeypatch.setattr("train.eval.run.make_backend", lambda *x, **k: PairJudge())
     # The evaluation split holds the training images: refused without the flag (exit 2, one line) ...
     assert eval_run.main(args(["--model", str(a)], tmp_path / "r", heldout)) == 2
     err = capsys.readouterr().err.strip()
@@ -118,7 +118,7 @@ def test_held_out_loss_uses_training_masking(runs) -> None:
 
 def test_compare_two_checkpoints(runs, tmp_path: Path, monkeypatch, capsys) -> None:
     a, b, heldout = runs
-    monkeypatch.setattr("datagen.cli.make_backend", lambda *x, **k: PairJudge())
+    monkeypatch.setattr("train.eval.run.make_backend", lambda *x, **k: PairJudge())
     assert eval_run.main(args(["--compare", str(a), str(b)], tmp_path / "cmp", heldout, "--drop-contaminated",
                               "--skip", "chair")) == 0
     table = capsys.readouterr().out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from datagen.quality.evaluate import VARIANTS, evaluate
 from datagen.quality.gate import open_lookup
-from datagen.quality.io import read_samples
+from datagen.sample import read_samples
 
 GOOD = Path(__file__).resolve().parent / "fixtures" / "good_samples.jsonl"
 # Written after the checks, for train2017 images, and never used to tune them.

@@ -11,7 +11,7 @@ from datagen.errors import VisinstructError
 from datagen.quality.config import QualityConfig
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
 from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
-from datagen.schema import IMAGE_TOKEN, Sample
+from datagen.sample import IMAGE_TOKEN, Sample
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SampleView:
         cls, rec: dict[str, Any], split: str | None = None, finish_reason: str | None = None,
         record: ImageRecord | None = None,
     ) -> "SampleView":
-        """A view of one LLaVA-format dict (already shape-checked by datagen.quality.io)."""
+        """A view of one LLaVA-format dict (already shape-checked by datagen.sample.read_samples)."""
         meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
         return cls(
             key=str(rec.get("id", "")),

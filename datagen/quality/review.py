@@ -21,7 +21,8 @@ from datagen.prompts import SPLITS_WITH_BOXES
 from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.objects import default_matcher
-from datagen.quality.io import ImageLookup, read_samples, sample_split, split_from_filename
+from datagen.quality.io import ImageLookup
+from datagen.sample import read_samples, sample_split, split_from_filename
 from datagen.quality.review_page import PAGE_TEMPLATE
 
 THUMBNAIL_SIDE = 512

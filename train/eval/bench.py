@@ -13,7 +13,7 @@ from typing import Any, Callable
 from datagen.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from datagen.errors import VisinstructError
 from datagen.judge import JudgeEngine, JudgePrompts, parse_pair_scores
-from datagen.schema import IMAGE_TOKEN
+from datagen.sample import IMAGE_TOKEN
 
 SPLITS = ("conversation", "detail", "reasoning")
 

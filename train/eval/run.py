@@ -21,7 +21,12 @@ from typing import Any
 
 import yaml
 
+from datagen.cli.common import make_backend
+from datagen.context import render_context
 from datagen.errors import VisinstructError
+from datagen.judge import load_judge_prompts
+from datagen.run_config import BackendName, ModelOptions
+from datagen.sample import default_cache_path
 from train.eval.contamination import TrainingImages, guard, image_id_of, training_images
 from train.eval.pope import SAMPLINGS, CocoObjects, build_pope, parse_yes_no, score_pope
 from train.eval.report import REPORT_NAME, compare_table, load_report, markdown_table
@@ -214,10 +219,6 @@ class Evaluation:
 
     def bench(self) -> dict[str, Any]:
         """Judged relative scores (model vs reference answer) per split."""
-        from datagen.cli import make_backend, resolve_backend, BackendName
-        from datagen.engine.config import default_cache_path
-        from datagen.judge import load_judge_prompts
-        from datagen.context import render_context
         from train.eval.bench import bench_items, judge_answers, relative_scores
         from train.eval.model_io import Prompt
 
@@ -228,8 +229,8 @@ class Evaluation:
             return {"all": {"items": 0, "judged": 0, "relative_score": None}}
         answers = self.model.answer([Prompt(self.cfg.images / it.image, it.question) for it in items], self.cfg.answer_tokens)
         cfg = self.cfg
-        backend = make_backend(resolve_backend(BackendName(cfg.judge_backend), cfg.judge_base_url), cfg.judge_model,
-                               cfg.judge_base_url, cfg.batch_size, None)
+        judge_backend = ModelOptions(backend=BackendName(cfg.judge_backend), base_url=cfg.judge_base_url).backend_name()
+        backend = make_backend(judge_backend, cfg.judge_model, cfg.judge_base_url, cfg.batch_size, None)
         self.judge_model = f"{backend.name}:{backend.model}"
 
         def context_of(item) -> str:
