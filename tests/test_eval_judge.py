@@ -154,6 +154,8 @@ def test_cli_judge_command(tmp_path: Path, monkeypatch) -> None:
     assert "1 accepted" in result.output and "1 rejected" in result.output
     bad = CliRunner().invoke(cli.app, ["judge", str(src), "--min-score", "11"])
     assert bad.exit_code == 2
+    vllm = CliRunner().invoke(cli.app, ["judge", str(src), "--min-score", "6", "--backend", "vllm"])
+    assert isinstance(vllm.exception, VisinstructError) and "--backend openai" in str(vllm.exception)
 
 
 def test_bench_items_and_relative_scores() -> None:
