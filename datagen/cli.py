@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from datagen.errors import VisinstructError
+from datagen.splits import SPLITS
 
 app = typer.Typer(
     help="Turn COCO captions and boxes into LLaVA-format visual instruction data.",
@@ -24,10 +25,8 @@ coco_app = typer.Typer(help="Get COCO annotations and images.", no_args_is_help=
 app.add_typer(coco_app, name="coco")
 
 
-class Split(str, Enum):
-    conversation = "conversation"
-    detail = "detail"
-    reasoning = "reasoning"
+# The split names come from datagen.splits (one table for generation, parsing, prompts and checks).
+Split = Enum("Split", {name: name for name in SPLITS}, type=str)
 
 
 class BackendName(str, Enum):
@@ -36,6 +35,9 @@ class BackendName(str, Enum):
     openai = "openai"
 
 
+COOCCURRENCE_HELP = ("negative split: COCO instances file to count object co-occurrence over "
+                     "(default: the split's own instances file).")
+ABSENT_HELP = "negative split: absent objects listed per image."
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); or set $COCO_ROOT."
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 
@@ -94,15 +96,19 @@ def render(
     coco_root: Path = typer.Option(..., envvar="COCO_ROOT", help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="Annotation split, e.g. val2017, train2017, train2014."),
     image_id: int = typer.Option(..., help="COCO image id."),
-    split: Split = typer.Option(Split.detail, help="Which split's context form (conversation omits boxes)."),
+    split: Split = typer.Option("detail", help="Which split's context form (conversation omits boxes)."),
+    seed: int = typer.Option(0, help="Seed (negative: breaks ties in the absent-object choice)."),
+    cooccurrence_from: Optional[Path] = typer.Option(None, help=COOCCURRENCE_HELP),
+    absent_objects: int = typer.Option(3, min=1, help=ABSENT_HELP),
 ) -> None:
     """Print the symbolic context the LLM sees for one image, and nothing else."""
     from datagen.coco import CocoIndex
-    from datagen.context import render_context
+    from datagen.context import context_builder
     from datagen.prompts import SPLITS_WITH_BOXES
 
     index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
-    typer.echo(render_context(index.record(image_id), with_boxes=split.value in SPLITS_WITH_BOXES))
+    builder = context_builder(split.value, index.instances, cooccurrence_from, seed, absent_objects)
+    typer.echo(builder.render(index.record(image_id))[0])
 
 
 ENGINE = "Engine: pacing, retries, cache"
@@ -143,11 +149,14 @@ def generate(
     budget: Optional[float] = typer.Option(None, min=0, rich_help_panel=COST, help="Stop starting requests before the run's spend could pass this many USD."),
     prices: Optional[Path] = typer.Option(None, rich_help_panel=COST, help="YAML/JSON price table merged over the shipped one."),
     dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=COST, help="Count prompt tokens and print the estimated cost; send nothing."),
+    cooccurrence_from: Optional[Path] = typer.Option(None, help=COOCCURRENCE_HELP),
+    absent_objects: int = typer.Option(3, min=1, help=ABSENT_HELP),
 ) -> None:
     """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
     from datagen.backends.base import SamplingParams
     from datagen.cli_engine import print_dry_run, print_summary, progress_bar, select_ids
     from datagen.coco import CocoIndex
+    from datagen.context import context_builder
     from datagen.engine.config import EngineConfig, default_cache_path
     from datagen.engine.shard import ShardSpec
     from datagen.pipeline import Job, done_ids, rejects_path, run_generation, sample_id, write_manifest
@@ -161,6 +170,7 @@ def generate(
     prompts = load_prompt_set(prompts_dir, split.value)
     index = CocoIndex(coco_root, coco_split, with_instances=split.value in SPLITS_WITH_BOXES)
     ids = select_ids(index, parse_image_ids(image_ids), limit, shard_spec)
+    context = context_builder(split.value, index.instances, cooccurrence_from, seed, absent_objects)
     backend_name = resolve_backend(backend, base_url)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             repetition_penalty=repetition_penalty)
@@ -169,7 +179,7 @@ def generate(
         cache_path=None if no_cache else (cache or default_cache_path(out.parent)),
     )
     if dry_run:
-        print_dry_run(split.value, prompts, params, index, ids, out, backend_name, model, engine_config)
+        print_dry_run(split.value, prompts, params, index, ids, out, backend_name, model, engine_config, context)
         return
     done = done_ids(out, rejects_path(out))
     if all(sample_id(i) in done for i in ids):
@@ -178,7 +188,7 @@ def generate(
         return
     engine = make_backend(backend_name, model, base_url, batch_size, concurrency, timeout, transport)
     job = Job(split.value, prompts, params, out, concurrency or engine.preferred_concurrency, engine=engine_config,
-              checker=make_checker(split.value, seen=out))
+              checker=make_checker(split.value, seen=out), context=context)
 
     progress, on_progress = progress_bar(split.value, len(ids))
 

@@ -79,7 +79,7 @@ def print_summary(split: str, out: Path, stats, budget: Optional[float]) -> None
     typer.echo(f"  samples: {out}\n  rejects: {rejects_path(out)}")
 
 
-def print_dry_run(split, prompts, params, index, ids, out, backend_name, model, config) -> None:
+def print_dry_run(split, prompts, params, index, ids, out, backend_name, model, config, context=None) -> None:
     """Count the prompt tokens of every pending request and price the run; sends nothing."""
     from datagen.cli import DEFAULT_OPENAI_MODEL
     from datagen.engine.cache import ResponseCache, cache_key
@@ -88,7 +88,7 @@ def print_dry_run(split, prompts, params, index, ids, out, backend_name, model, 
     from datagen.pipeline import Job, build_request, done_ids, rejects_path, sample_id
 
     model_name = model or (DEFAULT_OPENAI_MODEL if backend_name == "openai" else "smollm2-135m-instruct")
-    job = Job(split, prompts, params, out, 1, engine=config)
+    job = Job(split, prompts, params, out, 1, engine=config, context=context)
     done = done_ids(out, rejects_path(out))
     cache = ResponseCache(config.cache_path) if config.cache_path and Path(config.cache_path).exists() else None
     counter = PromptTokenCounter()

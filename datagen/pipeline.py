@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from datagen.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from datagen.coco import ImageRecord
-from datagen.context import render_context
+from datagen.context import ContextBuilder, context_meta
 from datagen.engine.cache import ResponseCache, cache_key
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price, load_prices
@@ -30,7 +30,7 @@ from datagen.engine.ratelimit import RateLimiter
 from datagen.errors import VisinstructError
 from datagen.jsonl import JsonlWriter, iter_jsonl, repair_tail
 from datagen.parse import ParseError, build_sample
-from datagen.prompts import SPLITS_WITH_BOXES, PromptSet, pick_instruction
+from datagen.prompts import PromptSet, pick_instruction
 from datagen.schema import Sample
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class Job:
     concurrency: int
     checker: Checker | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # The split's context (negatives need co-occurrence counts); None: the plain one of the split.
+    context: ContextBuilder | None = None
 
 
 ProgressFn = Callable[[RunStats], None]
@@ -117,7 +119,7 @@ Checker = Callable[[Sample, ImageRecord, Completion], list[str]]
 
 def build_request(job: Job, record: ImageRecord) -> tuple[ChatRequest, str]:
     """The chat request for one image, and the context text the writer sees."""
-    context = render_context(record, with_boxes=job.split in SPLITS_WITH_BOXES)
+    context, _ = (job.context or ContextBuilder(job.split)).render(record)
     request = ChatRequest(key=f"{record.id}:{job.split}", messages=job.prompts.messages(context), params=job.params)
     return request, context
 
@@ -225,6 +227,7 @@ class ResultSink:
             "model": completion.model,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
             "finish_reason": completion.finish_reason,
+            **context_meta(job.split, item.context),
         }
         instruction = pick_instruction(job.prompts.instructions, record.id, job.params.seed) if job.split == "detail" else None
         try:
@@ -238,7 +241,8 @@ class ResultSink:
                 truncated=completion.truncated,
             )
             reasons = job.checker(sample, record, completion) if job.checker else []
-            detail = ""
+            # A quality checker's reasons carry what failed (`details`: code -> text), e.g. the objects judged hallucinated.
+            detail = "; ".join(f"{code}: {text}" for code, text in getattr(reasons, "details", {}).items())
         except ParseError as exc:
             sample, reasons, detail = None, [exc.code], exc.detail
         if reasons:
