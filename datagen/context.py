@@ -11,7 +11,6 @@ from typing import Any
 
 from datagen.coco import ImageRecord, ObjectBox
 from datagen.errors import VisinstructError
-from datagen.quality.objects import default_matcher
 from datagen.splits import SPLIT_SPECS
 
 # The line that lists absent objects in a negative split's context (the gate and review read it back).
@@ -167,6 +166,9 @@ def context_builder(split: str, coco: Any = None, cooccurrence_from: Path | None
             table = CooccurrenceTable.from_file(cooccurrence_from)
         elif coco is not None:
             table = CooccurrenceTable.from_coco(coco)
+    # Imported here, not at the top: datagen.quality's checks import this module (normalised_box).
+    from datagen.quality.objects import default_matcher
+
     matcher = default_matcher() if table is not None else None
     return ContextBuilder(split, table, seed, absent_count,
                           matcher.categories_of_each if matcher is not None else None)

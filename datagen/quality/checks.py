@@ -9,9 +9,14 @@ from typing import Any
 from datagen.coco import ImageRecord
 from datagen.errors import VisinstructError
 from datagen.quality.config import QualityConfig
+from datagen.quality.counting import check_wrong_count, check_wrong_position
+from datagen.quality.generic import asserted_categories
+from datagen.quality.grounding import check_invented_box, check_malformed_box, check_no_box
+from datagen.quality.negation import check_absent_not_denied, check_absent_object_named
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
 from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
 from datagen.schema import IMAGE_TOKEN, Sample
+from datagen.splits import SPLITS_WITH_BOXES_IN_TEXT
 
 
 @dataclass
@@ -24,6 +29,8 @@ class SampleView:
     has_image: bool = True
     finish_reason: str | None = None
     record: ImageRecord | None = None
+    # Negative samples: the absent objects the writer was given (meta.absent_objects).
+    absent_objects: list[str] = field(default_factory=list)
 
     @property
     def questions(self) -> list[str]:
@@ -47,6 +54,7 @@ class SampleView:
             has_image=bool(rec.get("image")),
             finish_reason=finish_reason or meta.get("finish_reason"),
             record=record,
+            absent_objects=_absent_list(meta),
         )
 
 
@@ -64,6 +72,7 @@ class SampleView:
             has_image=bool(sample.image),
             finish_reason=finish_reason or meta.get("finish_reason"),
             record=record,
+            absent_objects=_absent_list(meta),
         )
 
 
@@ -91,6 +100,11 @@ class CheckEnv:
         found = self.matcher.categories(text, include_hedged=include_hedged)
         self.last_mentioned = (text, include_hedged, frozenset(found))
         return found
+
+
+def _absent_list(meta: dict[str, Any]) -> list[str]:
+    value = meta.get("absent_objects")
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _strip_image(text: str) -> str:
@@ -160,6 +174,10 @@ _LEAK_ANY_TURN = [
 ]
 # Answers never need the word at all: a reader of the image sees no caption.
 _LEAK_ANSWER = [re.compile(r"\bcaptions?\b|\bcaptioned\b", re.I)]
+
+
+# Positions in _LEAK_ANY_TURN of the box list and of the 3-decimal number: allowed where boxes are the content.
+_BOX_PATTERNS = frozenset({2, 3})
 
 
 # Prefilters. The phrase patterns are case-insensitive and scanning a text with one costs far more than
@@ -243,6 +261,9 @@ def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
     possible = _possible_leaks("\n".join(value for _, value in view.turns))
     if not possible:
         return None
+    if view.split in SPLITS_WITH_BOXES_IN_TEXT:
+        # Boxes are the point of this split (grounding checks them); words about sources still leak.
+        possible -= _BOX_PATTERNS
     any_turn = [p for i, p in enumerate(_LEAK_ANY_TURN) if i in possible]
     answer_only = [p for i, p in enumerate(_LEAK_ANSWER, start=len(_LEAK_ANY_TURN)) if i in possible]
     for speaker, value in view.turns:
@@ -404,7 +425,7 @@ def check_repeated_question(view: SampleView, env: CheckEnv) -> str | None:
     for i in range(len(questions)):
         for j in range(i):
             if questions[i] and jaccard(questions[i], questions[j]) >= env.config.repeated_question_similarity:
-                return f"question {i + 1} repeats question {j + 1}"
+                return f"question {i + 1} repeats question {j + 1}: {view.questions[i][:120]!r}"
     return None
 
 
@@ -413,6 +434,10 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
     if view.record is None:
         return None
     hallucinated = object_findings(view, env)[1]
+    if hallucinated:
+        # The gate's leniency (not CHAIR's): objects only spoken of in general, in comparisons, or denied
+        # after the word ("the dog is not in the picture") are not claims that the image holds them.
+        hallucinated &= asserted_categories("\n".join(view.answers), env.matcher, env.config.count_hedged_mentions)
     if len(hallucinated) > env.config.max_hallucinated_objects:
         return f"{', '.join(sorted(hallucinated))} not in the image's boxes or captions"
     return None
@@ -447,6 +472,19 @@ CHECKS: tuple[Check, ...] = (
     Check("too_long", "answers and questions within the split's maximum length", check_too_long),
     Check("repeated_question", "no question asked twice in a conversation", check_repeated_question),
     Check("hallucinated_object", "answers name only objects boxed or captioned for the image", check_hallucinated_object),
+    Check("wrong_count", "a number attached to a boxed object agrees with its boxes (crowds, captions tolerated)",
+          check_wrong_count),
+    Check("wrong_position", "left/right/above/below claims about two uniquely boxed objects agree with their centres",
+          check_wrong_position),
+    Check("absent_not_denied", "negative: a question asks about an absent object and its answer denies it",
+          check_absent_not_denied),
+    Check("absent_object_named", "negative: no answer names an absent object it was not asked about",
+          check_absent_object_named),
+    Check("malformed_box", "grounded: every box parses as [x1, y1, x2, y2] in [0, 1], 3 decimals at most",
+          check_malformed_box),
+    Check("invented_box", "grounded: each box matches an annotated box of the named object (IoU >= 0.5)",
+          check_invented_box),
+    Check("no_box", "grounded: the answers locate at least one object with a box", check_no_box),
 )
 NEAR_DUPLICATE = "near_duplicate"
 REASON_CODES: tuple[str, ...] = tuple(c.code for c in CHECKS) + (NEAR_DUPLICATE,)

@@ -1,0 +1,81 @@
+"""The gate's reading of object mentions: a claim that an object is in the image, or talk about such things in general.
+
+"It protects people from the sun", "popular with tourists", "as tall as a giraffe" name objects without
+saying they are in the picture. The gate does not count those as hallucinations; CHAIR (objects.py) keeps
+its standard definition, which counts every mention that is not negated.
+"""
+from __future__ import annotations
+
+from datagen.quality.negation import denied_spans
+from datagen.quality.objects import HEDGES, ObjectMatcher, tokenize
+
+_SENTENCE_END = frozenset(".!?")
+_CLAUSE_END = frozenset(".,;:!?()\"")
+# Before a bare plural these make it the object of an action or purpose: "protects people", "for tourists".
+GENERIC_LEADS = frozenset(
+    "for to among by against between help helps helping allow allows allowing let lets letting protect protects "
+    "protecting keep keeps keeping give gives giving provide provides providing offer offers offering attract "
+    "attracts attracting serve serves serving invite invites inviting encourage encourages encouraging enable "
+    "enables enabling remind reminds warn warns feed feeds feeding entertain entertains welcome welcomes "
+    "such like unlike whom than where when as".split()
+)
+# A sentence with one of these speaks of what is usual, not of this picture.
+GENERIC_MARKERS = frozenset(
+    "often usually typically generally commonly frequently always sometimes tend tends ideal perfect suitable "
+    "popular designed intended meant".split()
+)
+# Within a few words before: a comparison or figure of speech ("looks like a giraffe", "bigger than a car").
+COMPARISON_LEADS = frozenset("like unlike resembling resembles resemble resembled reminiscent similar than imitating "
+                             "imitates mimicking mimics".split())
+COMPARISON_WINDOW = 3
+_DETERMINERS = frozenset("a an the this that these those his her its their our my your one two three four five "
+                         "some any each every another several few many both".split())
+_INDEFINITE = frozenset({"a", "an", "any", "some"})
+
+
+def _sentence_bounds(tokens: list[str], i: int) -> tuple[int, int]:
+    start = i
+    while start > 0 and tokens[start - 1] not in _SENTENCE_END:
+        start -= 1
+    end = i
+    while end < len(tokens) and tokens[end] not in _SENTENCE_END:
+        end += 1
+    return start, end
+
+
+def is_generic(tokens: list[str], start: int, end: int) -> bool:
+    """Whether the mention at tokens[start:end] speaks of such objects in general rather than one in the image."""
+    prev = tokens[start - 1] if start > 0 else "."
+    lead = tokens[max(0, start - COMPARISON_WINDOW):start]
+    if any(t in COMPARISON_LEADS for t in lead) and not any(t in _CLAUSE_END for t in lead):
+        return True
+    word = tokens[end - 1]
+    bare_plural = word.endswith("s") and prev not in _DETERMINERS and not prev.isdigit()
+    if bare_plural and prev in GENERIC_LEADS:
+        return True
+    s0, s1 = _sentence_bounds(tokens, start)
+    sentence = tokens[s0:s1]
+    if (bare_plural or prev in _INDEFINITE) and any(t in GENERIC_MARKERS for t in sentence):
+        return True
+    return False
+
+
+def _hedged(tokens: list[str], start: int) -> bool:
+    for j in range(start - 1, -1, -1):
+        if tokens[j] in _SENTENCE_END:
+            return False
+        if tokens[j] in HEDGES:
+            return True
+    return False
+
+
+def asserted_categories(text: str, matcher: ObjectMatcher, include_hedged: bool) -> set[str]:
+    """Categories the text says are in the image: named, not denied (before or after), not generic, not hedged."""
+    tokens = tokenize(text)
+    asserted: set[str] = set()
+    for start, end, category, denied in denied_spans(tokens, matcher):
+        if category in asserted or denied or is_generic(tokens, start, end):
+            continue
+        if include_hedged or not _hedged(tokens, start):
+            asserted.add(category)
+    return asserted
