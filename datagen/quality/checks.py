@@ -434,7 +434,7 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
     if view.record is None:
         return None
     hallucinated = object_findings(view, env)[1]
-    if hallucinated:
+    if hallucinated and env.config.lenient_object_mentions:
         # The gate's leniency (not CHAIR's): objects only spoken of in general, in comparisons, or denied
         # after the word ("the dog is not in the picture") are not claims that the image holds them.
         hallucinated &= asserted_categories("\n".join(view.answers), env.matcher, env.config.count_hedged_mentions)

@@ -31,6 +31,10 @@ COMPARISON_WINDOW = 3
 _DETERMINERS = frozenset("a an the this that these those his her its their our my your one two three four five "
                          "some any each every another several few many both".split())
 _INDEFINITE = frozenset({"a", "an", "any", "some"})
+# Plurals that do not end in "s" (the synonym table lists them as names of their category).
+IRREGULAR_PLURALS = frozenset("people men women children gentlemen fishermen policemen mice sheep geese feet".split())
+# After a bare plural: "benches like these", "shade like this" speak of a kind.
+_KIND_FOLLOWERS = frozenset({"like", "such"})
 
 
 def _sentence_bounds(tokens: list[str], i: int) -> tuple[int, int]:
@@ -50,12 +54,15 @@ def is_generic(tokens: list[str], start: int, end: int) -> bool:
     if any(t in COMPARISON_LEADS for t in lead) and not any(t in _CLAUSE_END for t in lead):
         return True
     word = tokens[end - 1]
-    bare_plural = word.endswith("s") and prev not in _DETERMINERS and not prev.isdigit()
-    if bare_plural and prev in GENERIC_LEADS:
+    nxt = tokens[end] if end < len(tokens) else "."
+    plural = word.endswith("s") or word in IRREGULAR_PLURALS
+    bare_plural = plural and prev not in _DETERMINERS and not prev.isdigit()
+    if bare_plural and (prev in GENERIC_LEADS or nxt in _KIND_FOLLOWERS):
         return True
     s0, s1 = _sentence_bounds(tokens, start)
     sentence = tokens[s0:s1]
-    if (bare_plural or prev in _INDEFINITE) and any(t in GENERIC_MARKERS for t in sentence):
+    # In a sentence about what is usual, "a person", "tourists" and "their friends" are anyone's.
+    if (bare_plural or prev in _INDEFINITE or prev == "their") and any(t in GENERIC_MARKERS for t in sentence):
         return True
     return False
 

@@ -88,13 +88,23 @@ def answer_denies(answer: str, category: str, matcher: ObjectMatcher) -> tuple[b
     return False, f"no sentence denies {category!r}"
 
 
+def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> set[str]:
+    """Listed absent categories a question names by any of their phrases, ambiguous words included.
+
+    The matcher reads "the tie doing" as the verb; a question written to ask about an absent tie means the object.
+    """
+    tokens = tokenize(question)
+    joined = f" {' '.join(tokens)} "
+    return {c for key, c in matcher.phrases.items() if c in listed and key and f" {' '.join(key)} " in joined}
+
+
 def asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str], set[str]]]:
     """Per question: (index, absent objects it asks about, all absent objects known for the sample)."""
     listed = set(view.absent_objects)
     truth = env.truth(view.record) if view.record is not None else None
     out = []
     for i, question in enumerate(view.questions):
-        named = {m.category for m in env.matcher.mentions(question)}
+        named = {m.category for m in env.matcher.mentions(question)} | _names_listed(question, listed, env.matcher)
         asked = {c for c in named if c in listed or (truth is not None and c not in truth)}
         out.append((i, asked, listed))
     return out
