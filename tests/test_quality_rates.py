@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datagen.quality.evaluate import VARIANTS, evaluate
+import pytest
+
+from datagen.quality.config import QualityConfig
+from datagen.quality.eval_samples import TEMPLATE_SETS, build_records
+from datagen.quality.evaluate import FAMILY_CODES, VARIANTS, evaluate, evaluate_families
 from datagen.quality.gate import open_lookup
 from datagen.quality.io import read_samples
 
@@ -38,3 +42,36 @@ def test_heldout_samples_and_heldout_wording(coco_root):
     assert result["good"] == 14 and result["false_rejects"] <= 1, result["false_reject_reasons"]
     # Measured 152/161: some leak wordings ("the text I was given") and hedged objects ("it might be a dog") pass.
     assert result["catch_rate"] >= 0.9
+
+
+# --- the checks of issue 11, per family -------------------------------------------------------
+
+FAMILY_LIMITS = {"false_reject_rate": 0.05, "catch_rate": 0.90}
+
+
+@pytest.fixture(scope="module")
+def family_lookups(coco_root):
+    return {split: open_lookup(coco_root, split) for split in TEMPLATE_SETS.values()}
+
+
+@pytest.mark.parametrize("kind", list(TEMPLATE_SETS))
+def test_family_rates(coco_root, family_lookups, kind):
+    """Each new check: false rejects <= 5% of > 100 good samples, catches >= 90% of planted errors.
+
+    "dev" templates (val2017) were used while writing the checks; "heldout" (train2017, other wording) was not.
+    """
+    result = evaluate_families(build_records(kind, coco_root), family_lookups)
+    assert set(result) == set(FAMILY_CODES)
+    for family, r in result.items():
+        assert r["good"] > 100 and r["planted"] > 100, (family, r["good"], r["planted"])
+        assert r["false_reject_rate"] <= FAMILY_LIMITS["false_reject_rate"], (family, r["false_rejects"])
+        assert r["catch_rate"] >= FAMILY_LIMITS["catch_rate"], (family, r["missed"])
+
+
+def test_generic_leniency_keeps_todays_hallucination_catches(coco_root):
+    """The gate's leniency catches the same planted hallucinations as the strict reading on the hand-written samples."""
+    good = list(read_samples(GOOD))
+    lookup = open_lookup(coco_root, "val2017")
+    lenient = evaluate(good, lookup)["variants"]["hallucination"]
+    strict = evaluate(good, lookup, QualityConfig(lenient_object_mentions=False))["variants"]["hallucination"]
+    assert lenient["with_expected_code"] == strict["with_expected_code"] == strict["total"]

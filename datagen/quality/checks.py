@@ -484,7 +484,7 @@ CHECKS: tuple[Check, ...] = (
           check_malformed_box),
     Check("invented_box", "grounded: each box matches an annotated box of the named object (IoU >= 0.5)",
           check_invented_box),
-    Check("no_box", "grounded: the answers locate at least one object with a box", check_no_box),
+    Check("no_box", "grounded: some question or answer refers to a region with a box", check_no_box),
 )
 NEAR_DUPLICATE = "near_duplicate"
 REASON_CODES: tuple[str, ...] = tuple(c.code for c in CHECKS) + (NEAR_DUPLICATE,)

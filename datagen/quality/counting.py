@@ -18,6 +18,8 @@ NUMBER_WORDS: dict[str, int] = {
 } | {"both": 2, "pair": 2, "dozen": 12, "single": 1, "lone": 1}
 # Plural quantities without a number: the boxes must hold at least two.
 VAGUE_PLURAL = frozenset("several few couple many multiple numerous various group groups bunch lots".split())
+# Quantity nouns read through "of": "a pair of dogs".
+_OF_QUANTITIES = frozenset("pair couple dozen group groups bunch lots few".split())
 # Words that may stand between a number and its object ("three small brown dogs") without breaking the claim.
 _NOT_MODIFIERS = frozenset(
     "the a an of and or with in on at to from by for as is are was were that which who this these those their "
@@ -48,6 +50,8 @@ def count_claims(text: str, matcher: ObjectMatcher) -> list[CountClaim]:
     for start, key, category in matcher._found(tokens):
         j = start - 1
         skipped = 0
+        if j >= 1 and tokens[j] == "of" and tokens[j - 1] in _OF_QUANTITIES:
+            j -= 1  # "a pair of dogs", "a couple of dogs", "a group of people"
         while j >= 0 and skipped < MAX_MODIFIERS and tokens[j] not in NUMBER_WORDS and not tokens[j].isdigit() \
                 and tokens[j] not in VAGUE_PLURAL and tokens[j] not in _NOT_MODIFIERS and tokens[j] not in _CLAUSE_END:
             j -= 1
@@ -61,14 +65,10 @@ def count_claims(text: str, matcher: ObjectMatcher) -> list[CountClaim]:
             count: int | None = int(word)
         elif word in NUMBER_WORDS:
             count = NUMBER_WORDS[word]
-            if word == "pair" and not (j + 1 < len(tokens) and tokens[j + 1] == "of"):
-                continue
         elif word in VAGUE_PLURAL:
             count = None
         else:
             continue
-        if word == "pair":
-            j -= 1  # "a pair of"
         lead = tokens[max(0, j - 3):j]
         whole = any(t in _TOTAL_CUES for t in lead) and not any(t in _CLAUSE_END for t in lead)
         claims.append(CountClaim(category, count, " ".join(tokens[j:start + len(key)]), whole))

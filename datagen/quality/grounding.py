@@ -132,9 +132,9 @@ def check_invented_box(view: "SampleView", env: "CheckEnv") -> str | None:
 
 
 def check_no_box(view: "SampleView", env: "CheckEnv") -> str | None:
-    """Grounded split: the answers locate at least one object with a box."""
+    """Grounded split: some question or answer refers to a region with a well-formed box."""
     if view.split != "grounded":
         return None
-    if not any(tb.box is not None for answer in view.answers for tb in parse_boxes(answer)):
-        return "no answer gives a box"
+    if not any(tb.box is not None for _, value in view.turns for tb in parse_boxes(value)):
+        return "no question or answer gives a box"
     return None
