@@ -281,3 +281,46 @@ def test_every_split_is_counted_in_the_registry():
     from datagen.splits import SPLITS
 
     assert Counter(SPLITS) == Counter(["conversation", "detail", "reasoning", "negative", "grounded"])
+
+
+# --- review -----------------------------------------------------------------------------------
+
+
+def test_review_shows_absent_objects_and_draws_text_boxes(coco_root, tmp_path):
+    import json
+
+    from rich.console import Console
+
+    from datagen.quality.gate import open_lookup
+    from datagen.quality.review import page_entry, review_items, sample_panel
+
+    index = CocoIndex(coco_root, "val2017")
+    record = index.record(index.image_ids()[0])
+    obj = record.objects[0]
+    from datagen.context import normalised_box
+
+    box = normalised_box(obj, record.width, record.height)
+    samples = [
+        {"id": "g", "image": record.file_name, "split": "grounded", "conversations": [
+            {"from": "human", "value": f"<image>\nWhat is the {obj.category} at {box} doing?"},
+            {"from": "gpt", "value": f"The {obj.category} {box} stands still."}]},
+        {"id": "n", "image": record.file_name, "split": "negative", "meta": {"absent_objects": ["giraffe", "zebra"]},
+         "conversations": [{"from": "human", "value": "<image>\nWhat is the giraffe eating?"},
+                           {"from": "gpt", "value": "There is no giraffe in this picture."}]},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    lookup = open_lookup(coco_root, "val2017")
+    grounded, negative = list(review_items(path, lookup, QualityConfig()))
+    assert grounded.text_boxes == [(obj.category, tuple(box)), (obj.category, tuple(box))]
+    entry = page_entry(grounded, lookup, tmp_path, embed=False)
+    x, y, w, h = obj.bbox
+    assert entry["textBoxes"][0][0] == obj.category
+    assert entry["textBoxes"][0][1:] == pytest.approx([x, y, w, h], abs=record.width / 1000 + 0.1)
+    assert page_entry(negative, lookup, tmp_path, embed=False)["absent"] == ["giraffe", "zebra"]
+    console = Console(record=True, width=200)
+    console.print(sample_panel(negative))
+    console.print(sample_panel(grounded))
+    text = console.export_text()
+    assert "absent objects (asked about, must be denied): giraffe, zebra" in text
+    assert f"box in the text: {obj.category} {box}" in text
