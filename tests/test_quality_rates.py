@@ -20,8 +20,9 @@ def test_false_reject_and_catch_rates(coco_root):
     good = list(read_samples(GOOD))
     result = evaluate(good, open_lookup(coco_root, "val2017"))
     assert result["good"] == 22
-    # Measured 2/22 (both hallucinated_object on an inferred person / TV); guard against drift.
-    assert result["false_rejects"] <= 2, result["false_reject_reasons"]
+    # Measured 1/22 (hallucinated_object on an inferred TV; the generic-mention leniency of issue 11 cleared an
+    # inferred person); guard against drift.
+    assert result["false_rejects"] <= 1, result["false_reject_reasons"]
     assert result["catch_rate"] >= 0.95
     for variant in VARIANTS:
         stats = result["variants"][variant.name]

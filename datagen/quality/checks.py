@@ -332,9 +332,16 @@ def _first_answer_match(view: SampleView, prefilter: "_Prefilter", pattern: re.P
     return None
 
 
+# In a negative sample "I don't see a dog here" is the answer, not a refusal.
+_DENIAL_AFTER_SEE = re.compile(r"\s+(?:a|an|any|anything|the|such|one|no)\b", re.I)
+
+
 def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
     """No answer declines or apologises instead of answering."""
     found = _first_answer_match(view, _REFUSAL_FILTER, _REFUSAL)
+    if found and view.split == "negative":
+        found = next((m for answer in view.answers for m in _REFUSAL.finditer(answer)
+                      if not (m.group(0).lower().endswith("see") and _DENIAL_AFTER_SEE.match(answer, m.end()))), None)
     return f"answer says {found.group(0)!r}" if found else None
 
 

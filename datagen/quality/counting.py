@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from datagen.coco import ImageRecord
+from datagen.quality.generic import is_generic
 from datagen.quality.objects import ObjectMatcher, tokenize
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
@@ -17,7 +18,8 @@ NUMBER_WORDS: dict[str, int] = {
         "seventeen eighteen nineteen twenty".split())
 } | {"both": 2, "pair": 2, "dozen": 12, "single": 1, "lone": 1}
 # Plural quantities without a number: the boxes must hold at least two.
-VAGUE_PLURAL = frozenset("several few couple many multiple numerous various group groups bunch lots".split())
+# ("many" is left out: "many birds eat fruit" is talk about birds in general far more often than a count.)
+VAGUE_PLURAL = frozenset("several few couple multiple numerous various group groups bunch lots".split())
 # Quantity nouns read through "of": "a pair of dogs".
 _OF_QUANTITIES = frozenset("pair couple dozen group groups bunch lots few".split())
 # Words that may stand between a number and its object ("three small brown dogs") without breaking the claim.
@@ -48,6 +50,8 @@ def count_claims(text: str, matcher: ObjectMatcher) -> list[CountClaim]:
     tokens = tokenize(text)
     claims = []
     for start, key, category in matcher._found(tokens):
+        if is_generic(tokens, start, start + len(key), category):
+            continue  # "a table for two people" counts no one in the picture
         j = start - 1
         skipped = 0
         if j >= 1 and tokens[j] == "of" and tokens[j - 1] in _OF_QUANTITIES:
@@ -137,7 +141,7 @@ for _phrase in ("above", "on top of", "atop"):
 for _phrase in ("below", "beneath", "under", "underneath"):
     RELATIONS[tuple(_phrase.split())] = "below"
 _MAX_RELATION = max(len(k) for k in RELATIONS)
-SUBJECT_WINDOW = 8
+_SENTENCE_STOPS = frozenset(".!?;:")
 OBJECT_WINDOW = 4
 # How far (in image widths/heights) the centres must lie the wrong way round before a claim is refused.
 POSITION_MARGIN = 0.05
@@ -169,11 +173,13 @@ def position_claims(text: str, matcher: ObjectMatcher) -> list[PositionClaim]:
         if relation is None:
             i += 1
             continue
-        before = [(s, k, c) for s, k, c in found if s + len(k) <= i and i - (s + len(k)) <= SUBJECT_WINDOW
-                  and not any(t in _CLAUSE_END for t in tokens[s + len(k):i])]
+        # The subject: the one kind of object named earlier in the sentence (two kinds make it ambiguous:
+        # "the cup next to the plate is left of the laptop" is not checked).
+        before = [(s, k, c) for s, k, c in found if s + len(k) <= i
+                  and not any(t in _SENTENCE_STOPS for t in tokens[s + len(k):i])]
         after = [(s, k, c) for s, k, c in found if s >= i + length and s - (i + length) <= OBJECT_WINDOW
                  and not any(t in _CLAUSE_END for t in tokens[i + length:s])]
-        if before and after:
+        if before and after and len({c for _, _, c in before}) == 1:
             first, second = before[-1], after[0]
             if first[2] != second[2]:
                 phrase = " ".join(tokens[first[0]:second[0] + len(second[1])])

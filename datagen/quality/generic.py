@@ -37,6 +37,21 @@ IRREGULAR_PLURALS = frozenset("people men women children gentlemen fishermen pol
 _KIND_FOLLOWERS = frozenset({"like", "such"})
 
 
+# Before a bare plural of people, these say they are in view: "there are tourists", "I can see people".
+_PRESENCE_CUES = frozenset("there see sees seen saw shows show showing features featuring includes including contains "
+                           "containing depicts depicting notice noticed group crowd couple lot number "
+                           "pair few".split())
+_PEOPLE_QUANTIFIERS = frozenset("many most some all several".split())
+_BE = frozenset("are were is was".split())
+_PLACE_WORDS = frozenset("in on at near by around inside outside behind beside under visible present seen gathered "
+                         "seated lined scattered standing sitting".split())
+_PEOPLE_ACTIONS = frozenset("sit sits stand stands walk walks wait waits ride rides gather gathers crowd crowds watch "
+                            "stroll strolls play plays queue line lie rest relax swim surf ski".split())
+_NOT_ACTIONS = frozenset("during morning evening nothing something anything thing things king spring ceiling "
+                         "building buildings clothing".split())
+_OBJECT_PRONOUNS = frozenset("their them his him its our us my your".split())
+
+
 def _sentence_bounds(tokens: list[str], i: int) -> tuple[int, int]:
     start = i
     while start > 0 and tokens[start - 1] not in _SENTENCE_END:
@@ -47,14 +62,43 @@ def _sentence_bounds(tokens: list[str], i: int) -> tuple[int, int]:
     return start, end
 
 
-def is_generic(tokens: list[str], start: int, end: int) -> bool:
+def _asserted_people(tokens: list[str], start: int, end: int) -> bool:
+    """For a bare plural of people: "there are people", "I see tourists", or a clause that opens with them
+    and says where they are or what they do ("People are walking", "Tourists gather near the gate")."""
+    clause_start = start
+    while clause_start > 0 and tokens[clause_start - 1] not in _CLAUSE_END:
+        clause_start -= 1
+    before = tokens[clause_start:start]
+    if any(t in _PRESENCE_CUES for t in before[-4:]):
+        return True
+    if [t for t in before if t not in _PEOPLE_QUANTIFIERS]:
+        return False  # not the subject that opens the clause: "visible to drivers and people passing by"
+    after = tokens[end:end + 2] + [".", "."]
+    if after[0] in _BE and (after[1].endswith("ing") or after[1] in _PLACE_WORDS):
+        return True
+    return after[0] in _PEOPLE_ACTIONS or (after[0].endswith("ing") and after[0] not in _NOT_ACTIONS)
+
+
+def is_generic(tokens: list[str], start: int, end: int, category: str = "") -> bool:
     """Whether the mention at tokens[start:end] speaks of such objects in general rather than one in the image."""
     prev = tokens[start - 1] if start > 0 else "."
     lead = tokens[max(0, start - COMPARISON_WINDOW):start]
     if any(t in COMPARISON_LEADS for t in lead) and not any(t in _CLAUSE_END for t in lead):
         return True
+    # "a meal for one person", "a bowl for the dog": who or what a thing is for, not what is there.
+    if "for" in tokens[max(0, start - 3):start] and not any(t in _CLAUSE_END for t in tokens[max(0, start - 3):start]):
+        return True
     word = tokens[end - 1]
     nxt = tokens[end] if end < len(tokens) else "."
+    # A bare singular after "by" is a means ("by ship", "by car"); a word before a pronoun object is a verb
+    # ("owners train their pets").
+    if prev == "by" and not word.endswith("s") or nxt in _OBJECT_PRONOUNS:
+        return True
+    plural = word.endswith("s") or word in IRREGULAR_PLURALS
+    if category == "person" and plural and (prev not in _DETERMINERS or prev in _PEOPLE_QUANTIFIERS) \
+            and not prev.isdigit():
+        # People spoken of as a kind are the commonest generic talk in reasoning answers (issue 11).
+        return not _asserted_people(tokens, start, end)
     plural = word.endswith("s") or word in IRREGULAR_PLURALS
     bare_plural = plural and prev not in _DETERMINERS and not prev.isdigit()
     if bare_plural and (prev in GENERIC_LEADS or nxt in _KIND_FOLLOWERS):
@@ -81,7 +125,7 @@ def asserted_categories(text: str, matcher: ObjectMatcher, include_hedged: bool)
     tokens = tokenize(text)
     asserted: set[str] = set()
     for start, end, category, denied in denied_spans(tokens, matcher):
-        if category in asserted or denied or is_generic(tokens, start, end):
+        if category in asserted or denied or is_generic(tokens, start, end, category):
             continue
         if include_hedged or not _hedged(tokens, start):
             asserted.add(category)

@@ -65,8 +65,9 @@ def denied_spans(tokens: list[str], matcher: ObjectMatcher) -> list[tuple[int, i
 
 
 def _first_sentence(tokens: list[str]) -> list[str]:
+    """Up to the first sentence end, semicolon or colon ("No, there isn't one; the only fruit is an apple.")."""
     for j, token in enumerate(tokens):
-        if token in _SENTENCE_END:
+        if token in _SENTENCE_END or token in (";", ":"):
             return tokens[:j]
     return tokens
 
