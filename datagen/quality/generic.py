@@ -50,6 +50,9 @@ _PEOPLE_ACTIONS = frozenset("sit sits stand stands walk walks wait waits ride ri
 _NOT_ACTIONS = frozenset("during morning evening nothing something anything thing things king spring ceiling "
                          "building buildings clothing".split())
 _OBJECT_PRONOUNS = frozenset("their them his him its our us my your".split())
+_VERB_LEADS = frozenset("to or and can could will would should might may must".split())
+_ARTICLES = frozenset("a an the some this these those".split())
+_ACTIVITY_VERBS = frozenset("watch watching watched play playing played".split())
 
 
 def _sentence_bounds(tokens: list[str], i: int) -> tuple[int, int]:
@@ -94,9 +97,15 @@ def is_generic(tokens: list[str], start: int, end: int, category: str = "") -> b
     # ("owners train their pets").
     if prev == "by" and not word.endswith("s") or nxt in _OBJECT_PRONOUNS:
         return True
+    # "... or cook a family dinner", "to train the dog": a word between an auxiliary or "to" and an article is a verb.
+    if prev in _VERB_LEADS and nxt in _ARTICLES:
+        return True
+    # "watch television", "play frisbee": an activity, not a thing in view.
+    if prev in _ACTIVITY_VERBS:
+        return True
     plural = word.endswith("s") or word in IRREGULAR_PLURALS
-    if category == "person" and plural and (prev not in _DETERMINERS or prev in _PEOPLE_QUANTIFIERS) \
-            and not prev.isdigit():
+    if category == "person" and plural and (prev not in _DETERMINERS or prev in _PEOPLE_QUANTIFIERS
+                                            or prev == "their") and not prev.isdigit():
         # People spoken of as a kind are the commonest generic talk in reasoning answers (issue 11).
         return not _asserted_people(tokens, start, end)
     plural = word.endswith("s") or word in IRREGULAR_PLURALS

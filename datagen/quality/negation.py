@@ -89,6 +89,9 @@ def answer_denies(answer: str, category: str, matcher: ObjectMatcher) -> tuple[b
     return False, f"no sentence denies {category!r}"
 
 
+_PERSON_PRONOUNS = frozenset("who whom whose someone somebody anyone anybody".split())
+
+
 def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> set[str]:
     """Listed absent categories a question names by any of their phrases, ambiguous words included.
 
@@ -96,7 +99,11 @@ def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> se
     """
     tokens = tokenize(question)
     joined = f" {' '.join(tokens)} "
-    return {c for key, c in matcher.phrases.items() if c in listed and key and f" {' '.join(key)} " in joined}
+    named = {c for key, c in matcher.phrases.items() if c in listed and key and f" {' '.join(key)} " in joined}
+    # "Who is holding the scissors?" asks about a person without naming one.
+    if "person" in listed and any(t in _PERSON_PRONOUNS for t in tokens):
+        named.add("person")
+    return named
 
 
 def asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str], set[str]]]:
