@@ -104,7 +104,9 @@ def is_generic(tokens: list[str], start: int, end: int, category: str = "") -> b
     if prev in _ACTIVITY_VERBS:
         return True
     plural = word.endswith("s") or word in IRREGULAR_PLURALS
-    if category == "person" and plural and (prev not in _DETERMINERS or prev in _PEOPLE_QUANTIFIERS
+    # Before a plural, "that"/"this" cannot be the (singular) demonstrative: "so that drivers pay" is a conjunction.
+    determined = prev in _DETERMINERS and not (plural and prev in ("that", "this"))
+    if category == "person" and plural and (not determined or prev in _PEOPLE_QUANTIFIERS
                                             or prev == "their") and not prev.isdigit():
         # People spoken of as a kind are the commonest generic talk in reasoning answers (issue 11).
         return not _asserted_people(tokens, start, end)
