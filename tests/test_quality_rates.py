@@ -11,7 +11,8 @@ from datagen.quality.evaluate import FAMILY_CODES, VARIANTS, evaluate, evaluate_
 from datagen.quality.gate import open_lookup
 from datagen.quality.io import read_samples
 
-GOOD = Path(__file__).resolve().parent / "fixtures" / "good_samples.jsonl"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOOD = FIXTURES / "good_samples.jsonl"
 # Written after the checks, for train2017 images, and never used to tune them.
 HELDOUT = Path(__file__).resolve().parent / "fixtures" / "good_samples_heldout.jsonl"
 
@@ -76,3 +77,32 @@ def test_generic_leniency_keeps_todays_hallucination_catches(coco_root):
     lenient = evaluate(good, lookup)["variants"]["hallucination"]
     strict = evaluate(good, lookup, QualityConfig(lenient_object_mentions=False))["variants"]["hallucination"]
     assert lenient["with_expected_code"] == strict["with_expected_code"] == strict["total"]
+
+
+HANDWRITTEN = [FIXTURES / f"split_samples_handwritten{suffix}.jsonl" for suffix in ("", "_heldout", "_final")]
+
+
+def test_handwritten_free_form_samples(coco_root, family_lookups):
+    """Free-form samples written by hand (three sets, 61 reasoning answers full of generic talk about people).
+
+    Measured on first sight (before the changes each set then led to): reasoning 7/20, 3/21, 2/20 rejected.
+    """
+    records = [rec for path in HANDWRITTEN for rec in read_samples(path)]
+    result = evaluate_families(records, family_lookups)
+    generic = result["generic"]
+    assert generic["good"] == 61 and generic["good_rejected_any"] <= 1, generic["false_rejects"]  # an inferred desk
+    strict = evaluate_families(records, family_lookups, QualityConfig(lenient_object_mentions=False))["generic"]
+    assert strict["good_rejected_by_family"] >= 25  # what today's check does to them
+    for family in ("counting", "placement", "grounding"):
+        assert result[family]["good_rejected_by_family"] == 0, result[family]["false_rejects"]
+    caught = sum(r["caught_with_expected_code"] for r in result.values())
+    assert caught >= sum(r["planted"] for r in result.values()) - 1  # the planted 'zookeeper' is not a COCO word
+
+
+def test_leniency_keeps_catching_hallucinations_planted_in_free_form_reasoning(coco_root, family_lookups):
+    for path in HANDWRITTEN:
+        good = [r for r in read_samples(path) if r["meta"]["family"] == "generic" and not r["meta"]["planted"]]
+        lookup = family_lookups[good[0]["meta"]["coco_split"]]
+        lenient = evaluate(good, lookup)["variants"]["hallucination"]
+        strict = evaluate(good, lookup, QualityConfig(lenient_object_mentions=False))["variants"]["hallucination"]
+        assert lenient["with_expected_code"] == strict["with_expected_code"] == lenient["total"], (path.name, lenient)
