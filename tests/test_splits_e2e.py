@@ -7,6 +7,7 @@ import pytest
 
 from datagen.pipeline import rejects_path
 from engine_support import datagen_here
+from train.data import read_records, to_messages
 from fake_openai_server import FakeOpenAIServer
 
 
@@ -38,6 +39,8 @@ def test_generate_new_split_against_fake_server(coco_root, tmp_path, split):
     proc = datagen_here("export", str(out), "--mix", f"{split}=1", "--out", str(mixed))
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(mixed.read_text())) == len(accepted)
+    records = read_records([mixed])
+    assert all(to_messages(r, "<image>")[-1]["role"] == "assistant" for r in records)
 
 
 def test_render_negative_is_deterministic_for_a_seed(coco_root):
