@@ -6,6 +6,8 @@ template sets: "dev" (val2017 images; the checks were tuned on these) and "heldo
 other wording; never used for tuning). The planted errors are made here, from what this script knows
 about each sentence (which count, which box, which relation), not by the checks' own parsers.
 
+Rates: python -m datagen.quality.eval_samples --coco-root ../shared/coco-mini --report \
+           --handwritten tests/fixtures/split_samples_handwritten*.jsonl
 Write them as JSONL to read: python -m datagen.quality.eval_samples --coco-root ../shared/coco-mini --out-dir /tmp/x
 """
 from __future__ import annotations
@@ -382,17 +384,44 @@ def build_records(kind: str, coco_root: Path) -> list[dict]:
     return writer.records
 
 
+def report(coco_root: Path, handwritten: list[Path], strict: bool) -> None:
+    """Print each family's false-reject and catch rates per template set, then on hand-written files."""
+    # Imported here: evaluate imports the checks, which this module's sample writing does not need.
+    from datagen.quality.config import QualityConfig
+    from datagen.quality.evaluate import evaluate_families
+    from datagen.quality.gate import open_lookup
+    from datagen.quality.io import read_samples
+
+    lookups = {split: open_lookup(coco_root, split) for split in TEMPLATE_SETS.values()}
+    config = QualityConfig(lenient_object_mentions=not strict)
+    sets = {kind: build_records(kind, coco_root) for kind in TEMPLATE_SETS}
+    if handwritten:
+        sets["handwritten"] = [rec for path in handwritten for rec in read_samples(path)]
+    print(f"{'set':12s} {'family':10s} {'good':>5s} {'false rej':>10s} {'(any check)':>12s} {'planted':>8s} {'caught':>8s}")
+    for name, records in sets.items():
+        for family, r in evaluate_families(records, lookups, config).items():
+            fr = f"{r['good_rejected_by_family']} {100 * (r['false_reject_rate'] or 0):.1f}%"
+            caught = f"{100 * r['catch_rate']:.1f}%" if r["catch_rate"] is not None else "-"
+            print(f"{name:12s} {family:10s} {r['good']:5d} {fr:>10s} {r['good_rejected_any']:12d} {r['planted']:8d} {caught:>8s}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coco-root", type=Path, required=True)
-    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--out-dir", type=Path, help="Write the records as JSONL here.")
+    parser.add_argument("--report", action="store_true", help="Print the checks' rates on them.")
+    parser.add_argument("--handwritten", type=Path, nargs="*", default=[], help="Also report on these hand-written files.")
+    parser.add_argument("--strict", action="store_true", help="Without the object check's generic-mention leniency.")
     args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for kind in TEMPLATE_SETS:
-        records = build_records(kind, args.coco_root)
-        with open(args.out_dir / f"split_samples_{kind}.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-        print(f"{kind}: {len(records)} records")
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        for kind in TEMPLATE_SETS:
+            records = build_records(kind, args.coco_root)
+            with open(args.out_dir / f"split_samples_{kind}.jsonl", "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
+            print(f"{kind}: {len(records)} records")
+    if args.report:
+        report(args.coco_root, args.handwritten, args.strict)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ _KIND_FOLLOWERS = frozenset({"like", "such"})
 _PRESENCE_CUES = frozenset("there see sees seen saw shows show showing features featuring includes including contains "
                            "containing depicts depicting notice noticed group crowd couple lot number "
                            "pair few".split())
-_PEOPLE_QUANTIFIERS = frozenset("many most some all several".split())
+_PEOPLE_QUANTIFIERS = frozenset("many most some all".split())
+# Before a plural these make it a definite count or amount of people in view ("seven people", "numerous people").
+_COUNTING_WORDS = frozenset("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                            "twenty dozen dozens hundreds thousands several numerous multiple few couple both".split())
 _BE = frozenset("are were is was".split())
 _PLACE_WORDS = frozenset("in on at near by around inside outside behind beside under visible present seen gathered "
                          "seated lined scattered standing sitting".split())
@@ -105,7 +108,7 @@ def is_generic(tokens: list[str], start: int, end: int, category: str = "") -> b
         return True
     plural = word.endswith("s") or word in IRREGULAR_PLURALS
     # Before a plural, "that"/"this" cannot be the (singular) demonstrative: "so that drivers pay" is a conjunction.
-    determined = prev in _DETERMINERS and not (plural and prev in ("that", "this"))
+    determined = (prev in _DETERMINERS or prev in _COUNTING_WORDS) and not (plural and prev in ("that", "this"))
     if category == "person" and plural and (not determined or prev in _PEOPLE_QUANTIFIERS
                                             or prev == "their") and not prev.isdigit():
         # People spoken of as a kind are the commonest generic talk in reasoning answers (issue 11).
