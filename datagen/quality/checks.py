@@ -86,6 +86,8 @@ class CheckEnv:
     truths: dict[int, set[str]] = field(default_factory=dict)
     # The last (answers text, include_hedged) -> categories: one sample's checks ask for it twice.
     last_mentioned: tuple[str, bool, frozenset[str]] | None = None
+    # Results one check computes and another reuses for the same sample (cleared before each sample).
+    memo: dict[tuple, Any] = field(default_factory=dict)
 
     def truth(self, record: ImageRecord) -> set[str]:
         if record.id not in self.truths:
@@ -547,6 +549,7 @@ class QualityChecker:
         """All checks on one sample; an accepted sample joins the near-duplicate index."""
         disabled = set(self.config.disabled_checks)
         details: dict[str, str] = {}
+        self.env.memo.clear()
         for check in CHECKS:
             if check.code in disabled:
                 continue

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from datagen.coco import ImageRecord
 from datagen.quality.generic import is_generic
-from datagen.quality.objects import ObjectMatcher, tokenize
+from datagen.quality.objects import ObjectMatcher
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
     from datagen.quality.checks import CheckEnv, SampleView
@@ -47,11 +47,9 @@ class CountClaim:
 
 def count_claims(text: str, matcher: ObjectMatcher) -> list[CountClaim]:
     """Every number word, digit or vague plural quantity attached to an object mention."""
-    tokens = tokenize(text)
+    tokens, found = matcher.scan(text)
     claims = []
-    for start, key, category in matcher._found(tokens):
-        if is_generic(tokens, start, start + len(key), category):
-            continue  # "a table for two people" counts no one in the picture
+    for start, key, category in found:
         j = start - 1
         skipped = 0
         if j >= 1 and tokens[j] == "of" and tokens[j - 1] in _OF_QUANTITIES:
@@ -73,6 +71,8 @@ def count_claims(text: str, matcher: ObjectMatcher) -> list[CountClaim]:
             count = None
         else:
             continue
+        if is_generic(tokens, start, start + len(key), category):
+            continue  # "a table for two people" counts no one in the picture
         lead = tokens[max(0, j - 3):j]
         whole = any(t in _TOTAL_CUES for t in lead) and not any(t in _CLAUSE_END for t in lead)
         claims.append(CountClaim(category, count, " ".join(tokens[j:start + len(key)]), whole))
@@ -115,8 +115,11 @@ def check_wrong_count(view: "SampleView", env: "CheckEnv") -> str | None:
     if record is None or not record.objects:
         return None
     counts, crowd = box_counts(record)
-    caption_counts = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
-                      if c.count is not None}
+    key = ("caption_counts",)
+    if key not in env.memo:
+        env.memo[key] = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
+                         if c.count is not None}
+    caption_counts = env.memo[key]
     for i, answer in enumerate(view.answers):
         for claim in count_claims(answer, env.matcher):
             boxes = counts.get(claim.category, 0)
@@ -141,6 +144,7 @@ for _phrase in ("above", "on top of", "atop"):
 for _phrase in ("below", "beneath", "under", "underneath"):
     RELATIONS[tuple(_phrase.split())] = "below"
 _MAX_RELATION = max(len(k) for k in RELATIONS)
+_RELATION_FIRST_WORDS = frozenset(k[0] for k in RELATIONS)
 _SENTENCE_STOPS = frozenset(".!?;:")
 OBJECT_WINDOW = 4
 # How far (in image widths/heights) the centres must lie the wrong way round before a claim is refused.
@@ -159,11 +163,15 @@ class PositionClaim:
 
 def position_claims(text: str, matcher: ObjectMatcher) -> list[PositionClaim]:
     """Relations between two named objects in the same clause."""
-    tokens = tokenize(text)
-    found = matcher._found(tokens)
+    tokens, found = matcher.scan(text)
+    if not _RELATION_FIRST_WORDS.intersection(tokens):
+        return []
     claims = []
     i = 0
     while i < len(tokens):
+        if tokens[i] not in _RELATION_FIRST_WORDS:
+            i += 1
+            continue
         relation = None
         for length in range(_MAX_RELATION, 0, -1):
             key = tuple(tokens[i:i + length])

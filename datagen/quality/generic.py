@@ -7,7 +7,7 @@ its standard definition, which counts every mention that is not negated.
 from __future__ import annotations
 
 from datagen.quality.negation import denied_spans
-from datagen.quality.objects import HEDGES, ObjectMatcher, tokenize
+from datagen.quality.objects import HEDGES, ObjectMatcher
 
 _SENTENCE_END = frozenset(".!?")
 _CLAUSE_END = frozenset(".,;:!?()\"")
@@ -136,9 +136,9 @@ def _hedged(tokens: list[str], start: int) -> bool:
 
 def asserted_categories(text: str, matcher: ObjectMatcher, include_hedged: bool) -> set[str]:
     """Categories the text says are in the image: named, not denied (before or after), not generic, not hedged."""
-    tokens = tokenize(text)
+    tokens, spans = denied_spans(text, matcher)
     asserted: set[str] = set()
-    for start, end, category, denied in denied_spans(tokens, matcher):
+    for start, end, category, denied in spans:
         if category in asserted or denied or is_generic(tokens, start, end, category):
             continue
         if include_hedged or not _hedged(tokens, start):

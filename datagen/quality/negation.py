@@ -5,6 +5,7 @@ placed after it, which the CHAIR matcher (negators before the word only) does no
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from datagen.quality.objects import NEGATORS, ObjectMatcher, tokenize
@@ -56,11 +57,12 @@ def _negated_before(tokens: list[str], start: int) -> bool:
     return False
 
 
-def denied_spans(tokens: list[str], matcher: ObjectMatcher) -> list[tuple[int, int, str, bool]]:
-    """(start, end, category, denied) of every object mention in the tokens."""
-    return [
+def denied_spans(text: str, matcher: ObjectMatcher) -> tuple[list[str], list[tuple[int, int, str, bool]]]:
+    """The text's tokens, and (start, end, category, denied) of every object mention in them."""
+    tokens, found = matcher.scan(text)
+    return tokens, [
         (i, i + len(key), category, _negated_before(tokens, i) or _negated_after(tokens, i + len(key)))
-        for i, key, category in matcher._found(tokens)
+        for i, key, category in found
     ]
 
 
@@ -74,8 +76,7 @@ def _first_sentence(tokens: list[str]) -> list[str]:
 
 def answer_denies(answer: str, category: str, matcher: ObjectMatcher) -> tuple[bool, str]:
     """Whether the answer says the object is not there (and never asserts it), with why not."""
-    tokens = tokenize(answer)
-    spans = denied_spans(tokens, matcher)
+    tokens, spans = denied_spans(answer, matcher)
     own = [s for s in spans if s[2] == category]
     if any(not denied for _, _, _, denied in own):
         return False, f"it speaks of {category!r} as present"
@@ -92,6 +93,12 @@ def answer_denies(answer: str, category: str, matcher: ObjectMatcher) -> tuple[b
 _PERSON_PRONOUNS = frozenset("who whom whose someone somebody anyone anybody".split())
 
 
+@lru_cache(maxsize=256)
+def phrases_of(matcher: ObjectMatcher, category: str) -> tuple[str, ...]:
+    """Every phrase (space-joined tokens) the matcher reads as the category, plurals included."""
+    return tuple(" ".join(key) for key, c in matcher.phrases.items() if c == category and key)
+
+
 def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> set[str]:
     """Listed absent categories a question names by any of their phrases, ambiguous words included.
 
@@ -99,7 +106,7 @@ def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> se
     """
     tokens = tokenize(question)
     joined = f" {' '.join(tokens)} "
-    named = {c for key, c in matcher.phrases.items() if c in listed and key and f" {' '.join(key)} " in joined}
+    named = {c for c in listed if any(f" {phrase} " in joined for phrase in phrases_of(matcher, c))}
     # "Who is holding the scissors?" asks about a person without naming one.
     if "person" in listed and any(t in _PERSON_PRONOUNS for t in tokens):
         named.add("person")
@@ -108,6 +115,13 @@ def _names_listed(question: str, listed: set[str], matcher: ObjectMatcher) -> se
 
 def asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str], set[str]]]:
     """Per question: (index, absent objects it asks about, all absent objects known for the sample)."""
+    key = ("asked_absent",)
+    if key not in env.memo:  # both negative checks ask
+        env.memo[key] = _asked_absent(view, env)
+    return env.memo[key]
+
+
+def _asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str], set[str]]]:
     listed = set(view.absent_objects)
     truth = env.truth(view.record) if view.record is not None else None
     out = []
