@@ -51,3 +51,18 @@ def test_render_negative_is_deterministic_for_a_seed(coco_root):
     grounded = datagen_here("render", "--coco-root", str(coco_root), "--split", "grounded", "--image-id", "139").stdout
     detail = datagen_here("render", "--coco-root", str(coco_root), "--split", "detail", "--image-id", "139").stdout
     assert grounded == detail and first.startswith(detail.rstrip("\n"))
+
+
+def test_negative_split_through_the_batch_api(coco_root, tmp_path):
+    """Submit and collect build the same absent-object contexts as a live run."""
+    out = tmp_path / "negative.jsonl"
+    with FakeOpenAIServer(batch_polls=1) as server:
+        proc = datagen_here("batch", "submit", "--split", "negative", "--coco-root", str(coco_root), "--limit", "3",
+                            "--base-url", server.base_url, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        datagen_here("batch", "status", "--out", str(out))
+        collected = datagen_here("batch", "collect", "--out", str(out))
+        assert collected.returncode == 0, collected.stderr
+    accepted = read(out)
+    assert len(accepted) + len(read(rejects_path(out))) == 3 and accepted
+    assert all(len(r["meta"]["absent_objects"]) == 3 for r in accepted)

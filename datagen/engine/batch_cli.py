@@ -18,8 +18,8 @@ def _client(state):
     return OpenAIBackend(model=state.model, base_url=state.base_url or os.environ.get("OPENAI_BASE_URL"))
 
 
-def _job(state, out: Path):
-    """The Job that live runs of the same settings would use (same prompts, params, cache)."""
+def _job(state, out: Path, context=None):
+    """The Job that live runs of the same settings would use (same prompts, params, cache, context)."""
     from datagen.engine.batch_api import batch_dir
     from datagen.engine.config import EngineConfig
     from datagen.pipeline import Job
@@ -35,7 +35,7 @@ def _job(state, out: Path):
     checker = make_checker(state.split, seen=out)
     config = EngineConfig(cache_path=Path(state.cache) if state.cache else None,
                           failures_path=batch_dir(out) / "failures.jsonl")
-    return Job(state.split, prompts, state.sampling, out, 1, checker=checker, engine=config)
+    return Job(state.split, prompts, state.sampling, out, 1, checker=checker, engine=config, context=context)
 
 
 def _load_state(out: Path):
@@ -116,12 +116,17 @@ def register(batch_app: typer.Typer) -> None:
             for entry in state.batches:
                 if not entry.collected:
                     in_flight |= ids_in_request_file(Path(entry.request_file))
-            job = _job(state, out) if state.batches else None
+            from datagen.context import context_builder
+
+            # The negative split's absent objects need the split's co-occurrence counts.
+            context = context_builder(split, index.instances, seed=seed)
+            job = _job(state, out, context) if state.batches else None
             from datagen.engine.config import EngineConfig
             from datagen.pipeline import Job
 
             job = job or Job(split, prompts, params, out, 1, engine=EngineConfig(cache_path=cache_file,
-                                                                                 failures_path=folder / "failures.jsonl"))
+                                                                                 failures_path=folder / "failures.jsonl"),
+                             context=context)
             store = ResponseCache(cache_file) if cache_file else None
             from_cache: list[Outcome] = []
             lines = []
@@ -205,14 +210,16 @@ def register(batch_app: typer.Typer) -> None:
         from datagen.pipeline import Outcome, ResultSink, RunStats, WorkItem, build_request, done_ids, rejects_path
         from datagen.prompts import SPLITS_WITH_BOXES
 
+        from datagen.context import context_builder
+
         state = _load_state(out)
         sfile, folder = state_path(out), batch_dir(out)
-        job = _job(state, out)
         backend = _client(state)
         table = load_prices()
         price = table.lookup(state.model)
         stats = RunStats(cost_usd=0.0 if price else None)
         index = CocoIndex(state.coco_root, state.coco_split, with_instances=state.split in SPLITS_WITH_BOXES)
+        job = _job(state, out, context_builder(state.split, index.instances, seed=state.sampling.seed))
         sink = ResultSink(job, sink_backend(state), stats, table.batch(price) if price else None, None)
 
         async def fetch():
