@@ -9,8 +9,9 @@ from typing import Any
 from datagen.coco import CocoIndex, ImageRecord
 from datagen.errors import VisinstructError
 from datagen.jsonl import iter_jsonl
+from datagen.splits import SPLITS
 
-SPLIT_NAMES = ("conversation", "detail", "reasoning", "captions")
+SPLIT_NAMES = (*SPLITS, "captions")
 LLAVA_HINT = 'each sample needs "conversations": [{"from": "human"|"gpt", "value": "..."}, ...]'
 
 
