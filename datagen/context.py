@@ -11,7 +11,7 @@ from typing import Any
 
 from datagen.coco import ImageRecord, ObjectBox
 from datagen.errors import VisinstructError
-from datagen.splits import SPLIT_SPECS
+from datagen.splits import SPLIT_SPECS, SplitSpec
 
 # The line that lists absent objects in a negative split's context (the gate and review read it back).
 ABSENT_LABEL = "Absent objects"
@@ -115,6 +115,7 @@ class ContextBuilder:
     absent_count: int = DEFAULT_ABSENT_OBJECTS
     # The categories an image's captions name (they count as present, as in the gate's ground truth).
     caption_categories: Callable[[list[str]], set[str]] | None = None
+    spec: SplitSpec = field(init=False)
 
     def __post_init__(self) -> None:
         spec = SPLIT_SPECS.get(self.split)

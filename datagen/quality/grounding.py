@@ -79,7 +79,7 @@ def named_category(text_before: str, matcher: ObjectMatcher) -> str | None:
             tokens = tokens[j + 1:]
             break
     tokens = tokens[-ATTACH_WINDOW - 3:]
-    found = matcher._found(tokens)
+    found = matcher.phrases_in(tokens)
     if not found:
         return None
     start, key, category = found[-1]

@@ -88,6 +88,10 @@ class ObjectMatcher:
 
     SCAN_CACHE_SIZE = 4096
 
+    def phrases_in(self, tokens: list[str]) -> list[tuple[int, tuple[str, ...], str]]:
+        """(start, phrase tokens, category) of each object phrase in already tokenized text."""
+        return self._found(tokens)
+
     def scan(self, text: str) -> tuple[list[str], list[tuple[int, tuple[str, ...], str]]]:
         """(tokens, object phrases found) of a text; remembered, since several checks read the same answers."""
         cache = self._scans
