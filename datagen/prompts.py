@@ -65,9 +65,9 @@ class PromptSet:
 
 
 def _instructions_file(prompts_dir: Path, kind: str) -> Path:
-    """instructions/<kind>.txt of the folder, or the shipped one when the folder has no instructions/ (LLaVA's layout)."""
+    """instructions/<kind>.txt of the folder; for a folder in LLaVA's layout without one, the shipped file."""
     own = Path(prompts_dir) / "instructions" / f"{kind}.txt"
-    if own.is_file() or (Path(prompts_dir) / "instructions").is_dir():
+    if own.is_file() or (Path(prompts_dir) / "instructions").is_dir() or llava_prompts_root(Path(prompts_dir)) is None:
         return own
     return default_prompts_dir() / "instructions" / f"{kind}.txt"
 
