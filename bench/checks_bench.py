@@ -27,18 +27,18 @@ from fake_openai_server import completion_text  # noqa: E402
 from datagen.backends.base import Completion, SamplingParams  # noqa: E402
 from datagen.coco import ImageRecord  # noqa: E402
 from datagen.parse import build_sample  # noqa: E402
-from datagen.pipeline import Job, build_request, sample_id  # noqa: E402
 from datagen.prompts import load_prompt_set  # noqa: E402
 from datagen.quality import make_checker  # noqa: E402
-from datagen.schema import Sample  # noqa: E402
+from datagen.sample import Sample, sample_id  # noqa: E402
+from datagen.task import LlavaTask  # noqa: E402
 
 
 def bench_samples(count: int) -> list[tuple[Sample, ImageRecord, Completion]]:
     """The benchmark's (sample, record, completion) triples, built the way the engine builds them."""
-    job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), Path("unused.jsonl"), 1)
+    task = LlavaTask("conversation", load_prompt_set(None, "conversation"), SamplingParams())
     out = []
     for record in workload(count):
-        _, context = build_request(job, record)
+        context = task.prepare(record).context
         text = completion_text(context)
         completion = Completion(text=text, finish_reason="stop", prompt_tokens=0, completion_tokens=len(text) // 4,
                                 model="gpt-4o-mini")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ class Result:
     wall_s: float
     cpu_s: float
     peak_rss_mb: float
+    repeat: int = 0
+    startup_s: float = 0.0  # cluster start-up (Ray executor), reported apart, not in wall_s
 
     @property
     def rps(self) -> float:
@@ -49,13 +52,13 @@ def write_requests(path: Path, count: int) -> None:
     from bench_workload import workload
 
     from datagen.backends.base import SamplingParams
-    from datagen.pipeline import Job, build_request
     from datagen.prompts import load_prompt_set
+    from datagen.task import LlavaTask
 
-    job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), path.with_suffix(".unused"), 1)
+    task = LlavaTask("conversation", load_prompt_set(None, "conversation"), SamplingParams())
     with open(path, "w", encoding="utf-8") as fh:
         for record in workload(count):
-            request, _ = build_request(job, record)
+            request = task.prepare(record).request
             fh.write(json.dumps({"id": f"{record.id:012d}", "messages": request.messages}) + "\n")
 
 
@@ -82,7 +85,8 @@ def run_client(name: str, argv: list[str], concurrency: int, count: int, env: di
         log.error("%s failed (exit %d): %s", name, proc.returncode, proc.stderr.strip()[-2000:])
         return None
     data = json.loads(lines[-1])
-    return Result(name, concurrency, count, int(data["done"]), data["wall_s"], data["cpu_s"], data["peak_rss_mb"])
+    return Result(name, concurrency, count, int(data["done"]), data["wall_s"], data["cpu_s"], data["peak_rss_mb"],
+                  startup_s=data.get("startup_s", 0.0))
 
 
 def curator_env(workdir: Path) -> dict[str, str]:
@@ -99,23 +103,132 @@ def curator_env(workdir: Path) -> dict[str, str]:
             "DO_NOT_TRACK": "1", "CURATOR_CACHE_DIR": str(workdir / "curator-cache")}
 
 
+@dataclass(frozen=True)
+class BenchContext:
+    """What every client of one benchmark run shares: the endpoint, the requests file and a scratch folder."""
+
+    base_url: str
+    requests: Path
+    workdir: Path
+    count: int
+    curator_python: Path
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """One client process to start: its command line and extra environment."""
+
+    argv: list[str]
+    env: dict[str, str] | None = None
+
+
+def bare_client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+    """The floor: prebuilt bodies over a bare aiohttp session."""
+    return ClientRun([sys.executable, str(HERE / "bare_client.py"), "--requests", str(ctx.requests), "--base-url",
+                      ctx.base_url, "--concurrency", str(conc)])
+
+
+def ours(checks: bool, transport: str = "direct"):
+    """Our local executor (the live engine), with or without the quality checks, over a transport."""
+
+    def client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+        tag = f"ours-{'c' if checks else 'nc'}-{transport}-{conc}-{repeat}"
+        argv = [sys.executable, str(HERE / "ours.py"), "--count", str(ctx.count), "--base-url", ctx.base_url,
+                "--concurrency", str(conc), "--workdir", str(ctx.workdir / tag), "--transport", transport]
+        return ClientRun(argv + ([] if checks else ["--no-checks"]))
+
+    return client
+
+
+def curator_client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun | None:
+    """bespokelabs-curator in its own venv (None when `make bench-datagen` has not created it)."""
+    if not ctx.curator_python.exists():
+        return None
+    return ClientRun([str(ctx.curator_python), str(HERE / "curator_driver.py"), "--requests", str(ctx.requests),
+                      "--base-url", ctx.base_url, "--concurrency", str(conc), "--workdir",
+                      str(ctx.workdir / f"curator-{conc}-{repeat}")], curator_env(ctx.workdir))
+
+
+def baseline_ours(repo: Path):
+    """Our engine + checks as another checkout has it (e.g. main), for a before/after in the same run."""
+
+    def client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+        argv = [sys.executable, str(repo / "bench" / "ours.py"), "--count", str(ctx.count), "--base-url", ctx.base_url,
+                "--concurrency", str(conc), "--workdir", str(ctx.workdir / f"baseline-{conc}-{repeat}")]
+        return ClientRun(argv, {"PYTHONPATH": str(repo)})
+
+    return client
+
+
+def ours_on_ray(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+    """Our Ray Data executor with checks, on a local Ray of this machine's CPUs (start-up timed apart)."""
+    return ClientRun([sys.executable, str(HERE / "ours_ray.py"), "--count", str(ctx.count), "--base-url", ctx.base_url,
+                      "--concurrency", str(conc), "--workdir", str(ctx.workdir / f"ray-{conc}-{repeat}")])
+
+
+RAY = "ours on Ray (engine + checks)"
+
+
+def ray_table(results: list[Result]) -> str:
+    """The Ray executor against the local engine: medians of per-repeat ratios; start-up apart."""
+    rows = ["| concurrency | Ray req/s (median) | local req/s (median) | Ray / local (median of per-repeat ratios) | "
+            "Ray cluster start-up s (median, not in the ratio) |", "|---:|---:|---:|---:|---:|"]
+    for conc in sorted({r.concurrency for r in results}):
+        ray_runs = [r for r in results if r.client == RAY and r.concurrency == conc]
+        local = {r.repeat: r for r in results if r.client == OURS and r.concurrency == conc}
+        ratios = [r.rps / local[r.repeat].rps for r in ray_runs if r.repeat in local and local[r.repeat].rps]
+        if not ray_runs or not ratios:
+            continue
+        rows.append(f"| {conc} | {median([r.rps for r in ray_runs]):,.0f} | {median([r.rps for r in local.values()]):,.0f} | "
+                    f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                    f"{median([r.startup_s for r in ray_runs]):.1f} |")
+    return "\n".join(rows)
+
+
+# Name -> client. Another executor (e.g. Ray) adds one function here and one name to DEFAULT_CLIENTS.
+CLIENTS = {
+    "bare aiohttp (floor)": bare_client,
+    "ours (engine + checks)": ours(checks=True),
+    "ours (engine, no checks)": ours(checks=False),
+    "ours via SDK over aiohttp (no checks)": ours(checks=False, transport="aiohttp"),
+    "ours via SDK over httpx (no checks)": ours(checks=False, transport="httpx"),
+    "curator 0.1.31": curator_client,
+    RAY: ours_on_ray,
+}
+DEFAULT_CLIENTS = ["bare aiohttp (floor)", "ours (engine + checks)", "ours (engine, no checks)", "curator 0.1.31"] + (
+    [RAY] if importlib.util.find_spec("ray") else [])  # the Ray executor is the optional [ray] extra
+OURS = "ours (engine + checks)"
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def table(results: list[Result], latency: float) -> str:
-    """The README table: throughput against the ideal bound and against the other clients."""
-    rows = ["| concurrency | client | req/s | % of ideal (c/latency) | CPU ms/sample | peak RSS MB | ours (engine + checks) vs this | ours (engine) vs this |",
+    """Medians over the repeats; ratios are the median of each repeat's side-by-side ratio."""
+    rows = ["| concurrency | client | runs | req/s (median) | % of ideal (c/latency) | CPU ms/sample | peak RSS MB | "
+            "ours (engine + checks) vs this (median of per-repeat ratios) |",
             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for conc in sorted({r.concurrency for r in results}):
         group = [r for r in results if r.concurrency == conc]
-        full = next((r for r in group if r.client == "ours (engine + checks)"), None)
-        engine = next((r for r in group if r.client == "ours (engine, no checks)"), None)
         ideal = conc / latency
-
-        def ratio(ours: Result | None, other: Result) -> str:
-            return f"{ours.rps / other.rps:.2f}x" if ours and other is not ours and other.rps else ""
-
-        for r in group:
-            note = "" if r.done == r.count else f" ({r.done}/{r.count} done)"
-            rows.append(f"| {conc} | {r.client}{note} | {r.rps:,.0f} | {100 * r.rps / ideal:.0f}% | "
-                        f"{1000 * r.cpu_s / max(r.done, 1):.2f} | {r.peak_rss_mb:.0f} | {ratio(full, r)} | {ratio(engine, r)} |")
+        for client in dict.fromkeys(r.client for r in group):
+            runs = [r for r in group if r.client == client]
+            ratios = []
+            for run in runs:
+                mine = next((r for r in group if r.client == OURS and r.repeat == run.repeat), None)
+                if mine and client != OURS and run.rps:
+                    ratios.append(mine.rps / run.rps)
+            rps = median([r.rps for r in runs])
+            cpu = median([1000 * r.cpu_s / max(r.done, 1) for r in runs])
+            rss = median([r.peak_rss_mb for r in runs])
+            short = sum(r.done < r.count for r in runs)
+            note = f" ({short} run(s) incomplete)" if short else ""
+            ratio = f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})" if ratios else ""
+            rows.append(f"| {conc} | {client}{note} | {len(runs)} | {rps:,.0f} | {100 * rps / ideal:.0f}% | {cpu:.2f} | "
+                        f"{rss:.0f} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -124,45 +237,40 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=3, help="side-by-side rounds; the table shows medians")
+    parser.add_argument("--clients", nargs="+", default=DEFAULT_CLIENTS, choices=list(CLIENTS))
     parser.add_argument("--curator-python", type=Path, default=HERE / ".venv-curator" / "bin" / "python")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "datagen.json")
     parser.add_argument("--skip-curator", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose engine + checks runs beside ours")
     args = parser.parse_args()
+    if args.baseline:
+        CLIENTS["baseline (engine + checks)"] = baseline_ours(args.baseline.resolve())
+        args.clients.append("baseline (engine + checks)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    clients = [c for c in args.clients if not (args.skip_curator and c.startswith("curator"))]
+    if "curator 0.1.31" in clients and not args.curator_python.exists():
+        log.error("curator is not installed at %s: `make bench-datagen` creates it", args.curator_python)
 
     workdir = Path(tempfile.mkdtemp(prefix="datagen-bench-"))
     requests = workdir / "requests.jsonl"
     write_requests(requests, args.count)
     server, base_url = start_server(args.latency, workdir)
+    ctx = BenchContext(base_url, requests, workdir, args.count, args.curator_python)
     results: list[Result] = []
-    have_curator = not args.skip_curator and args.curator_python.exists()
-    if not have_curator and not args.skip_curator:
-        log.error("curator is not installed at %s: `make bench-datagen` creates it", args.curator_python)
-    py = sys.executable
     try:
-        for conc in args.concurrency:
-            c = str(conc)
-            ours = [py, str(HERE / "ours.py"), "--count", str(args.count), "--base-url", base_url, "--concurrency", c]
-            runs = [
-                ("bare aiohttp (floor)", [py, str(HERE / "bare_client.py"), "--requests", str(requests), "--base-url", base_url,
-                                          "--concurrency", c], None),
-                ("ours (engine + checks)", ours + ["--workdir", str(workdir / f"ours-{c}")], None),
-                ("ours (engine, no checks)", ours + ["--workdir", str(workdir / f"ours-nc-{c}"), "--no-checks"], None),
-                ("ours via SDK over aiohttp (no checks)", ours + ["--workdir", str(workdir / f"ours-sa-{c}"), "--no-checks",
-                                                                 "--transport", "aiohttp"], None),
-                ("ours via SDK over httpx (no checks)", ours + ["--workdir", str(workdir / f"ours-sh-{c}"), "--no-checks",
-                                                               "--transport", "httpx"], None),
-            ]
-            if have_curator:
-                runs.append(("curator 0.1.31", [str(args.curator_python), str(HERE / "curator_driver.py"), "--requests",
-                                                str(requests), "--base-url", base_url, "--concurrency", c, "--workdir",
-                                                str(workdir / f"curator-{c}")], curator_env(workdir)))
-            for name, argv, env in runs:
-                result = run_client(name, argv, conc, args.count, env)
-                if result is not None:
-                    results.append(result)
-                    log.info("  %s: %.0f req/s, %.2f ms CPU/sample, %.0f MB", name, result.rps,
-                             1000 * result.cpu_s / max(result.done, 1), result.peak_rss_mb)
+        for repeat in range(args.repeats):
+            for conc in args.concurrency:
+                for name in clients:
+                    run = CLIENTS[name](ctx, conc, repeat)
+                    if run is None:
+                        continue
+                    result = run_client(name, run.argv, conc, args.count, run.env)
+                    if result is not None:
+                        result.repeat = repeat
+                        results.append(result)
+                        log.info("  %s: %.0f req/s, %.2f ms CPU/sample, %.0f MB", name, result.rps,
+                                 1000 * result.cpu_s / max(result.done, 1), result.peak_rss_mb)
     finally:
         server.terminate()
         server.wait(10)
@@ -170,7 +278,9 @@ def main() -> None:
     load = os.getloadavg()
     text = table(results, args.latency)
     header = (f"{args.count} requests, endpoint latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPUs, "
-              f"load average {load[0]:.1f} at the end")
+              f"{args.repeats} repeats, load average {load[0]:.1f} at the end")
+    if any(r.client == RAY for r in results):
+        text += "\n\n" + ray_table(results)
     print(header)
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)

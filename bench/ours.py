@@ -16,7 +16,9 @@ from bench_workload import workload  # noqa: E402
 from datagen.backends.base import SamplingParams  # noqa: E402
 from datagen.backends.openai_backend import OpenAIBackend  # noqa: E402
 from datagen.engine.config import EngineConfig  # noqa: E402
-from datagen.pipeline import Job, run_generation  # noqa: E402
+from datagen.executors.local import run_local  # noqa: E402
+from datagen.sample import OutputLayout  # noqa: E402
+from datagen.task import LlavaTask  # noqa: E402
 from datagen.prompts import load_prompt_set  # noqa: E402
 
 
@@ -38,15 +40,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-retries", type=int, default=6)
     args = parser.parse_args()
-    checker = None
-    if not args.no_checks:
-        from datagen.quality import make_checker
-
-        checker = make_checker("conversation")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), args.workdir / "conversation.jsonl",
-              args.concurrency, checker=checker, engine=EngineConfig(cache_path=args.workdir / "cache.sqlite", max_retries=args.max_retries,
-                                         backoff_base_s=0.05, backoff_max_s=2.0))
+    task = LlavaTask("conversation", load_prompt_set(None, "conversation"), SamplingParams(),
+                     provenance={"backend": "openai"}, gate=not args.no_checks)
+    config = EngineConfig(cache_path=args.workdir / "cache.sqlite", max_retries=args.max_retries,
+                          backoff_base_s=0.05, backoff_max_s=2.0)
     # Built before the clock starts, like curator's input dataset; --stream shows the engine's own memory is flat.
     records = workload(args.count) if args.stream else list(workload(args.count))
 
@@ -54,7 +52,8 @@ def main() -> None:
         backend = OpenAIBackend("gpt-4o-mini", base_url=args.base_url, api_key="sk-bench", concurrency=args.concurrency,
                                 transport=args.transport, timeout=args.timeout)
         try:
-            return await run_generation(job, backend, records)
+            return await run_local(task, OutputLayout(args.workdir / "conversation.jsonl"), backend, records, config,
+                                   args.concurrency)
         finally:
             await backend.aclose()
 

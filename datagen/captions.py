@@ -7,9 +7,9 @@ from pathlib import Path
 
 from datagen.coco import CocoIndex
 from datagen.jsonl import JsonlWriter
-from datagen.pipeline import sample_id
+from datagen.sample import sample_id
 from datagen.prompts import default_prompts_dir, load_instructions
-from datagen.schema import IMAGE_TOKEN, Sample
+from datagen.sample import IMAGE_TOKEN, Sample
 
 
 def clean_caption(text: str) -> str:

@@ -1,14 +1,27 @@
-"""COCO annotations (captions + instances) to typed per-image records."""
+"""COCO annotations (captions + instances) to typed per-image records, through a cached index.
+
+The first use of a split streams its annotation files into a compact index file (see
+`datagen.coco_index`); later runs, and worker processes given the index's path, memory-map it.
+"""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
+from datagen.coco_index import (
+    AnnotationFormatError,
+    MappedIndex,
+    SourceStamp,
+    build_index_file,
+    default_index_dir,
+    index_file_name,
+    read_annotations,
+)
 from datagen.errors import VisinstructError
 
 
@@ -36,42 +49,169 @@ def annotation_path(root: Path, kind: str, split: str) -> Path:
     return Path(root) / "annotations" / f"{kind}_{split}.json"
 
 
-def _load_coco(path: Path):
-    from pycocotools.coco import COCO
-
+def _require_file(path: Path) -> Path:
     if not path.is_file():
         raise VisinstructError(
             f"COCO annotation file not found: {path}",
             "point --coco-root at a folder with annotations/ (official layout) or run `datagen coco fetch`",
         )
+    return path
+
+
+def _read_or_explain(path: Path, reader: Any) -> None:
+    """Stream one annotation file; decoding and format problems become one-line user errors."""
     try:
-        # pycocotools prints progress to stdout; keep stdout clean for `datagen render`.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
+        read_annotations(path, reader)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VisinstructError(f"malformed COCO JSON in {path}: {exc}", "re-download the annotation file") from None
-    except (KeyError, TypeError, AssertionError) as exc:
+    except AnnotationFormatError as exc:
         raise VisinstructError(
-            f"{path} is not a COCO annotation file (missing {exc})", "check that the file is COCO's official format"
+            f"{path} is not a COCO annotation file ({exc})", "check that the file is COCO's official format"
         ) from None
 
 
-class CocoIndex:
-    """Captions and instance boxes of one split, loaded once, read per image."""
+def _fresh(index_path: Path, sources: list[SourceStamp]) -> bool:
+    """True when the index file exists, is readable, and was built from exactly these files."""
+    try:
+        header = MappedIndex.read_header(index_path)
+    except (OSError, ValueError):
+        return False
+    return header.get("sources") == [vars(s) for s in sources]
 
-    def __init__(self, root: str | Path, split: str, with_instances: bool = True) -> None:
-        self.root = Path(root)
-        self.split = split
-        if not self.root.is_dir():
+
+def ensure_index(
+    root: str | Path, split: str, with_instances: bool = True, index_dir: Path | None = None
+) -> Path:
+    """Path of an up-to-date index of the split, building it (once, atomically) when absent or stale."""
+    root = Path(root)
+    captions_path = _require_file(annotation_path(root, "captions", split))
+    instances_path = annotation_path(root, "instances", split)
+    if with_instances:
+        _require_file(instances_path)
+    folder = index_dir if index_dir is not None else default_index_dir()
+    captions_stamp = SourceStamp.of(captions_path)
+    full_path = folder / index_file_name(captions_path, instances_path, split)
+    if instances_path.is_file():
+        full_sources = [captions_stamp, SourceStamp.of(instances_path)]
+        if _fresh(full_path, full_sources):
+            return full_path  # a full index also serves a captions-only reader
+    if with_instances:
+        target, sources, instances = full_path, full_sources, instances_path
+    else:
+        target, sources, instances = folder / index_file_name(captions_path, None, split), [captions_stamp], None
+        if _fresh(target, sources):
+            return target
+    meta = {"root": str(root), "split": split, "with_instances": with_instances, "sources": [vars(s) for s in sources]}
+    try:
+        build_index_file(target, captions_path, instances, meta, read=_read_or_explain)
+    except OSError as exc:
+        raise VisinstructError(
+            f"cannot write the COCO index to {folder}: {exc.strerror or exc}",
+            "set VISINSTRUCT_INDEX_DIR to a writable folder",
+        ) from None
+    return target
+
+
+def open_index(index_path: str | Path) -> "CocoIndex":
+    """Open a built index by path without reading any JSON (what a worker process calls)."""
+    return CocoIndex.from_index_file(Path(index_path))
+
+
+def normalised_box(obj: ObjectBox, width: int, height: int) -> list[float]:
+    """COCO [x, y, w, h] pixels to [x1, y1, x2, y2] in [0, 1], rounded to 3 decimals."""
+    x, y, w, h = obj.bbox
+    return [round(x / width, 3), round(y / height, 3), round((x + w) / width, 3), round((y + h) / height, 3)]
+
+
+class _ImagesView(Mapping):
+    """pycocotools' `imgs` (id -> image info) for the images listed in the captions file."""
+
+    def __init__(self, index: "CocoIndex") -> None:
+        self._index = index
+
+    def __getitem__(self, image_id: int) -> dict[str, Any]:
+        row = self._index._row(image_id)
+        if row is None or not self._index._store["has_info"][row]:
+            raise KeyError(image_id)
+        return self._index._info(row)
+
+    def __iter__(self) -> Iterator[int]:
+        store = self._index._store
+        return iter(store["image_id"][store["has_info"].astype(bool)].tolist())
+
+    def __len__(self) -> int:
+        return int(self._index._store["has_info"].sum())
+
+
+class _CaptionAnnotationsView(Mapping):
+    """pycocotools' `imgToAnns` of the captions file (id -> its caption annotations, stripped)."""
+
+    def __init__(self, index: "CocoIndex") -> None:
+        self._index = index
+
+    def __getitem__(self, image_id: int) -> list[dict[str, Any]]:
+        row = self._index._row(image_id)
+        captions = [] if row is None else self._index._captions(row)
+        if not captions:
+            raise KeyError(image_id)
+        return [{"image_id": image_id, "caption": c} for c in captions]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._index.image_ids())
+
+    def __len__(self) -> int:
+        return len(self._index.image_ids())
+
+
+class CaptionsView:
+    """The two pycocotools tables that callers read (`imgs`, `imgToAnns`), served from the index."""
+
+    def __init__(self, index: "CocoIndex") -> None:
+        self.imgs = _ImagesView(index)
+        self.imgToAnns = _CaptionAnnotationsView(index)
+
+
+class CocoIndex:
+    """Captions and instance boxes of one split, read per image from a memory-mapped index."""
+
+    def __init__(
+        self, root: str | Path, split: str, with_instances: bool = True, index_dir: Path | None = None
+    ) -> None:
+        root = Path(root)
+        if not root.is_dir():
             raise VisinstructError(
-                f"COCO root not found: {self.root}", "pass --coco-root DIR or fetch data with `datagen coco fetch`"
+                f"COCO root not found: {root}", "pass --coco-root DIR or fetch data with `datagen coco fetch`"
             )
-        self.captions = _load_coco(annotation_path(self.root, "captions", split))
-        inst_path = annotation_path(self.root, "instances", split)
-        self.instances = _load_coco(inst_path) if with_instances else None
+        self._open(ensure_index(root, split, with_instances, index_dir), root, split, with_instances)
+
+    @classmethod
+    def from_index_file(cls, index_path: Path) -> "CocoIndex":
+        """An index opened from its file alone; root and split come from the file's header."""
+        self = cls.__new__(cls)
+        try:
+            header = MappedIndex.read_header(index_path)
+        except (OSError, ValueError) as exc:
+            raise VisinstructError(f"cannot open COCO index {index_path}: {exc}", "rebuild it by running the command on the driver") from None
+        self._open(Path(index_path), Path(header["root"]), header["split"], header["with_instances"])
+        return self
+
+    def _open(self, index_path: Path, root: Path, split: str, with_instances: bool) -> None:
+        self.root = root
+        self.split = split
+        self.index_path = index_path
+        self._store = MappedIndex(index_path)
+        # A full index may serve a captions-only reader: then it shows no objects, like before.
+        self.with_instances = with_instances and "obj_start" in self._store
         self.categories: dict[int, str] = {}
-        if self.instances is not None:
-            self.categories = {c["id"]: c["name"] for c in self.instances.dataset.get("categories", [])}
+        if self.with_instances:
+            self.categories = {
+                int(cat_id): self._store.string("cat_name", row) for row, cat_id in enumerate(self._store["cat_id"].tolist())
+            }
+        self.captions = CaptionsView(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Pickled by path (e.g. shipped to Ray workers): the receiver maps the same file.
+        return open_index, (str(self.index_path),)
 
     @property
     def image_dir(self) -> Path:
@@ -79,35 +219,70 @@ class CocoIndex:
 
     def image_ids(self) -> list[int]:
         """Ids of the images that have captions, ascending (a stable order for limits and shards)."""
-        return sorted(i for i, anns in self.captions.imgToAnns.items() if anns)
+        cap_start = self._store["cap_start"]
+        return self._store["image_id"][cap_start[1:] > cap_start[:-1]].tolist()
+
+    def _row(self, image_id: Any) -> int | None:
+        ids = self._store["image_id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
+            return None
+        if not -(2**63) <= int(image_id) < 2**63 or not len(ids):
+            return None
+        row = int(np.searchsorted(ids, image_id))
+        return row if row < len(ids) and int(ids[row]) == int(image_id) else None
+
+    def _info(self, row: int) -> dict[str, Any]:
+        store = self._store
+        return {
+            "id": int(store["image_id"][row]), "file_name": store.string("name", row),
+            "width": int(store["width"][row]), "height": int(store["height"][row]),
+        }
+
+    def _captions(self, row: int) -> list[str]:
+        start, end = self._store["cap_start"][row:row + 2].tolist()
+        return [self._store.string("cap", i) for i in range(start, end)]
 
     def record(self, image_id: int) -> ImageRecord:
         """The typed record of one image; an unknown id is a user error."""
-        info = self.captions.imgs.get(image_id)
-        if info is None or not self.captions.imgToAnns.get(image_id):
+        row = self._row(image_id)
+        captions = self._captions(row) if row is not None else []
+        if row is None or not self._store["has_info"][row] or not captions:
             raise VisinstructError(
                 f"image id {image_id} has no captions in {annotation_path(self.root, 'captions', self.split)}",
                 "check --image-id/--image-ids and --coco-split",
             )
-        captions = [a["caption"].strip() for a in self.captions.imgToAnns[image_id]]
         objects: list[ObjectBox] = []
-        if self.instances is not None:
-            for ann in self.instances.imgToAnns.get(image_id, []):
-                name = self.categories.get(ann["category_id"])
+        if self.with_instances:
+            store = self._store
+            start, end = store["obj_start"][row:row + 2].tolist()
+            category_ids = store["obj_category_id"][start:end].tolist()
+            boxes = store["obj_bbox"][start:end].tolist()
+            crowd = store["obj_crowd"][start:end].tolist()
+            for offset, (category_id, box, is_crowd) in enumerate(zip(category_ids, boxes, crowd)):
+                name = self.categories.get(category_id)
                 if name is None:
                     raise VisinstructError(
-                        f"annotation {ann.get('id')} names unknown category {ann['category_id']}",
+                        f"annotation {int(store['obj_ann_id'][start + offset])} names unknown category {category_id}",
                         "check the instances file's categories list",
                     )
-                objects.append(ObjectBox(category=name, bbox=tuple(ann["bbox"]), iscrowd=bool(ann.get("iscrowd", 0))))
+                objects.append(ObjectBox(category=name, bbox=tuple(box), iscrowd=bool(is_crowd)))
+        info = self._info(row)
         return ImageRecord(
-            id=image_id,
-            file_name=info["file_name"],
-            width=int(info["width"]),
-            height=int(info["height"]),
-            captions=captions,
-            objects=objects,
+            id=image_id, file_name=info["file_name"], width=info["width"], height=info["height"],
+            captions=captions, objects=objects,
         )
+
+    def category_sets(self) -> Iterator[set[str]]:
+        """The set of boxed category names of each image with boxes (what co-occurrence is counted over)."""
+        if not self.with_instances:
+            return
+        store = self._store
+        obj_start = store["obj_start"].tolist()
+        category_ids = store["obj_category_id"]
+        for row in range(len(obj_start) - 1):
+            start, end = obj_start[row], obj_start[row + 1]
+            if end > start:
+                yield {self.categories[c] for c in set(category_ids[start:end].tolist()) if c in self.categories}
 
     def records(self, image_ids: Iterable[int] | None = None, limit: int | None = None) -> Iterator[ImageRecord]:
         """Yield records for the given ids (or all captioned images), at most `limit` of them."""

@@ -9,19 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datagen.coco import ImageRecord, ObjectBox
+from datagen.coco import ImageRecord, normalised_box  # noqa: F401  (normalised_box re-exported)
 from datagen.errors import VisinstructError
 from datagen.splits import SPLIT_SPECS, SplitSpec
 
 # The line that lists absent objects in a negative split's context (the gate and review read it back).
 ABSENT_LABEL = "Absent objects"
 DEFAULT_ABSENT_OBJECTS = 3
-
-
-def normalised_box(obj: ObjectBox, width: int, height: int) -> list[float]:
-    """COCO [x, y, w, h] pixels to [x1, y1, x2, y2] in [0, 1], rounded to 3 decimals."""
-    x, y, w, h = obj.bbox
-    return [round(x / width, 3), round(y / height, 3), round((x + w) / width, 3), round((y + h) / height, 3)]
 
 
 def render_context(record: ImageRecord, with_boxes: bool, absent: Iterable[str] = ()) -> str:
@@ -58,11 +52,9 @@ class CooccurrenceTable:
         return table
 
     @classmethod
-    def from_coco(cls, coco: Any) -> "CooccurrenceTable":
-        """From a loaded pycocotools COCO instances object."""
-        names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
-        per_image = ({names[a["category_id"]] for a in anns if a["category_id"] in names} for anns in coco.imgToAnns.values())
-        return cls.from_image_categories(per_image, names.values())
+    def from_coco(cls, index: Any) -> "CooccurrenceTable":
+        """From a CocoIndex opened with instances (its boxed categories per image)."""
+        return cls.from_image_categories(index.category_sets(), index.categories.values())
 
     @classmethod
     def from_file(cls, path: Path) -> "CooccurrenceTable":
@@ -160,16 +152,19 @@ def context_meta(split: str, context: str) -> dict[str, Any]:
 
 def context_builder(split: str, coco: Any = None, cooccurrence_from: Path | None = None, seed: int = 0,
                     absent_count: int = DEFAULT_ABSENT_OBJECTS) -> ContextBuilder:
-    """The builder for a split: co-occurrence from the given instances file, else from the split's own (`coco`)."""
+    """The builder for a split: co-occurrence from the given instances file, else from the split's own (`coco`, a CocoIndex)."""
     table = None
     if SPLIT_SPECS.get(split) is not None and SPLIT_SPECS[split].with_absent_objects:
         if cooccurrence_from is not None:
             table = CooccurrenceTable.from_file(cooccurrence_from)
         elif coco is not None:
             table = CooccurrenceTable.from_coco(coco)
+    return ContextBuilder(split, table, seed, absent_count, captioned_categories if table is not None else None)
+
+
+def captioned_categories(captions: list[str]) -> set[str]:
+    """The categories captions name, by the shipped matcher (a module function, so a builder pickles for Ray)."""
     # Imported here, not at the top: datagen.quality's checks import this module (normalised_box).
     from datagen.quality.objects import default_matcher
 
-    matcher = default_matcher() if table is not None else None
-    return ContextBuilder(split, table, seed, absent_count,
-                          matcher.categories_of_each if matcher is not None else None)
+    return default_matcher().categories_of_each(captions)

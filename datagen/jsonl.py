@@ -69,6 +69,15 @@ class JsonlWriter:
         if self._fsync:
             os.fsync(self._fh.fileno())
 
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append several records with one write and one flush (a crash may cut only the last line)."""
+        if not records:
+            return
+        self._fh.write("".join([json.dumps(record, ensure_ascii=False) + "\n" for record in records]))
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+
     def close(self) -> None:
         self._fh.close()
 

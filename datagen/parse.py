@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from datagen.schema import IMAGE_TOKEN, Sample
+from datagen.sample import IMAGE_TOKEN, Sample
 from datagen.splits import SPLIT_SPECS
 
 # A `Question:` / `Answer:` label at the start of a line, tolerating markdown and numbering

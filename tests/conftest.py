@@ -1,6 +1,8 @@
 """Shared fixtures: the read-only coco-mini slice beside the checkout."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,16 @@ def coco_root() -> Path:
 @pytest.fixture(scope="session")
 def prompts_dir() -> Path:
     return REPO / "prompts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def coco_index_dir(tmp_path_factory) -> Iterator[Path]:
+    """COCO indexes built by the suite go to a temp folder, not the user's ~/.cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("coco-index")
+    previous = os.environ.get("VISINSTRUCT_INDEX_DIR")
+    os.environ["VISINSTRUCT_INDEX_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("VISINSTRUCT_INDEX_DIR", None)
+    else:
+        os.environ["VISINSTRUCT_INDEX_DIR"] = previous

@@ -12,8 +12,11 @@ from datagen.backends.base import SamplingParams
 from datagen.backends.openai_backend import OpenAIBackend
 from datagen.coco import CocoIndex
 from datagen.engine.config import EngineConfig
-from datagen.pipeline import Job, RunStats, run_generation
+from datagen.engine.work import RunStats
+from datagen.executors.local import run_local
 from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
+from datagen.sample import OutputLayout
+from datagen.task import LlavaTask
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o-mini"
@@ -31,14 +34,14 @@ def run_engine(base_url: str, out: Path, coco_root: Path, *, split: str = "conve
     ids = index.image_ids()[:limit] if limit else index.image_ids()
     engine.setdefault("backoff_base_s", 0.01)
     engine.setdefault("backoff_max_s", 0.05)
-    job = Job(split, load_prompt_set(prompts_dir, split), SamplingParams(max_tokens=300), out, concurrency,
-              engine=EngineConfig(**engine))
+    task = LlavaTask(split, load_prompt_set(prompts_dir, split), SamplingParams(max_tokens=300),
+                     provenance={"backend": "openai"}, gate=False)
 
     async def go() -> RunStats:
         backend = OpenAIBackend(model=model, base_url=base_url, api_key=api_key, timeout=timeout, concurrency=concurrency,
                                 transport=transport)
         try:
-            return await run_generation(job, backend, index.records(ids))
+            return await run_local(task, OutputLayout(out), backend, index.records(ids), EngineConfig(**engine), concurrency)
         finally:
             await backend.aclose()
 

@@ -13,7 +13,7 @@ from datagen.cli import main
 from datagen.coco import CocoIndex
 from datagen.prompts import load_instructions
 from datagen.quality import QualityChecker, SampleView
-from datagen.schema import IMAGE_TOKEN, Sample
+from datagen.sample import IMAGE_TOKEN, Sample
 
 
 def read(path: Path) -> list[dict]:

@@ -121,7 +121,7 @@ def test_generate_with_the_embedded_model_end_to_end(coco_root, tmp_path):
     rejected = [json.loads(l) for l in rejects_file.read_text().splitlines()] if rejects_file.exists() else []
     ids = [r["id"] for r in accepted + rejected]
     assert sorted(ids) == ["000000000139", "000000000802"]
-    from datagen.schema import Sample
+    from datagen.sample import Sample
 
     for record in accepted:
         sample = Sample.model_validate(record)

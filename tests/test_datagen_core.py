@@ -11,7 +11,7 @@ from datagen.context import normalised_box, render_context
 from datagen.errors import VisinstructError
 from datagen.parse import ParseError, build_sample, split_qa
 from datagen.prompts import SPLITS, load_instructions, load_prompt_set, pick_instruction
-from datagen.schema import Sample
+from datagen.sample import Sample
 
 
 def make_record(objects=(), captions=("A cat on a mat.", "A small cat.")) -> ImageRecord:

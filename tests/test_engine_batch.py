@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from datagen.engine.batch_api import BatchState, batch_dir, state_path
-from datagen.pipeline import rejects_path, sample_id
+from datagen.engine.batch_api import BatchState
+from datagen.sample import OutputLayout, sample_id
 from engine_support import assert_user_error, datagen, datagen_here, ids_of, load_index
 from fake_openai_server import FakeOpenAIServer
 
@@ -19,7 +19,7 @@ def test_submit_status_collect_then_resubmit_the_failed_and_expired(coco_root, t
         proc = datagen_here("batch", "submit", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "12",
                        "--base-url", server.base_url, *common)
         assert proc.returncode == 0, proc.stderr
-        state = BatchState.load(state_path(out))
+        state = BatchState.load(OutputLayout(out).batch_state)
         assert len(state.batches) == 1 and state.batches[0].count == 12 and state.batches[0].batch_id
         lines = [json.loads(l) for l in open(state.batches[0].request_file)]
         assert {l["custom_id"] for l in lines} == {f"{i}:reasoning" for i in ids}
@@ -35,8 +35,8 @@ def test_submit_status_collect_then_resubmit_the_failed_and_expired(coco_root, t
         collected = datagen_here("batch", "collect", *common)
         assert collected.returncode == 0, collected.stderr
         assert "9 results, 3 to resubmit" in collected.stdout
-        assert sorted(ids_of(out, rejects_path(out))) == sorted(set(ids) - {ids[1], ids[4], ids[7]})
-        resubmit = BatchState.load(state_path(out)).batches[0].resubmit_file
+        assert sorted(ids_of(out, OutputLayout(out).rejects)) == sorted(set(ids) - {ids[1], ids[4], ids[7]})
+        resubmit = BatchState.load(OutputLayout(out).batch_state).batches[0].resubmit_file
         assert {json.loads(l)["custom_id"] for l in open(resubmit)} == fail | expire
 
         # Collect is idempotent; the resubmit file goes out as a new batch and completes the split.
@@ -48,7 +48,7 @@ def test_submit_status_collect_then_resubmit_the_failed_and_expired(coco_root, t
         datagen_here("batch", "status", *common)
         final = datagen_here("batch", "collect", *common)
         assert final.returncode == 0 and "3 results, 0 to resubmit" in final.stdout
-    every = ids_of(out, rejects_path(out))
+    every = ids_of(out, OutputLayout(out).rejects)
     assert len(every) == len(set(every)) == 12 and set(every) == set(ids)
     # Results went into the cache: a live run of the same settings now makes no request.
     with FakeOpenAIServer() as live:
@@ -67,9 +67,23 @@ def test_submit_with_wrong_key_keeps_the_request_file_for_a_rerun(coco_root, tmp
         proc = datagen("batch", "submit", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "3",
                        "--base-url", server.base_url, "--out", str(out), env={"OPENAI_API_KEY": "sk-wrong"})
         assert_user_error(proc, "401")
-        state = BatchState.load(state_path(out))
-        assert state.batches[0].status == "written" and (batch_dir(out) / "requests-001.jsonl").exists()
+        state = BatchState.load(OutputLayout(out).batch_state)
+        assert state.batches[0].status == "written" and (OutputLayout(out).batch_dir / "requests-001.jsonl").exists()
         proc = datagen_here("batch", "submit", "--split", "reasoning", "--coco-root", str(coco_root), "--limit", "3",
                        "--base-url", server.base_url, "--out", str(out), env={"OPENAI_API_KEY": "sk-right"})
         assert proc.returncode == 0, proc.stderr
-        assert len(BatchState.load(state_path(out)).batches) == 1 and len(server.state.batches) == 1
+        assert len(BatchState.load(OutputLayout(out).batch_state).batches) == 1 and len(server.state.batches) == 1
+
+
+def test_submit_takes_generate_s_options_and_the_same_request_body(coco_root, tmp_path):
+    """`batch submit` shares generate's option groups: --repetition-penalty, --model, split as a choice."""
+    out = tmp_path / "detail.jsonl"
+    proc = datagen_here("batch", "submit", "--split", "detail", "--coco-root", str(coco_root), "--limit", "2",
+                        "--repetition-penalty", "1.1", "--model", "my-model", "--out", str(out), "--dry-run", "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(l) for l in open(OutputLayout(out).batch_dir / "requests-001.jsonl")]
+    assert len(lines) == 2
+    assert all(l["body"]["repetition_penalty"] == 1.1 and l["body"]["model"] == "my-model" for l in lines)
+    assert BatchState.load(OutputLayout(out).batch_state).model == "my-model"
+    wrong = datagen_here("batch", "submit", "--split", "captions", "--coco-root", str(coco_root), "--out", str(out))
+    assert wrong.returncode == 2 and "captions" in wrong.stderr

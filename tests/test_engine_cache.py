@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.engine.cache import ResponseCache, cache_key
-from datagen.pipeline import rejects_path
+from datagen.sample import OutputLayout
 from engine_support import REPO, datagen_here, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer
 
@@ -48,8 +48,8 @@ def test_rerun_with_same_inputs_makes_zero_requests(coco_root, tmp_path):
         second = run_engine(server.base_url, tmp_path / "b.jsonl", coco_root, limit=12, cache_path=cache)
         assert server.state.count == 12
     assert second.cache_hits == 12 and second.requests == 0 and second.prompt_tokens == 0 and second.cost_usd == 0
-    assert sorted(ids_of(tmp_path / "a.jsonl", rejects_path(tmp_path / "a.jsonl"))) == \
-        sorted(ids_of(tmp_path / "b.jsonl", rejects_path(tmp_path / "b.jsonl")))
+    assert sorted(ids_of(tmp_path / "a.jsonl", OutputLayout(tmp_path / "a.jsonl").rejects)) == \
+        sorted(ids_of(tmp_path / "b.jsonl", OutputLayout(tmp_path / "b.jsonl").rejects))
     assert first.requests == 12
 
 

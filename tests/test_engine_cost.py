@@ -6,7 +6,7 @@ import pytest
 from datagen.engine.cost import BudgetGuard, Price, load_prices
 from datagen.engine.tokens import PromptTokenCounter
 from datagen.errors import VisinstructError
-from datagen.pipeline import rejects_path
+from datagen.sample import OutputLayout
 from engine_support import datagen, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer
 
@@ -59,7 +59,7 @@ def test_budget_stops_cleanly_before_exceeding_it(coco_root, tmp_path):
         stats = run_engine(server.base_url, out, coco_root, limit=20, model="gpt-4o", budget_usd=0.02, concurrency=4)
     assert 0 < stats.cost_usd <= 0.02
     assert stats.budget_stopped > 0 and stats.accepted + stats.rejected + stats.budget_stopped == 20
-    assert len(ids_of(out, rejects_path(out))) == stats.accepted + stats.rejected
+    assert len(ids_of(out, OutputLayout(out).rejects)) == stats.accepted + stats.rejected
 
 
 def test_budget_needs_a_known_price(coco_root, tmp_path):
@@ -72,13 +72,13 @@ def test_budget_needs_a_known_price(coco_root, tmp_path):
 def test_dry_run_counts_tokens_and_sends_nothing(coco_root, tmp_path):
     from engine_support import load_index
     from datagen.backends.base import SamplingParams
-    from datagen.pipeline import Job, build_request
     from datagen.prompts import load_prompt_set
+    from datagen.task import LlavaTask
 
     index = load_index(coco_root, "detail")
-    job = Job("detail", load_prompt_set(None, "detail"), SamplingParams(), tmp_path / "d.jsonl", 1)
+    task = LlavaTask("detail", load_prompt_set(None, "detail"), SamplingParams())
     counter = PromptTokenCounter()
-    expected = sum(counter.count(build_request(job, index.record(i))[0].messages) for i in index.image_ids()[:7])
+    expected = sum(counter.count(task.prepare(index.record(i)).request.messages) for i in index.image_ids()[:7])
     with FakeOpenAIServer() as server:
         proc = datagen("generate", "--split", "detail", "--coco-root", str(coco_root), "--limit", "7", "--dry-run",
                        "--backend", "openai", "--base-url", server.base_url, "--out", str(tmp_path / "d.jsonl"))

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from datagen.errors import VisinstructError
-from datagen.pipeline import failures_path, rejects_path
+from datagen.sample import OutputLayout
 from engine_support import assert_user_error, datagen, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer, FaultPlan
 
@@ -21,7 +21,7 @@ def test_one_transient_fault_is_retried_and_the_item_succeeds(fault, transport, 
         stats = run_engine(server.base_url, out, coco_root, limit=1, concurrency=1, timeout=0.4, transport=transport)
     assert server.state.faults[fault] == 1
     assert stats.requests == 2 and stats.retries == 1 and stats.failed == 0
-    assert ids_of(out, rejects_path(out)) == ["000000000139"]
+    assert ids_of(out, OutputLayout(out).rejects) == ["000000000139"]
 
 
 def test_429_retry_after_is_honoured(coco_root, tmp_path):
@@ -41,14 +41,14 @@ def test_item_that_exhausts_its_retries_is_recorded_and_a_rerun_retries_only_it(
     with FakeOpenAIServer(faults=plan) as server:
         stats = run_engine(server.base_url, out, coco_root, limit=5, concurrency=1, max_retries=2)
     assert stats.failed == 1 and stats.accepted + stats.rejected == 4
-    failures = [json.loads(line) for line in failures_path(out).read_text().splitlines()]
+    failures = [json.loads(line) for line in OutputLayout(out).failures.read_text().splitlines()]
     assert len(failures) == 1 and "HTTP 500" in failures[0]["reason"] and failures[0]["attempts"] == 3
     with FakeOpenAIServer() as server:
         rerun = run_engine(server.base_url, out, coco_root, limit=5, concurrency=1, max_retries=2)
     assert server.state.count == 1 and rerun.skipped == 4 and rerun.failed == 0
-    assert sorted(ids_of(out, rejects_path(out))) == sorted(set(ids_of(out, rejects_path(out))))
-    assert len(ids_of(out, rejects_path(out))) == 5
-    assert not failures_path(out).exists()
+    assert sorted(ids_of(out, OutputLayout(out).rejects)) == sorted(set(ids_of(out, OutputLayout(out).rejects)))
+    assert len(ids_of(out, OutputLayout(out).rejects)) == 5
+    assert not OutputLayout(out).failures.exists()
 
 
 @pytest.mark.parametrize("transport", ["direct", "aiohttp"])
@@ -84,7 +84,7 @@ def test_mixed_faults_every_image_accounted_for_once(coco_root, tmp_path):
     out = tmp_path / "c.jsonl"
     with FakeOpenAIServer(faults=plan, latency_s=0.005) as server:
         stats = run_engine(server.base_url, out, coco_root, concurrency=16, timeout=0.4)
-    ids = ids_of(out, rejects_path(out))
+    ids = ids_of(out, OutputLayout(out).rejects)
     assert len(ids) == len(set(ids)) == 79 and stats.failed == 0
     assert server.state.faults["429"] > 0 and server.state.faults["500"] > 0 and server.state.faults["timeout"] > 0
     assert stats.requests == server.state.count == 79 + sum(server.state.faults.values())

@@ -6,7 +6,9 @@ import asyncio
 from datagen.backends.base import Completion, SamplingParams
 from datagen.backends.local import LocalBackend
 from datagen.engine.config import EngineConfig
-from datagen.pipeline import Job, rejects_path, run_generation
+from datagen.executors.local import run_local
+from datagen.sample import OutputLayout
+from datagen.task import LlavaTask
 from datagen.prompts import load_prompt_set
 from engine_support import ids_of, load_index
 from fake_openai_server import completion_text
@@ -34,12 +36,13 @@ def test_engine_feeds_full_batches_and_caches_local_completions(coco_root, tmp_p
 
     def run(out):
         backend, sizes = batching_backend(8)
-        job = Job("conversation", load_prompt_set(None, "conversation"), SamplingParams(), out, backend.preferred_concurrency,
-                  engine=EngineConfig(cache_path=cache))
+        task = LlavaTask("conversation", load_prompt_set(None, "conversation"), SamplingParams(),
+                         provenance={"backend": backend.name}, gate=False)
 
         async def go():
             try:
-                return await run_generation(job, backend, index.records(ids))
+                return await run_local(task, OutputLayout(out), backend, index.records(ids), EngineConfig(cache_path=cache),
+                                       backend.preferred_concurrency)
             finally:
                 await backend.aclose()
 
@@ -48,6 +51,6 @@ def test_engine_feeds_full_batches_and_caches_local_completions(coco_root, tmp_p
     stats, sizes = run(tmp_path / "a.jsonl")
     assert sum(sizes) == 24 and max(sizes) == 8 and len(sizes) <= 6  # concurrency keeps the batches (nearly) full
     assert stats.cost_usd == 0 and stats.requests == 24
-    assert sorted(ids_of(tmp_path / "a.jsonl", rejects_path(tmp_path / "a.jsonl"))) == [f"{i:012d}" for i in sorted(ids)]
+    assert sorted(ids_of(tmp_path / "a.jsonl", OutputLayout(tmp_path / "a.jsonl").rejects)) == [f"{i:012d}" for i in sorted(ids)]
     again, sizes = run(tmp_path / "b.jsonl")
     assert sizes == [] and again.cache_hits == 24

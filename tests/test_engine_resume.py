@@ -9,7 +9,7 @@ import sys
 import time
 
 from datagen.context import render_context
-from datagen.pipeline import rejects_path, sample_id
+from datagen.sample import OutputLayout, sample_id
 from engine_support import REPO, ids_of, load_index
 from fake_openai_server import FakeOpenAIServer, prompt_digest
 
@@ -28,11 +28,11 @@ def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(co
                 "--concurrency", str(concurrency)]
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(ids_of(out, rejects_path(out))) < 20:
+        while time.monotonic() < deadline and len(ids_of(out, OutputLayout(out).rejects)) < 20:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        written = set(ids_of(out, rejects_path(out)))
+        written = set(ids_of(out, OutputLayout(out).rejects))
         with sqlite3.connect(cache) as db:
             cached = {row[0].split(":")[0] for row in db.execute("SELECT item FROM responses")}
         persisted = written | {sample_id(int(i)) for i in cached}
@@ -43,7 +43,7 @@ def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(co
         assert rerun.returncode == 0, rerun.stderr
         again = [r["digest"] for r in server.state.requests[before:]]
 
-    final = ids_of(out, rejects_path(out))
+    final = ids_of(out, OutputLayout(out).rejects)
     assert len(final) == len(set(final)) and set(final) == all_ids
     # Nothing persisted before the kill was requested again, and nothing was requested twice in the rerun.
     assert not {digest_of[i] for i in persisted} & set(again)

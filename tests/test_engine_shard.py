@@ -7,7 +7,7 @@ import pytest
 
 from datagen.engine.shard import ShardSpec, merge_shards, shard_of
 from datagen.errors import VisinstructError
-from datagen.pipeline import rejects_path, sample_id
+from datagen.sample import OutputLayout, sample_id
 from engine_support import assert_user_error, datagen, datagen_here, ids_of, load_index
 from fake_openai_server import FakeOpenAIServer
 
@@ -52,7 +52,7 @@ def test_three_machines_then_merge_gives_every_id_once(coco_root, tmp_path):
         assert server.state.count == 30  # each image requested by exactly one machine
     merged = tmp_path / "reasoning.jsonl"
     report = merge_shards(outs, merged)
-    ids = ids_of(merged, rejects_path(merged))
+    ids = ids_of(merged, OutputLayout(merged).rejects)
     assert len(ids) == len(set(ids)) and set(ids) == everything
     assert report.shards == ["1", "2", "3"] and report.samples + report.rejects == 30
 
@@ -60,7 +60,7 @@ def test_three_machines_then_merge_gives_every_id_once(coco_root, tmp_path):
     proc = datagen("merge", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "m2.jsonl"))
     assert_user_error(proc, "shard(s) 3/3 not given")
     doubled = tmp_path / "reasoning.shard-3-of-3.jsonl"
-    first = doubled.read_text().splitlines()[0] if doubled.read_text() else rejects_path(doubled).read_text().splitlines()[0]
+    first = doubled.read_text().splitlines()[0] if doubled.read_text() else OutputLayout(doubled).rejects.read_text().splitlines()[0]
     with open(doubled, "a") as fh:
         fh.write(first + "\n")
     proc = datagen("merge", *map(str, outs), "--out", str(tmp_path / "m3.jsonl"))

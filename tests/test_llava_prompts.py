@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.errors import VisinstructError
 from datagen.parse import build_sample, parse_pairs, ParseRules
-from datagen.pipeline import Job, rejects_path, run_generation
 from datagen.prompts import default_prompts_dir, load_prompt_set
-from datagen.quality import QualityConfig, make_checker
+from datagen.engine.config import EngineConfig
+from datagen.executors.local import run_local
+from datagen.quality import QualityConfig
+from datagen.sample import OutputLayout
+from datagen.task import LlavaTask
 from engine_support import ids_of, load_index
 
 # Responses in LLaVA's few-shot form: each label on its own line, `===` between blocks.
@@ -146,6 +149,7 @@ class FewShotEcho:
     """An endpoint that answers every request with the prompt's own first few-shot response (as GPT-4 wrote them)."""
 
     name, model, preferred_concurrency = "echo", "echo", 4
+    observe_headers = None
 
     async def complete(self, request: ChatRequest) -> Completion:
         return Completion(request.messages[2]["content"], "stop", 100, 100, "echo")
@@ -165,8 +169,8 @@ def test_generation_with_llava_prompts_accepts_llava_answers(tmp_path, coco_root
     # Without COCO records the object check is off: the few-shot answer is about another image; and every
     # answer is the same text, so near-duplicates are off too.
     config = QualityConfig(disabled_checks=["near_duplicate"])
-    job = Job(split, load_prompt_set(tmp_path / "llava", split), SamplingParams(), out, 4,
-              checker=make_checker(split, config, coco_available=False))
-    stats = asyncio.run(run_generation(job, FewShotEcho(), index.records(ids)))
+    task = LlavaTask(split, load_prompt_set(tmp_path / "llava", split), SamplingParams(), config, coco_available=False)
+    layout = OutputLayout(out)
+    stats = asyncio.run(run_local(task, layout, FewShotEcho(), index.records(ids), EngineConfig(), 4))
     assert stats.accepted == 4, stats.reject_reasons
-    assert ids_of(rejects_path(out)) == []
+    assert ids_of(layout.rejects) == []

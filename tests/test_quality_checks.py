@@ -12,7 +12,7 @@ from datagen.quality import QualityChecker, QualityConfig, SampleView, load_conf
 from datagen.quality.checks import REASON_CODES
 from datagen.quality.minhash import NearDuplicateIndex, jaccard, shingles
 from datagen.quality.objects import ChairCounter, default_matcher, ground_truth
-from datagen.schema import Sample
+from datagen.sample import Sample
 
 KITCHEN = ImageRecord(
     id=802, file_name="000000000802.jpg", width=424, height=640,

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.coco import CocoIndex
-from datagen.pipeline import Job, rejects_path, run_generation
+from datagen.engine.config import EngineConfig
+from datagen.executors.local import run_local
+from datagen.sample import OutputLayout
+from datagen.task import LlavaTask
 from datagen.prompts import load_prompt_set
-from datagen.quality import make_checker
 
 GOOD = ("Question: Who is in the room?\nAnswer: A woman is standing near the table.\n"
         "Question: What furniture is there?\nAnswer: There are chairs around a wooden table.")
@@ -47,11 +48,10 @@ def test_generation_rejects_carry_quality_reasons(coco_root, prompts_dir, tmp_pa
                  "Question: Is the bed tidy?\nAnswer: No, it is covered with blankets.", "stop"),
     }
     out = tmp_path / "conversation.jsonl"
-    job = Job("conversation", load_prompt_set(prompts_dir, "conversation"), SamplingParams(), out, 1,
-              checker=make_checker("conversation"))
-    stats = asyncio.run(run_generation(job, ScriptedBackend(texts), index.records(ids)))
+    task = LlavaTask("conversation", load_prompt_set(prompts_dir, "conversation"), SamplingParams())
+    stats = asyncio.run(run_local(task, OutputLayout(out), ScriptedBackend(texts), index.records(ids), EngineConfig(), 1))
     accepted = [json.loads(line) for line in out.read_text().splitlines()]
-    rejected = {r["id"]: r for r in map(json.loads, rejects_path(out).read_text().splitlines())}
+    rejected = {r["id"]: r for r in map(json.loads, OutputLayout(out).rejects.read_text().splitlines())}
     assert [r["id"] for r in accepted] == [f"{ids[0]:012d}"]
     assert rejected[f"{ids[1]:012d}"]["reject_reasons"] == ["refusal"]
     assert rejected[f"{ids[2]:012d}"]["reject_reasons"] == ["source_leak"]
@@ -73,9 +73,8 @@ def test_a_resumed_run_remembers_what_it_accepted_before(coco_root, prompts_dir,
         if out.exists():
             with open(out, "a") as fh:
                 fh.write('{"id": "half a line from a killed run')
-        job = Job("conversation", prompts, SamplingParams(), out, 1,
-                  checker=make_checker("conversation", coco_available=False, seen=out))
-        asyncio.run(run_generation(job, backend, index.records(ids)))
-    rejected = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+        task = LlavaTask("conversation", prompts, SamplingParams(), coco_available=False)
+        asyncio.run(run_local(task, OutputLayout(out), backend, index.records(ids), EngineConfig(), 1))
+    rejected = [json.loads(line) for line in OutputLayout(out).rejects.read_text().splitlines()]
     assert [r["reject_reasons"] for r in rejected] == [["near_duplicate"]]
     assert rejected[0]["id"] == f"{second:012d}"

@@ -9,7 +9,7 @@ from datagen.quality.config import QualityConfig
 from datagen.quality.eval_samples import TEMPLATE_SETS, build_records
 from datagen.quality.evaluate import FAMILY_CODES, VARIANTS, evaluate, evaluate_families
 from datagen.quality.gate import open_lookup
-from datagen.quality.io import read_samples
+from datagen.sample import read_samples
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD = FIXTURES / "good_samples.jsonl"

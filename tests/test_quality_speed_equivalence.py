@@ -212,7 +212,7 @@ def test_sentence_end_test_matches_the_pattern():
 @pytest.mark.parametrize("meta", [None, {}, {"finish_reason": "stop"}, {"finish_reason": None, "model": "m"}])
 @pytest.mark.parametrize("split", [None, "detail"])
 def test_view_from_sample_is_the_view_from_its_record(meta, split):
-    from datagen.schema import Sample
+    from datagen.sample import Sample
 
     sample = Sample(id="000000000802-conversation", image="000000000802.jpg", split="conversation", meta=meta,
                     conversations=[{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}])

@@ -69,7 +69,7 @@ def test_absent_objects_are_never_present_and_sorted_by_score(present, seed, ima
 
 def test_captioned_objects_count_as_present(coco_root):
     index = CocoIndex(coco_root, "val2017")
-    builder = context_builder("negative", index.instances, seed=3)
+    builder = context_builder("negative", index, seed=3)
     for image_id in index.image_ids()[:30]:
         record = index.record(image_id)
         absent = builder.absent_objects(record)

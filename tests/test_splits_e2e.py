@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from datagen.pipeline import rejects_path
+from datagen.sample import OutputLayout
 from engine_support import datagen_here
 from train.data import read_records, to_messages
 from fake_openai_server import FakeOpenAIServer
@@ -22,7 +22,7 @@ def test_generate_new_split_against_fake_server(coco_root, tmp_path, split):
         proc = datagen_here("generate", "--split", split, "--coco-root", str(coco_root), "--limit", "6",
                             "--base-url", server.base_url, "--no-cache", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    accepted, rejected = read(out), read(rejects_path(out))
+    accepted, rejected = read(out), read(OutputLayout(out).rejects)
     assert len(accepted) + len(rejected) == 6
     assert len(accepted) >= 4, [(r["reject_reasons"], r["detail"]) for r in rejected]
     for rec in rejected:  # every reject says what failed
@@ -64,5 +64,5 @@ def test_negative_split_through_the_batch_api(coco_root, tmp_path):
         collected = datagen_here("batch", "collect", "--out", str(out))
         assert collected.returncode == 0, collected.stderr
     accepted = read(out)
-    assert len(accepted) + len(read(rejects_path(out))) == 3 and accepted
+    assert len(accepted) + len(read(OutputLayout(out).rejects)) == 3 and accepted
     assert all(len(r["meta"]["absent_objects"]) == 3 for r in accepted)

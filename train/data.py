@@ -1,7 +1,6 @@
 """LLaVA-format data: reading, chat-template masking from the tokenizer, collation, length grouping."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -12,6 +11,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from datagen.errors import VisinstructError
+from datagen.hf_dataset import image_cache_dir, is_hf_input
+from datagen.sample import read_samples
 from model.errors import TrainError
 from model.llava import IGNORE
 
@@ -21,21 +23,18 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Read LLaVA-format samples from JSON arrays or JSONL files (extra keys are ignored)."""
+    """Read LLaVA-format samples (JSON arrays, JSONL, HF dataset folders, hf://org/name) through datagen's one reader."""
     records: list[dict[str, Any]] = []
     for path in map(Path, paths):
-        if not path.exists():
+        if not is_hf_input(path) and not path.exists():  # hf://org/name and exported folders read as datasets
             raise TrainError(f"data file '{path}' does not exist", "run `make data` / `datagen captions`, or fix the path")
-        text = path.read_text(encoding="utf-8")
         try:
-            if text.lstrip().startswith("["):
-                items = json.loads(text)
-            else:
-                items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise TrainError(f"{path} is not valid JSON/JSONL (line {exc.lineno})", "fix or regenerate the file") from exc
+            # An HF dataset's embedded images are written once to a cache folder, and the samples name those files.
+            items = list(read_samples(path, extract_images_to=image_cache_dir()))
+        except VisinstructError as exc:
+            raise TrainError(exc.what, exc.hint or "fix or regenerate the file") from None
         for i, item in enumerate(items):
-            if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+            if not isinstance(item.get("conversations"), list):  # a generation reject that never parsed
                 raise TrainError(f"{path} item {i} has no 'conversations' list", "use LLaVA's sample format")
             records.append(item)
     return records

@@ -1,6 +1,7 @@
 """The one small interface every completion backend implements."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +49,9 @@ class Backend(Protocol):
     model: str
     # How many requests the caller should keep in flight to use the backend well.
     preferred_concurrency: int
+    # Set by the engine: called with each HTTP response's headers (x-ratelimit-*) so the limiter can
+    # tighten; backends without rate-limit headers never call it.
+    observe_headers: Callable[[Mapping[str, str]], None] | None
 
     async def complete(self, request: ChatRequest) -> Completion: ...
 

@@ -72,6 +72,7 @@ class LocalBackend:
     """Collects concurrent requests into batches and generates them in one forward loop."""
 
     name = "local"
+    observe_headers = None  # no rate-limit headers: the engine's limiter is never told anything
 
     def __init__(self, model: str | None = None, batch_size: int = 8, max_wait_s: float = 0.05) -> None:
         self.model = model or EMBEDDED_MODEL

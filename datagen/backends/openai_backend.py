@@ -114,6 +114,16 @@ def make_http_client(transport: str, concurrency: int, timeout: float):
     raise VisinstructError(f"unknown transport {transport!r}", f"use one of {', '.join(TRANSPORTS)}")
 
 
+def chat_body(model: str, request: ChatRequest) -> dict:
+    """The JSON body of one chat completion request: the same for live requests and Batch API lines."""
+    p = request.params
+    payload = {"model": model, "messages": request.messages, "temperature": p.temperature,
+               "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}
+    if p.repetition_penalty != 1.0:  # a vLLM / llama.cpp extension; sent only when asked for
+        payload["repetition_penalty"] = p.repetition_penalty
+    return payload
+
+
 class OpenAIBackend:
     """One request per call; the engine decides concurrency, pacing and retries (the SDK's own are off)."""
 
@@ -154,12 +164,7 @@ class OpenAIBackend:
         return self._client
 
     async def complete(self, request: ChatRequest) -> Completion:
-        p = request.params
-        payload = {"model": self.model, "messages": request.messages, "temperature": p.temperature,
-                   "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}
-        if p.repetition_penalty != 1.0:  # a vLLM / llama.cpp extension; sent only when asked for
-            payload["repetition_penalty"] = p.repetition_penalty
-        body = json.dumps(payload).encode()
+        body = json.dumps(chat_body(self.model, request)).encode()
         if self.transport == "direct":
             status, headers, content = await self._post_direct(body)
         else:

@@ -6,14 +6,14 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import openai
 from pydantic import BaseModel
 
-from datagen.backends.base import Completion, SamplingParams
-from datagen.backends.openai_backend import classify_error, completion_from_body
+from datagen.backends.base import ChatRequest, Completion, SamplingParams
+from datagen.backends.openai_backend import chat_body, classify_error, completion_from_body
+from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
 
@@ -22,16 +22,6 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS_PER_BATCH = 50_000  # OpenAI's per-file limit
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-
-
-def state_path(out: Path) -> Path:
-    """data/detail.jsonl -> data/detail.batch.json"""
-    return out.with_name(out.name.removesuffix(".jsonl") + ".batch.json")
-
-
-def batch_dir(out: Path) -> Path:
-    """data/detail.jsonl -> data/detail.batch/ (request, result and resubmit files)"""
-    return out.with_name(out.name.removesuffix(".jsonl") + ".batch")
 
 
 def custom_id(sample_id: str, split: str) -> str:
@@ -67,6 +57,9 @@ class BatchState(BaseModel):
     prompt_hash: str
     params: dict[str, Any]
     cache: str | None
+    # Negative split's context: absent objects per image and the co-occurrence file (None: the split's own).
+    absent_objects: int = DEFAULT_ABSENT_OBJECTS
+    cooccurrence_from: str | None = None
     batches: list[BatchEntry] = []
 
     @classmethod
@@ -90,11 +83,9 @@ class BatchState(BaseModel):
         return SamplingParams(**self.params)
 
 
-def request_line(cid: str, model: str, messages: list[dict[str, str]], params: SamplingParams) -> dict[str, Any]:
-    """One line of a Batch API input file."""
-    body = {"model": model, "messages": messages, "temperature": params.temperature, "top_p": params.top_p,
-            "max_tokens": params.max_tokens, "seed": params.seed}
-    return {"custom_id": cid, "method": "POST", "url": ENDPOINT, "body": body}
+def request_line(cid: str, model: str, request: ChatRequest) -> dict[str, Any]:
+    """One line of a Batch API input file: the body a live request would send."""
+    return {"custom_id": cid, "method": "POST", "url": ENDPOINT, "body": chat_body(model, request)}
 
 
 def ids_in_request_file(path: Path) -> set[str]:
@@ -231,8 +222,3 @@ def write_resubmit(entry: BatchEntry, failed: set[str], folder: Path) -> Path | 
             if line.strip() and json.loads(line)["custom_id"] in failed:
                 dst.write(line)
     return path
-
-
-def sink_backend(state: BatchState) -> SimpleNamespace:
-    """What ResultSink needs to know about the backend that made these completions."""
-    return SimpleNamespace(name="openai", model=state.model)

@@ -1,17 +1,8 @@
 """The engine's settings in one typed place; the CLI flags override the defaults here."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-
-CACHE_FILE = Path(".cache") / "responses.sqlite"
-
-
-def default_cache_path(out_dir: Path = Path("data")) -> Path:
-    """`$VISINSTRUCT_CACHE`, else .cache/responses.sqlite in the output folder (shared by its splits)."""
-    env = os.environ.get("VISINSTRUCT_CACHE")
-    return Path(env) if env else Path(out_dir) / CACHE_FILE
 
 
 @dataclass(frozen=True)
@@ -26,4 +17,3 @@ class EngineConfig:
     cache_path: Path | None = None  # None = no response cache (the library default; the CLI turns it on)
     budget_usd: float | None = None  # stop starting requests that could push the run's spend past this
     prices_path: Path | None = None  # extra price table merged over the shipped one
-    failures_path: Path | None = None  # where items that exhausted their retries are listed (default beside --out)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from datagen.errors import VisinstructError
 from datagen.jsonl import iter_jsonl, repair_tail
+from datagen.sample import OutputLayout
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -57,7 +58,7 @@ class MergeReport:
 
 def _shard_of_file(path: Path) -> tuple[ShardSpec | None, int | None]:
     """The shard spec and assigned-image count from the last run manifest beside a shard output."""
-    manifest = path.with_name(path.name.removesuffix(".jsonl") + ".runs.jsonl")
+    manifest = OutputLayout(path).runs
     if not manifest.exists():
         return None, None
     last = None
@@ -71,10 +72,12 @@ def _shard_of_file(path: Path) -> tuple[ShardSpec | None, int | None]:
     return ShardSpec.parse(last["shard"]), last.get("images")
 
 
+def _rejects(path: Path) -> Path:
+    return OutputLayout(Path(path)).rejects
+
+
 def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> MergeReport:
     """Join shard outputs (and their rejects) into `out`, refusing doubled ids and, unless allowed, missing ones."""
-    from datagen.pipeline import rejects_path
-
     if not inputs:
         raise VisinstructError("no shard outputs given", "pass the shard JSONL files, e.g. data/detail.shard-*-of-4.jsonl")
     if Path(out).resolve() in {Path(p).resolve() for p in inputs}:
@@ -90,7 +93,7 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
             raise VisinstructError(f"shard output not found: {path}", "check the file names")
         spec, assigned = _shard_of_file(path)
         ids_here = 0
-        for source in (path, rejects_path(path)):
+        for source in (path, _rejects(path)):
             if not source.exists():
                 continue
             repair_tail(source)
@@ -124,10 +127,10 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     samples = rejects = 0
-    tmp_out, tmp_rej = out.with_suffix(".jsonl.partial"), rejects_path(out).with_suffix(".jsonl.partial")
+    tmp_out, tmp_rej = out.with_suffix(".jsonl.partial"), _rejects(out).with_suffix(".jsonl.partial")
     with open(tmp_out, "w", encoding="utf-8") as fo, open(tmp_rej, "w", encoding="utf-8") as fr:
         for path in inputs:
-            for source, fh in ((Path(path), fo), (rejects_path(Path(path)), fr)):
+            for source, fh in ((Path(path), fo), (_rejects(Path(path)), fr)):
                 if source.exists():
                     with open(source, encoding="utf-8") as src:
                         for line in src:
@@ -139,5 +142,5 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
                                     rejects += 1
     # Rename at the end so a half-merged file never sits under the final name.
     tmp_out.replace(out)
-    tmp_rej.replace(rejects_path(out))
+    tmp_rej.replace(_rejects(out))
     return MergeReport(samples, rejects, [str(s) for s in sorted(specs)], missing, doubled)

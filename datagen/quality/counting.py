@@ -10,7 +10,7 @@ from datagen.quality.generic import is_generic
 from datagen.quality.objects import ObjectMatcher
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
-    from datagen.quality.checks import CheckEnv, SampleView
+    from datagen.quality.view import CheckEnv, SampleView
 
 NUMBER_WORDS: dict[str, int] = {
     w: n for n, w in enumerate(

@@ -360,7 +360,7 @@ def _iou(a, b) -> float:
 def build_records(kind: str, coco_root: Path) -> list[dict]:
     """Good and planted records of one template set, for the images of its COCO split (deterministic)."""
     index = CocoIndex(coco_root, TEMPLATE_SETS[kind])
-    builder = context_builder("negative", index.instances, seed=0)
+    builder = context_builder("negative", index, seed=0)
     writer = Writer(kind, TEMPLATE_SETS[kind])
     matcher = default_matcher()
     for image_id in index.image_ids():

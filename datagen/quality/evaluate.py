@@ -16,9 +16,10 @@ import typer
 from datagen.quality.checks import NEAR_DUPLICATE, QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.gate import open_lookup
-from datagen.quality.io import ImageLookup, read_samples
+from datagen.quality.io import ImageLookup
+from datagen.sample import read_samples
 from datagen.quality.objects import default_matcher, ground_truth
-from datagen.schema import IMAGE_TOKEN
+from datagen.sample import IMAGE_TOKEN
 
 Rec = dict[str, Any]
 # Objects to plant in a sample when the image lacks them, in order of preference.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import VisinstructError
-from datagen.quality.io import read_samples, sample_split, split_from_filename
+from datagen.sample import read_samples, sample_split, split_from_filename
 
 log = logging.getLogger(__name__)
 

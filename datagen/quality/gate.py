@@ -1,4 +1,7 @@
-"""The quality gate: for generation (a Job.checker) and for existing files (`datagen check`)."""
+"""The quality gate over samples: a per-sample checker, and `datagen check` over existing files.
+
+Generation judges through `datagen.task.LlavaTask`, which decides near-duplicates in run order.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -12,9 +15,9 @@ from datagen.errors import VisinstructError
 from datagen.jsonl import repair_tail
 from datagen.quality.checks import QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
-from datagen.quality.io import ImageLookup, SampleWriter, read_samples, sample_split, split_from_filename
+from datagen.quality.io import ImageLookup
+from datagen.sample import Sample, SampleWriter, read_samples, sample_split, split_from_filename
 from datagen.quality.objects import ChairCounter
-from datagen.schema import Sample
 
 
 class Reasons(list):
@@ -28,7 +31,7 @@ class Reasons(list):
 def make_checker(
     split: str, config: QualityConfig | None = None, coco_available: bool = True, seen: Path | None = None
 ) -> Callable[[Sample, ImageRecord, Any], list[str]]:
-    """A `Job.checker` for one generation run: reject reason codes per sample (stateful for near-duplicates).
+    """Reject reason codes per (sample, record, completion), near-duplicates decided in call order.
 
     `seen`: an output file an earlier run already accepted samples into; a resumed run checks new
     samples against those too.

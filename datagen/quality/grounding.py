@@ -5,12 +5,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from datagen.context import normalised_box
+from datagen.coco import normalised_box
 from datagen.coco import ImageRecord
 from datagen.quality.objects import ObjectMatcher, tokenize
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
-    from datagen.quality.checks import CheckEnv, SampleView
+    from datagen.quality.view import CheckEnv, SampleView
 
 # Anything in square brackets that holds a digit: a box, or an attempt at one (which must then parse).
 _BRACKETS = re.compile(r"\[([^\[\]]*\d[^\[\]]*)\]")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from datagen.quality.objects import NEGATORS, ObjectMatcher, tokenize
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
-    from datagen.quality.checks import CheckEnv, SampleView
+    from datagen.quality.view import CheckEnv, SampleView
 
 _CLAUSE_END = frozenset(".,;:!?()\"")
 _SENTENCE_END = frozenset(".!?")

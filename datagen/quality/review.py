@@ -22,7 +22,8 @@ from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleRe
 from datagen.quality.config import QualityConfig
 from datagen.quality.grounding import named_category, parse_boxes
 from datagen.quality.objects import default_matcher
-from datagen.quality.io import ImageLookup, read_samples, sample_split, split_from_filename
+from datagen.quality.io import ImageLookup
+from datagen.sample import read_samples, sample_split, split_from_filename
 from datagen.quality.review_page import PAGE_TEMPLATE
 
 THUMBNAIL_SIDE = 512

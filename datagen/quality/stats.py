@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from datagen.quality.io import ImageLookup, read_samples, sample_split, split_from_filename
+from datagen.quality.io import ImageLookup
+from datagen.sample import IMAGE_TOKEN, read_samples, sample_split, split_from_filename
 from datagen.quality.objects import ChairCounter, ObjectMatcher, default_matcher, ground_truth
-from datagen.schema import IMAGE_TOKEN
 
 TOP_QUESTION_WORDS = 8
 TOP_OBJECTS = 10

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,9 +11,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datagen.errors import VisinstructError
+from datagen.hf_export import export_hf_command
+from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
+from datagen.quality.config import load_config
+from datagen.quality.export import export_samples, parse_mix
+from datagen.quality.gate import check_file, open_lookup
+from datagen.quality.review import page_terminal, review_items, write_html
+from datagen.quality.stats import compute_stats
+
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); enables the object checks."
 CONFIG_HELP = "Quality thresholds as YAML or JSON (fields of QualityConfig; others keep their defaults)."
 SPLIT_HELP = "Treat every sample as this split (default: the sample's split field, else the file name)."
+
+
+class ExportFormat(str, Enum):
+    """What `export` writes: LLaVA's JSON array, or a Hugging Face dataset folder."""
+
+    json = "json"
+    hf = "hf"
 
 
 def _config(
@@ -20,8 +37,6 @@ def _config(
     disable: Optional[list[str]] = None, allow_trailing_image: bool = False,
 ):
     """The quality config: defaults, then the file, then flags."""
-    from datagen.quality.config import load_config
-
     base = load_config(config)
     return base.with_overrides(
         near_duplicate_threshold=near_dup_threshold,
@@ -46,7 +61,7 @@ def _console() -> Console:
 
 
 def check(
-    in_file: Path = typer.Argument(..., metavar="IN", help="LLaVA-format samples: JSONL or a JSON array."),
+    in_file: Path = typer.Argument(..., metavar="IN", help="LLaVA-format samples: JSONL, a JSON array, an `export --format hf` folder or hf://org/name."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to, e.g. val2017, train2017."),
     out_accepted: Optional[Path] = typer.Option(None, help="Write accepted samples here, unchanged (.json = array)."),
@@ -60,9 +75,6 @@ def check(
     allow_trailing_image: bool = typer.Option(False, help="Accept <image> at the end of the first turn too (LLaVA's files)."),
 ) -> None:
     """Check every sample; write accepted and rejected files; print counts per reject reason."""
-    from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
-    from datagen.quality.gate import check_file, open_lookup
-
     cfg = _config(config, near_dup_threshold, max_hallucinated, disable, allow_trailing_image)
     lookup = open_lookup(coco_root, coco_split)
     summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=split)
@@ -95,16 +107,13 @@ def check(
 
 
 def stats(
-    files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (JSONL or JSON arrays)."),
+    files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (JSONL or JSON arrays), HF dataset folders or hf://org/name."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for CHAIR."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
     split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
     """Per split: samples, turns, question/answer lengths, question types, objects, CHAIR, reject reasons."""
-    from datagen.quality.gate import open_lookup
-    from datagen.quality.stats import compute_stats
-
     result = compute_stats(files, open_lookup(coco_root, coco_split), split=split)
     if json_output:
         typer.echo(json.dumps(result, indent=2))
@@ -138,7 +147,7 @@ def stats(
 
 
 def review(
-    file: Path = typer.Argument(..., help="LLaVA-format samples (accepted or rejects file)."),
+    file: Path = typer.Argument(..., help="LLaVA-format samples (accepted or rejects file, an HF dataset folder or hf://org/name)."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for images, boxes and context."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
     html: Optional[Path] = typer.Option(None, help="Write a static review page here instead of paging in the terminal."),
@@ -151,9 +160,6 @@ def review(
     title: Optional[str] = typer.Option(None, help="HTML page title (default: the file name)."),
 ) -> None:
     """Read samples beside their context and check results: a terminal pager, or one HTML page with images and boxes."""
-    from datagen.quality.gate import open_lookup
-    from datagen.quality.review import page_terminal, review_items, write_html
-
     cfg = _config(config)
     lookup = open_lookup(coco_root, coco_split)
     items = []
@@ -177,10 +183,11 @@ def review(
 
 
 def export(
-    files: list[Path] = typer.Argument(..., help="Accepted sample files (JSONL or JSON arrays), any splits."),
-    out: Path = typer.Option(..., help="Output JSON array for LLaVA's trainer (--data_path)."),
+    files: list[Path] = typer.Argument(..., help="Accepted sample files (JSONL or JSON arrays, HF dataset folders or hf://org/name), any splits."),
+    out: Path = typer.Option(..., help="Output JSON array for LLaVA's trainer (--data_path); with --format hf, a folder."),
     mix: Optional[str] = typer.Option(
-        None, help="split=weight,...; default LLaVA-Instruct-158K's 58:23:77 conversation:detail:reasoning; 'none' keeps all."
+        None, help="split=weight,...; default LLaVA-Instruct-158K's 58:23:77 conversation:detail:reasoning "
+        "(--format hf: all samples); 'none' keeps all."
     ),
     seed: int = typer.Option(0, help="Seed for sampling and shuffling."),
     total: Optional[int] = typer.Option(None, min=1, help="At most this many samples."),
@@ -190,10 +197,26 @@ def export(
     keep_meta: bool = typer.Option(False, help="Keep split/meta keys (default: only id, image, conversations)."),
     split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+    output_format: ExportFormat = typer.Option(ExportFormat.json, "--format", help="json: LLaVA's JSON array; hf: a Hugging Face dataset "
+                                      "folder (Parquet shards + dataset card), whatever --out's extension."),
+    embed_images: bool = typer.Option(False, help="hf: store the image files in the Parquet (an Image feature)."),
+    image_root: Optional[Path] = typer.Option(None, help="hf: image paths are written relative to this folder (and read from it)."),
+    push_to_hub: Optional[str] = typer.Option(None, metavar="REPO_ID", help="hf: then push the folder to this Hub dataset repo (token: HF_TOKEN or `hf auth login`)."),
+    private: bool = typer.Option(False, help="hf: create the Hub repo as private."),
+    coco_root: Optional[Path] = typer.Option(None, help="hf: COCO folder, for CHAIR in the dataset card."),
+    coco_split: str = typer.Option("val2017", help="hf: COCO split the images belong to."),
 ) -> None:
-    """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array."""
-    from datagen.quality.export import export_samples, parse_mix
-
+    """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array (or --format hf)."""
+    if output_format is ExportFormat.hf:
+        export_hf_command(files, out, mix, seed, total, image_root, images_dir, keep_missing, split, embed_images,
+                          push_to_hub, private, coco_root, coco_split, json_output)
+        return
+    hf_only = [flag for flag, given in (("--embed-images", embed_images), ("--image-root", image_root),
+                                         ("--push-to-hub", push_to_hub), ("--private", private),
+                                         ("--coco-root", coco_root)) if given]
+    if hf_only:
+        raise VisinstructError(f"{', '.join(hf_only)} is not for JSON output",
+                               "--embed-images, --image-root, --push-to-hub, --private and --coco-root need --format hf")
     report = export_samples(
         files, out, parse_mix(mix), seed=seed, total=total, image_folder=image_folder, images_dir=images_dir,
         keep_missing=keep_missing, keep_meta=keep_meta, split=split,
@@ -215,7 +238,7 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the quality commands to the `datagen` app."""
+    """Attach the quality commands (check, stats, review, export) to the `datagen` app."""
     app.command()(check)
     app.command()(stats)
     app.command()(review)

@@ -1,0 +1,66 @@
+"""`datagen coco fetch`, `render` and `captions`: get COCO, show a context, write stage-1 caption pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from datagen.captions import write_caption_pairs
+from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CooccurrenceFromOpt, LimitOpt, PromptsDirOpt
+from datagen.coco import CocoIndex
+from datagen.context import DEFAULT_ABSENT_OBJECTS, context_builder
+from datagen.fetch import fetch_coco
+from datagen.run_config import Split
+from datagen.task import LlavaTask
+
+coco_app = typer.Typer(help="Get COCO annotations and images.", no_args_is_help=True)
+
+
+@coco_app.command("fetch")
+def coco_fetch(
+    split: Annotated[str, typer.Option(help="Split to fetch: val2017, train2017, val2014, train2014.")] = "val2017",
+    images: Annotated[int, typer.Option(min=0, help="Download the first N images of the split (by id).")] = 50,
+    to: Annotated[Path, typer.Option(help="Destination COCO root.")] = Path("data/coco"),
+    base_url: Annotated[str, typer.Option(help="Mirror of the official COCO site.")] = "http://images.cocodataset.org",
+    verify: Annotated[bool, typer.Option(help="Check archive checksums where COCO's are known.")] = True,
+) -> None:
+    """Download COCO annotations and the first N images of a split (resumable)."""
+    root = fetch_coco(split=split, images=images, dest=to, base_url=base_url, verify=verify)
+    typer.echo(f"COCO {split}: annotations and {images} images in {root}")
+
+
+def render(
+    coco_root: CocoRootOpt,
+    image_id: Annotated[int, typer.Option(help="COCO image id.")],
+    coco_split: Annotated[str, typer.Option(help="Annotation split, e.g. val2017, train2017, train2014.")] = "val2017",
+    split: Annotated[Split, typer.Option(help="Which split's context form (conversation omits boxes).")] = Split.detail,
+    seed: Annotated[int, typer.Option(help="Seed (negative: breaks ties in the absent-object choice).")] = 0,
+    cooccurrence_from: CooccurrenceFromOpt = None,
+    absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
+) -> None:
+    """Print the symbolic context the LLM sees for one image, and nothing else."""
+    index = CocoIndex(coco_root, coco_split, with_instances=LlavaTask.needs_boxes(split.value))
+    builder = context_builder(split.value, index, cooccurrence_from, seed, absent_objects)
+    typer.echo(builder.render(index.record(image_id))[0])
+
+
+def captions(
+    coco_root: CocoRootOpt,
+    coco_split: Annotated[str, typer.Option(help="Annotation split.")] = "val2017",
+    out: Annotated[Path, typer.Option(help="Output JSONL of stage-1 pairs (overwritten).")] = Path("data/captions.jsonl"),
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for caption and instruction choice.")] = 0,
+    all_captions: Annotated[bool, typer.Option(help="One pair per caption instead of one per image.")] = False,
+    prompts_dir: PromptsDirOpt = None,
+) -> None:
+    """Write stage-1 alignment pairs: a brief-description instruction + <image>, answered by a COCO caption."""
+    count = write_caption_pairs(coco_root, coco_split, out, limit=limit, seed=seed, all_captions=all_captions,
+                                prompts_dir=prompts_dir)
+    typer.echo(f"{count} caption pairs -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(render)
+    app.add_typer(coco_app, name="coco")
+    app.command()(captions)

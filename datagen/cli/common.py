@@ -1,0 +1,99 @@
+"""What several commands share: picking image ids, making a backend, money and progress display."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from datagen.backends.base import Backend
+from datagen.coco import CocoIndex
+from datagen.engine.shard import ShardSpec
+from datagen.engine.work import RunStats
+from datagen.run_config import DEFAULT_OPENAI_MODEL
+from datagen.sample import OutputLayout
+
+
+def select_ids(index: CocoIndex, image_ids: Optional[list[int]], limit: Optional[int], shard: Optional[ShardSpec]) -> list[int]:
+    """The run's image ids, ascending: given or all, cut to --limit, then this shard's slice; unknown ids are user errors.
+
+    Ascending order is the run's order, which near-duplicate decisions follow (see datagen.sink).
+    """
+    ids = sorted(dict.fromkeys(image_ids)) if image_ids else index.image_ids()
+    if limit is not None:
+        ids = ids[:limit]
+    for image_id in ids:  # fail before loading a model if an id is wrong
+        if image_id not in index.captions.imgs:
+            index.record(image_id)
+    if shard is not None:
+        ids = [i for i in ids if shard.contains(i)]
+    return ids
+
+
+def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int = 8,
+                 concurrency: Optional[int] = None, timeout: float = 120.0, transport: str = "direct") -> Backend:
+    """Construct the named backend."""
+    if name == "local":
+        from datagen.backends.local import LocalBackend  # imports torch and transformers: seconds, only when used
+
+        return LocalBackend(model=model, batch_size=batch_size)
+    from datagen.backends.openai_backend import DEFAULT_CONCURRENCY, OpenAIBackend  # the openai SDK is slow to import
+
+    return OpenAIBackend(
+        model=model or DEFAULT_OPENAI_MODEL,
+        base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
+        concurrency=concurrency or DEFAULT_CONCURRENCY,
+        timeout=timeout,
+        transport=transport,
+    )
+
+
+def format_usd(value: Optional[float]) -> str:
+    return "n/a" if value is None else (f"${value:.4f}" if value < 1 else f"${value:,.2f}")
+
+
+def progress_bar(split: str, total: int):
+    """A rich progress bar (done/total, rate, ETA, tokens, cost, failures) and the callback that feeds it."""
+    progress = Progress(
+        TextColumn(f"[bold]{split}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("tok {task.fields[tok]} cost {task.fields[cost]} ok {task.fields[ok]} rej {task.fields[rej]} "
+                   "fail {task.fields[fail]} cached {task.fields[cached]}"),
+        transient=False,
+    )
+    task = progress.add_task(split, total=total, ok=0, rej=0, fail=0, tok=0, cost="$0", rate="0.0", cached=0)
+    started = time.monotonic()
+
+    def on_progress(stats: RunStats) -> None:
+        worked = stats.processed - stats.skipped
+        rate = worked / max(time.monotonic() - started, 1e-6)
+        progress.update(task, completed=stats.processed, ok=stats.accepted, rej=stats.rejected, fail=stats.failed,
+                        tok=stats.prompt_tokens + stats.completion_tokens, cost=format_usd(stats.cost_usd),
+                        rate=f"{rate:.1f}", cached=stats.cache_hits)
+
+    return progress, on_progress
+
+
+def print_summary(split: str, layout: OutputLayout, stats: RunStats, budget: Optional[float]) -> None:
+    """The end-of-run report: counts, tokens, cost, and where the files are."""
+    total = stats.accepted + stats.rejected
+    share = f" ({100 * stats.accepted / total:.0f}% accepted)" if total else ""
+    typer.echo(
+        f"{split}: {stats.accepted} accepted, {stats.rejected} rejected, {stats.failed} failed, "
+        f"{stats.skipped} already done{share}; tokens {stats.prompt_tokens} in / {stats.completion_tokens} out; "
+        f"cost {format_usd(stats.cost_usd)}; {stats.requests} requests ({stats.retries} retries), "
+        f"{stats.cache_hits} from cache; {stats.elapsed_s:.1f}s"
+    )
+    if stats.reject_reasons:
+        typer.echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
+    for failure in stats.failures[:5]:
+        typer.echo(f"  failed: {failure}", err=True)
+    if stats.failed:
+        typer.echo(f"  {stats.failed} failed item(s) listed in {layout.failures}; rerun the same command to retry only them",
+                   err=True)
+    if stats.budget_stopped:
+        typer.echo(f"  budget {format_usd(budget)} reached: {stats.budget_stopped} item(s) not started; "
+                   "rerun with a higher --budget to finish", err=True)
+    typer.echo(f"  samples: {layout.samples}\n  rejects: {layout.rejects}")

@@ -1,0 +1,232 @@
+"""`datagen generate`: the local executor (live engine) over one split, or a dry run of the same preparation."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from datagen.cli.common import format_usd, make_backend, print_summary, progress_bar, select_ids
+from datagen.cli.options import (
+    COST, ENGINE, EXECUTOR, AbsentObjectsOpt, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
+    ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt,
+    build,
+)
+from datagen.coco import CocoIndex
+from datagen.context import DEFAULT_ABSENT_OBJECTS, ContextBuilder, context_builder
+from datagen.engine.cost import load_prices
+from datagen.engine.tokens import PromptTokenCounter
+from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
+from datagen.errors import VisinstructError
+from datagen.executors.local import make_judge, run_local
+from datagen.prompts import load_prompt_set
+from datagen.run_config import BackendName, ExecutorName, GenerateConfig, SourceOptions
+from datagen.sample import sample_id
+from datagen.sink import write_manifest
+from datagen.task import LlavaTask
+
+
+def generate(
+    split: SplitOpt,
+    coco_root: CocoRootOpt,
+    coco_split: CocoSplitOpt = "val2017",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output JSONL (appended; default data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl).")] = None,
+    limit: LimitOpt = None,
+    image_ids: ImageIdsOpt = None,
+    backend: BackendOpt = BackendName.auto,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    max_tokens: MaxTokensOpt = 512,
+    seed: SeedOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Local backend: prompts per forward pass.")] = 8,
+    prompts_dir: PromptsDirOpt = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        min=1, rich_help_panel=ENGINE,
+        help="Requests in flight (default 64 for openai; 256+ suits vLLM; local: --batch-size).")] = None,
+    rpm: Annotated[Optional[float], typer.Option(
+        min=1, rich_help_panel=ENGINE, help="Requests-per-minute budget (tightened by x-ratelimit headers).")] = None,
+    tpm: Annotated[Optional[float], typer.Option(
+        min=1, rich_help_panel=ENGINE, help="Tokens-per-minute budget (prompt + max-tokens reserved).")] = None,
+    max_retries: Annotated[int, typer.Option(
+        min=0, rich_help_panel=ENGINE, help="Retries per item on 429/5xx/timeouts/resets; then it is recorded as failed.")] = 6,
+    timeout: Annotated[float, typer.Option(
+        min=0.1, rich_help_panel=ENGINE, help="Seconds per request before it counts as a timeout.")] = 120.0,
+    cache: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
+    transport: Annotated[str, typer.Option(
+        rich_help_panel=ENGINE, help="direct (aiohttp, fastest), or the openai SDK's request path over aiohttp or httpx.")] = "direct",
+    shard: ShardOpt = None,
+    budget: Annotated[Optional[float], typer.Option(
+        min=0, rich_help_panel=COST, help="Stop starting requests before the run's spend could pass this many USD.")] = None,
+    prices: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=COST, help="YAML/JSON price table merged over the shipped one.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", rich_help_panel=COST, help="Count prompt tokens and print the estimated cost; send nothing.")] = False,
+    executor: Annotated[ExecutorName, typer.Option(
+        rich_help_panel=EXECUTOR, help="local (this machine) or ray (Ray Data; needs the ray extra).")] = ExecutorName.local,
+    ray_address: Annotated[Optional[str], typer.Option(
+        rich_help_panel=EXECUTOR, help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: a local Ray).")] = None,
+    absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
+    cooccurrence_from: CooccurrenceFromOpt = None,
+) -> None:
+    """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
+    config = build(
+        GenerateConfig,
+        source=dict(split=split, coco_root=coco_root, coco_split=coco_split, limit=limit, image_ids=image_ids,
+                    shard=shard, prompts_dir=prompts_dir, absent_objects=absent_objects,
+                    cooccurrence_from=cooccurrence_from),
+        model=dict(backend=backend, model=model, base_url=base_url),
+        sampling=dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                      repetition_penalty=repetition_penalty),
+        cache=dict(cache=cache, no_cache=no_cache),
+        live=dict(batch_size=batch_size, concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries,
+                  timeout=timeout, transport=transport, budget=budget, prices=prices),
+        executor=dict(executor=executor, ray_address=ray_address),
+        out=out, dry_run=dry_run,
+    )
+    run_generate(config, command="datagen " + shlex.join(sys.argv[1:]))
+
+
+def open_source(config: GenerateConfig) -> tuple[CocoIndex, list[int]]:
+    """The COCO index and the run's image ids (unknown ids fail here, before any model loads)."""
+    source = config.source
+    index = CocoIndex(source.coco_root, source.coco_split, with_instances=LlavaTask.needs_boxes(source.split.value))
+    return index, select_ids(index, source.image_ids, source.limit, source.shard_spec)
+
+
+def split_context(source: SourceOptions, index: CocoIndex, seed: int) -> ContextBuilder:
+    """What the writer sees for the split (negative: absent objects chosen by co-occurrence, stable for a seed)."""
+    return context_builder(source.split.value, index, source.cooccurrence_from, seed, source.absent_objects)
+
+
+def run_generate(config: GenerateConfig, command: str | None = None) -> None:
+    """Run (or dry-run) one configured generation and write its manifest.
+
+    command: the exact command line, recorded in the manifest (the dataset card of `export --format hf` shows it).
+    """
+    split = config.source.split.value
+    layout = config.layout()
+    prompts = load_prompt_set(config.source.prompts_dir, split)
+    index, ids = open_source(config)
+    backend_name = config.model.backend_name()
+    engine_config = config.engine_config()
+    task = LlavaTask(split, prompts, config.sampling.params(), provenance={"backend": backend_name},
+                     context=split_context(config.source, index, config.sampling.seed))
+    if config.dry_run:
+        print_dry_run(config, task, index, ids)
+        return
+    done = layout.done_ids()
+    if all(sample_id(i) in done for i in ids):
+        # A finished run's rerun: say so without loading a model or opening a connection.
+        typer.echo(f"{split}: all {len(ids)} images already done in {layout.samples} (and its rejects file); nothing to generate")
+        return
+    live = config.live
+    if config.executor.executor is ExecutorName.ray:
+        stats = run_on_ray(config, task, index, ids, done)
+        write_manifest(layout, manifest(config, images=len(ids), prompt_hash=prompts.hash, backend=backend_name,
+                                        model=config.model.model_name(), concurrency=live.concurrency,
+                                        cache=engine_config.cache_path), stats)
+        print_summary(split, layout, stats, live.budget)
+        return
+    backend = make_backend(backend_name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
+                           live.timeout, live.transport)
+    concurrency = live.concurrency or backend.preferred_concurrency
+    judge = make_judge(task, concurrency)  # before the progress bar's thread: its worker process forks now
+    progress, on_progress = progress_bar(split, len(ids))
+
+    async def run():
+        try:
+            return await run_local(task, layout, backend, index.records(ids), engine_config, concurrency, on_progress,
+                                   done, judge)
+        finally:
+            await backend.aclose()
+
+    with progress:
+        stats = asyncio.run(run())
+    write_manifest(layout, manifest(config, images=len(ids), prompt_hash=prompts.hash, backend=backend.name,
+                                    model=backend.model, concurrency=concurrency, cache=engine_config.cache_path,
+                                    command=command), stats)
+    print_summary(split, layout, stats, live.budget)
+
+
+def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: list[int], done: set[str]):
+    """The same run on Ray Data (datagen.executors.ray_executor); the stats as a local run reports them."""
+    try:
+        from datagen.executors.ray_executor import BackendSpec, run_ray  # imports ray: only for --executor ray
+    except ImportError as exc:
+        raise VisinstructError(f"--executor ray needs Ray Data ({exc})", "pip install -e '.[ray]'") from None
+    from datagen.backends.openai_backend import DEFAULT_CONCURRENCY  # the openai SDK is slow to import
+
+    live, backend_name = config.live, config.model.backend_name()
+    spec = BackendSpec(backend_name, config.model.model_name(), config.model.base_url or os.environ.get("OPENAI_BASE_URL"),
+                       live.batch_size, live.timeout, live.transport)
+    concurrency = live.concurrency or (live.batch_size if backend_name == "local" else DEFAULT_CONCURRENCY)
+    progress, on_progress = progress_bar(task.split, len(ids))
+    with progress:
+        run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency, on_progress,
+                      done, config.executor.ray_address)
+    timings = run.timings
+    typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
+               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work")
+    return run.stats
+
+
+def manifest(config: GenerateConfig, **resolved: Any) -> dict[str, Any]:
+    """The manifest entry: the config as given, plus what it resolved to (backend, model, images, ...)."""
+    dumped = config.model_dump(mode="json")
+    # `shard` and `images` at the top level: `datagen merge` reads them to find missing shards and images.
+    return {"shard": config.source.shard, **{k: (str(v) if isinstance(v, Path) else v) for k, v in resolved.items()},
+            "config": dumped}
+
+
+def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: list[int]) -> None:
+    """Count the prompt tokens of every pending request and price the run; sends nothing."""
+    split, layout, params = task.split, config.layout(), task.params
+    backend_name, model_name = config.model.backend_name(), config.model.model_name()
+    engine_config = config.engine_config()
+    counter = PromptTokenCounter()
+    planner = RequestPlanner(task, Endpoint(backend_name, model_name), layout.done_ids(), engine_config.cache_path,
+                             counter.count)
+    pending = cached = already = prompt_tokens = 0
+    planner.open()
+    try:
+        for item in planner.plan(index.records(ids)):
+            if isinstance(item, AlreadyDone):
+                already += item.count
+            elif item.cached is not None:
+                cached += 1
+            else:
+                pending += 1
+                prompt_tokens += item.prompt_tokens_est
+    finally:
+        planner.close()
+    table = load_prices(engine_config.prices_path)
+    price = table.lookup(model_name) if backend_name != "local" else None
+    worst_out = pending * params.max_tokens
+    typer.echo(f"dry run, {split} with {backend_name}:{model_name}: {len(ids)} images, {already} already done, "
+               f"{cached} in the cache, {pending} to request")
+    typer.echo(f"  prompt tokens: {prompt_tokens:,} (cl100k_base count; {prompt_tokens / max(pending, 1):,.0f} per request)")
+    typer.echo(f"  completion tokens: at most {worst_out:,} ({params.max_tokens} per request)")
+    if backend_name == "local":
+        typer.echo("  cost: $0 (local model)")
+    elif price is None:
+        typer.echo(f"  cost: unknown, no price for {model_name!r}; pass --prices FILE")
+    else:
+        low, high = price.cost(prompt_tokens, 0), price.cost(prompt_tokens, worst_out)
+        batch = table.batch(price)
+        typer.echo(f"  estimated cost: {format_usd(low)} for the prompts + up to {format_usd(high - low)} for completions "
+                   f"= at most {format_usd(high)} (Batch API: at most {format_usd(batch.cost(prompt_tokens, worst_out))})")
+        if engine_config.budget_usd is not None and high > engine_config.budget_usd:
+            typer.echo(f"  note: --budget {format_usd(engine_config.budget_usd)} may stop the run before it finishes")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)

@@ -1,0 +1,26 @@
+"""`datagen merge`: join the outputs of `--shard K/N` runs (the inputs are never modified)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from datagen.engine.shard import merge_shards
+
+
+def merge(
+    inputs: Annotated[list[Path], typer.Argument(help="Shard outputs, e.g. data/detail.shard-*-of-4.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Merged JSONL (rejects go beside it).")],
+    allow_missing: Annotated[bool, typer.Option(help="Write the merge even if some shard or image is not done.")] = False,
+) -> None:
+    """Join shard outputs, checking that no id is doubled and no shard or image is missing."""
+    report = merge_shards(list(inputs), out, allow_missing=allow_missing)
+    typer.echo(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'n/a'}: "
+               f"{report.samples} samples -> {out}, {report.rejects} rejects")
+    for line in report.missing:
+        typer.echo(f"  missing: {line}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)

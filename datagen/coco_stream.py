@@ -1,0 +1,175 @@
+"""Stream the top-level arrays of a COCO annotation file one element at a time.
+
+`json.load` of COCO train2017's 448 MB instances file holds every annotation (with its
+segmentation polygons) as Python objects at once: about 3 GB. This reader walks the top-level
+object itself and hands each element of each top-level array to a callback, parsed by the
+standard library's C decoder from a bounded text buffer, so memory stays at one chunk plus one
+element. It accepts and rejects exactly the documents `json.load` does.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TextIO
+
+# Characters read per refill; elements longer than this grow the buffer as needed.
+CHUNK_CHARS = 1 << 22
+# A decode error this close to the buffer's end may only mean the element is cut by the chunk.
+_TRUNCATION_SLACK = 16
+_WHITESPACE = " \t\n\r"
+
+
+class NotAnObjectError(ValueError):
+    """The document is valid JSON so far but its top level is not an object."""
+
+
+class _Buffer:
+    """A sliding window over a text stream with absolute positions for error messages."""
+
+    def __init__(self, stream: TextIO, chunk_chars: int) -> None:
+        self.stream = stream
+        self.chunk_chars = chunk_chars
+        self.text = ""
+        self.pos = 0
+        self.base = 0  # absolute offset of text[0] in the document
+        self.eof = False
+
+    def fill(self) -> bool:
+        """Drop what was consumed and read one more chunk; False at end of stream."""
+        if self.eof:
+            return False
+        more = self.stream.read(self.chunk_chars)
+        if not more:
+            self.eof = True
+            return False
+        self.base += self.pos
+        self.text = self.text[self.pos:] + more
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ('' at end of stream), not consumed."""
+        while True:
+            text, pos = self.text, self.pos
+            while pos < len(text) and text[pos] in _WHITESPACE:
+                pos += 1
+            self.pos = pos
+            if pos < len(text):
+                return text[pos]
+            if not self.fill():
+                return ""
+
+    def error(self, message: str) -> json.JSONDecodeError:
+        return json.JSONDecodeError(message, self.text, self.pos)
+
+
+_NUMBER_TAIL = frozenset("0123456789.eE+-")
+
+
+def _may_continue(text: str, end: int) -> bool:
+    """True when everything from `end` to the window's end could still belong to a number."""
+    tail = text[end:end + 32]
+    return len(tail) < 32 and all(c in _NUMBER_TAIL for c in tail) and end + len(tail) >= len(text)
+
+
+class _Walker:
+    """Parses values from a `_Buffer` with the stdlib decoder, refilling when a value is cut."""
+
+    def __init__(self, buffer: _Buffer) -> None:
+        self.buffer = buffer
+        self.decoder = json.JSONDecoder()
+
+    def value(self) -> Any:
+        """Decode one JSON value at the current position (after whitespace)."""
+        buf = self.buffer
+        if not buf.peek():
+            raise self._absolute(buf.error("Expecting value"))
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(buf.text, buf.pos)
+            except json.JSONDecodeError as exc:
+                cut = exc.pos >= len(buf.text) - _TRUNCATION_SLACK or exc.msg.startswith("Unterminated string")
+                if cut and buf.fill():
+                    continue
+                raise self._absolute(exc) from None
+            # A number (or literal) reaching the window's end may continue in the next chunk:
+            # "0" of "0.5", or "0." that the scanner reads as 0.
+            if not buf.eof and _may_continue(buf.text, end) and buf.fill():
+                continue
+            buf.pos = end
+            return obj
+
+    def expect(self, allowed: str, what: str) -> str:
+        """Consume one structural character among `allowed`, or fail like json.load does."""
+        char = self.buffer.peek()
+        if not char or char not in allowed:
+            raise self._absolute(self.buffer.error(f"Expecting {what}"))
+        self.buffer.pos += 1
+        return char
+
+    def _absolute(self, exc: json.JSONDecodeError) -> json.JSONDecodeError:
+        """The error with its position counted from the start of the document."""
+        return _PositionedError(exc.msg, self.buffer.base + exc.pos)
+
+
+class _PositionedError(json.JSONDecodeError):
+    """A JSONDecodeError whose message carries the absolute character offset."""
+
+    def __init__(self, msg: str, where: int) -> None:
+        ValueError.__init__(self, f"{msg}: char {where}")
+        self.msg, self.doc, self.pos, self.lineno, self.colno = msg, "", where, 0, 0
+
+    def __reduce__(self):
+        return self.__class__, (self.msg, self.pos)
+
+
+ElementHandler = Callable[[str, Any], None]
+ArrayStart = Callable[[str, bool], None]
+
+
+def stream_top_level(
+    stream: TextIO,
+    on_array_start: ArrayStart,
+    on_element: ElementHandler,
+    chunk_chars: int = CHUNK_CHARS,
+) -> None:
+    """Walk `{key: value, ...}`: each array value is streamed through `on_element(key, item)`.
+
+    `on_array_start(key, is_array)` is called whenever a key is met, so a repeated key can drop what
+    an earlier occurrence delivered (json.load keeps the last one); a non-array value is reported
+    with `is_array=False` and then delivered whole through `on_element(key, value)`.
+    """
+    walker = _Walker(_Buffer(stream, chunk_chars))
+    buf = walker.buffer
+    first = buf.peek()
+    if first != "{":
+        walker.value()  # raises the decode error json.load would, or returns a non-object document
+        if buf.peek():
+            raise walker._absolute(buf.error("Extra data"))
+        raise NotAnObjectError("the top level is not a JSON object")
+    buf.pos += 1
+    if buf.peek() == "}":
+        buf.pos += 1
+    else:
+        while True:
+            if buf.peek() != '"':
+                raise walker._absolute(buf.error("Expecting property name enclosed in double quotes"))
+            key = walker.value()
+            walker.expect(":", "':' delimiter")
+            if buf.peek() == "[":
+                on_array_start(key, True)
+                buf.pos += 1
+                if buf.peek() == "]":
+                    buf.pos += 1
+                else:
+                    while True:
+                        on_element(key, walker.value())
+                        if walker.expect(",]", "',' delimiter") == "]":
+                            break
+            else:
+                on_array_start(key, False)
+                on_element(key, walker.value())
+            if walker.expect(",}", "',' delimiter") == "}":
+                break
+    if buf.peek():
+        raise walker._absolute(buf.error("Extra data"))

@@ -1,0 +1,444 @@
+"""The Ray Data executor: the same task, engine request path and sink as a local run, over a Ray cluster.
+
+    driver   RequestPlanner: skip done ids, prepare (render + messages), cache key, cache lookup -> work items
+             in chunks (a Ray Dataset, one chunk per row)
+    workers  an actor pool (`EngineStage`): per item the engine's request path (client, retries, error
+             classes), the job-wide limiter/budget actor, fresh completions stored by the cache writer actor,
+             then `task.judge` (parse + per-sample checks)
+    driver   ResultRecorder -> OutputSink: counts, cost, near-duplicates in run order, the output files
+
+Design choices (docs/ray.md says more):
+- One response cache, the SQLite file of a local run, on the driver's node. The driver reads it while
+  planning (cached items carry their completion and skip the LLM); a `CacheWriter` actor pinned to the
+  driver's node stores each chunk's fresh completions before the chunk is handed on, so a crash of the
+  driver or a worker pays again only for requests whose chunk had not yet reached the writer.
+- --rpm/--tpm/--budget are enforced for the whole job by one `JobLimiter` actor that every worker asks
+  before each request; without them each worker keeps a local limiter (429 pauses, x-ratelimit headers).
+- The sink decides near-duplicates in the run's order (`seq`), so the result does not depend on which
+  worker finishes first: Ray and local runs accept the same samples from the same completions.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import pickle
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+# This module is the optional [ray] extra's: the CLI imports it only for --executor ray.
+import ray
+import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from datagen.backends.base import Backend, Completion
+from datagen.coco import ImageRecord
+from datagen.engine.cache import ResponseCache
+from datagen.engine.config import EngineConfig
+from datagen.engine.cost import BudgetGuard, Price
+from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
+from datagen.engine.ratelimit import RateLimiter
+from datagen.engine.tokens import PromptTokenCounter
+from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint, Failed, RequestPlanner, Result,
+                                 RunStats, WorkItem)
+from datagen.errors import VisinstructError
+from datagen.executors.local import price_of
+from datagen.executors.ray_items import ChunkResult, Judged, WorkerVerdicts
+from datagen.executors.ray_vllm import vllm_dataset
+from datagen.sample import OutputLayout
+from datagen.sink import OutputSink
+from datagen.task import LlavaTask
+
+
+PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
+CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
+# Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
+WINDOW_ITEMS = 50_000
+# Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
+CALLS_PER_WORKER = 4
+RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
+                "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to build the backend inside a worker (backends hold sockets or models, so they are not shipped)."""
+
+    name: str  # openai | local | vllm
+    model: str
+    base_url: str | None = None
+    batch_size: int = 8
+    timeout: float = 120.0
+    transport: str = "direct"
+
+    def preload(self) -> Backend | None:
+        """Import (and for the embedded model, load) what the backend needs, at worker start-up rather than in
+        the first call; the openai client itself is made later, inside the worker's event loop."""
+        if self.name == "local":
+            return self.build(self.batch_size)
+        import datagen.backends.openai_backend  # noqa: F401  (the openai SDK is slow to import)
+
+        return None
+
+    def build(self, concurrency: int) -> Backend:
+        """The backend, made in the process that uses it."""
+        if self.name == "local":
+            from datagen.backends.local import LocalBackend  # torch + transformers: only in workers that need them
+
+            return LocalBackend(model=self.model, batch_size=self.batch_size)
+        from datagen.backends.openai_backend import OpenAIBackend  # the openai SDK is slow to import
+
+        return OpenAIBackend(model=self.model, base_url=self.base_url, concurrency=concurrency, timeout=self.timeout,
+                             transport=self.transport)
+
+
+@dataclass
+class RayTimings:
+    """Where a Ray run's time went; start-up is what a cluster pays once, not per request."""
+
+    connect_s: float = 0.0  # ray.init: starting a local cluster, or joining one
+    first_request_after_s: float = 0.0  # from the dataset's start to the first worker call (actor pool start)
+    plan_s: float = 0.0  # the driver's planning: done ids skipped, requests prepared, keyed, looked up in the cache
+    work_s: float = 0.0  # planning plus the time from the first worker call to the last result written
+    workers: int = 0
+
+
+@dataclass
+class RayRun:
+    """What `run_ray` returns: the run's stats (as a local run's) and its timings."""
+
+    stats: RunStats
+    timings: RayTimings = field(default_factory=RayTimings)
+
+
+class CacheWriter:
+    """Stores fresh completions into the run's SQLite cache; one per job, on the driver's node."""
+
+    def __init__(self, path: str) -> None:
+        self.cache = ResponseCache(Path(path))
+
+    def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> int:
+        self.cache.put_many(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class JobLimiter:
+    """The job-wide request/token pacing and spending limit: every worker asks it before each request."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, budget_usd: float | None, price: Price | None) -> None:
+        self.limiter = RateLimiter(rpm, tpm)
+        self.budget = BudgetGuard(budget_usd, price) if budget_usd is not None and price is not None else None
+
+    async def acquire(self, tokens: int) -> None:
+        await self.limiter.acquire(tokens)
+
+    def settle_tokens(self, reserved: int, used: int) -> None:
+        self.limiter.settle_tokens(reserved, used)
+
+    def pause(self, seconds: float) -> None:
+        self.limiter.pause(seconds)
+
+    def observe(self, headers: dict[str, str]) -> None:
+        self.limiter.observe(headers)
+
+    def reserve(self, prompt_tokens: int, max_tokens: int) -> float | None:
+        return self.budget.reserve(prompt_tokens, max_tokens) if self.budget is not None else 0.0
+
+    def settle(self, reserved: float, actual_usd: float) -> None:
+        if self.budget is not None:
+            self.budget.settle(reserved, actual_usd)
+
+    def waited_s(self) -> float:
+        return self.limiter.waited_s
+
+
+class RemoteLimiter:
+    """The RateLimiter interface the engine calls, answered by the job's `JobLimiter` actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.waited_s = 0.0
+
+    async def acquire(self, tokens: int = 0) -> None:
+        started = time.monotonic()
+        await self.actor.acquire.remote(tokens)
+        self.waited_s += time.monotonic() - started
+
+    def settle_tokens(self, reserved: int, used: int) -> None:
+        self.actor.settle_tokens.remote(reserved, used)  # fire and forget: nothing waits on the correction
+
+    def pause(self, seconds: float) -> None:
+        self.actor.pause.remote(seconds)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        found = {name: headers[name] for name in RATE_HEADERS if name in headers}
+        if found:  # most answers carry none; those that do tell the whole job
+            self.actor.observe.remote(found)
+
+
+class EngineStage:
+    """The LLM stage on a Ray worker: the engine's request path per item, then the task's judgement.
+
+    Ray Data makes one per actor and calls it with dataset batches of pickled work-item chunks; the
+    calls run concurrently on the actor's event loop, `concurrency` requests in flight at most.
+    """
+
+    def __init__(self, task: LlavaTask, spec: BackendSpec, config: EngineConfig, price: Price | None,
+                 concurrency: int, endpoint: Endpoint, limiter: Any | None, cache_writer: Any | None) -> None:
+        self.task = task
+        self.spec = spec
+        # Budget and pacing are the job's (the JobLimiter actor), not this worker's.
+        self.config = replace(config, budget_usd=None, cache_path=None)
+        self.price = price
+        self.concurrency = max(1, concurrency)
+        self.endpoint = endpoint
+        self.limiter = limiter
+        self.cache_writer = cache_writer
+        self.backend = spec.preload()
+        self.engine: LiveEngine | None = None
+        self.slots: asyncio.Semaphore | None = None
+        self.reported_requests = self.reported_retries = 0
+        self.fatal: VisinstructError | None = None
+
+    def _start(self) -> LiveEngine:
+        """The backend and engine, made on first use inside the actor's running event loop."""
+        backend = self.backend or self.spec.build(self.concurrency)
+        engine = LiveEngine(backend, self.config, self.concurrency, self.price)
+        if self.limiter is not None and self.config_limits():
+            engine.limiter = RemoteLimiter(self.limiter)
+            backend.observe_headers = engine.limiter.observe
+        self.slots = asyncio.Semaphore(self.concurrency)
+        return engine
+
+    def config_limits(self) -> bool:
+        """Whether the job paces requests (--rpm/--tpm); the limiter actor may exist for --budget alone."""
+        return bool(self.config.rpm or self.config.tpm)
+
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        started_at = time.time()
+        if self.engine is None:
+            self.engine = self._start()
+        outputs = []
+        for blob in batch["items"]:
+            items: list[WorkItem] = pickle.loads(blob)
+            # None: not sent because the run is stopping (a fatal error); the rerun does it.
+            results = [r for r in await asyncio.gather(*(self._one(item) for item in items)) if r is not None]
+            fresh = [(r.item.key, self.endpoint.backend, self.endpoint.model, r.item.request.key, r.completion)
+                     for r in results if isinstance(r, Completed) and r.fresh]
+            if fresh and self.cache_writer is not None:
+                await self.cache_writer.put_many.remote(fresh)  # stored before anything is handed on
+            outputs.append(pickle.dumps(self._chunk_result([self._judged(r) for r in results], started_at)))
+        return {"result": outputs}
+
+    def _chunk_result(self, results: list[Result], started_at: float) -> ChunkResult:
+        stats = self.engine.stats
+        chunk = ChunkResult(results, stats.requests - self.reported_requests, stats.retries - self.reported_retries,
+                            started_at, self.fatal)
+        self.reported_requests, self.reported_retries = stats.requests, stats.retries
+        return chunk
+
+    def _judged(self, result: Result) -> Result:
+        """The result with its work item slimmed to the id and the verdict (what the driver needs)."""
+        item = result.item
+        verdict = self.task.judge(item.prepared, result.completion) if isinstance(result, Completed) else None
+        slim = WorkItem(item.seq, Judged(item.item_id, verdict), item.key)
+        if isinstance(result, Completed):
+            return Completed(slim, result.completion, result.fresh, result.attempts)
+        if isinstance(result, Failed):
+            return Failed(slim, result.reason, result.attempts)
+        return BudgetStopped(slim)
+
+    async def _one(self, item: WorkItem) -> Result | None:
+        """One item: cached, or budget-checked and requested with the engine's retries; None once the run stops."""
+        if item.cached is not None:
+            return Completed(item, item.cached, fresh=False)
+        async with self.slots:
+            if self.fatal is not None:
+                return None
+            reserved = 0.0
+            if self.limiter is not None:
+                got = await self.limiter.reserve.remote(item.prompt_tokens_est, item.request.params.max_tokens)
+                if got is None:
+                    return BudgetStopped(item)
+                reserved = got
+            try:
+                completion, attempts = await self.engine._request(item)
+            except VisinstructError as exc:  # the user must fix something: the run stops
+                self.fatal = exc
+                self._settle(reserved, 0.0)
+                return None
+            except Exception as exc:  # retries exhausted, or a backend bug: this item fails, the run goes on
+                self._settle(reserved, 0.0)
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                return Failed(item, reason, getattr(exc, "attempts", 1))
+            cost = self.price.cost(completion.prompt_tokens, completion.completion_tokens) if self.price else 0.0
+            self._settle(reserved, cost)
+            return Completed(item, completion, fresh=True, attempts=attempts)
+
+    def _settle(self, reserved: float, cost: float) -> None:
+        if self.limiter is not None:
+            self.limiter.settle.remote(reserved, cost)
+
+
+def spread_over_nodes() -> dict[str, Any]:
+    """Workers spread over the nodes, so each can use its own node's endpoint (--base-url http://localhost...)."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> tuple[bool, float]:
+    """Join the cluster at `address` (or start a local one); whether this call started Ray, and how long it took."""
+    started = time.perf_counter()
+    # Ray Data's per-dataset INFO lines (plans, progress) would bury the run's own progress bar and summary.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return False, 0.0
+    try:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise VisinstructError(f"cannot join the Ray cluster at {address or 'a new local cluster'}: {exc}".splitlines()[0],
+                               "start it with `ray start --head` or fix --ray-address") from None
+    return True, time.perf_counter() - started
+
+
+def chunks(planned: Iterable[WorkItem | AlreadyDone], size: int, skipped: list[int]) -> Iterator[list[WorkItem]]:
+    """Work items in chunks of `size`, counting already-done records into `skipped[0]`."""
+    chunk: list[WorkItem] = []
+    for item in planned:
+        if isinstance(item, AlreadyDone):
+            skipped[0] += item.count
+            continue
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def pool_size(backend: str, concurrency: int, cluster_cpus: float, gpus: float = 0.0) -> int:
+    """How many workers: openai ones are I/O-bound (one per PER_WORKER_CONCURRENCY requests, at least two
+    when the cluster has the CPUs); local-model ones are CPU-bound (one per CPU); vLLM engines one per GPU."""
+    cpus = max(1, int(cluster_cpus))
+    if backend == "local":
+        return cpus
+    if backend == "vllm":
+        return max(1, int(gpus))
+    return max(1, min(cpus, max(2, math.ceil(concurrency / PER_WORKER_CONCURRENCY))))
+
+
+def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: Iterable[ImageRecord],
+            config: EngineConfig, concurrency: int, on_progress: ProgressFn | None = None,
+            done: set[str] | None = None, address: str | None = None, num_cpus: int | None = None,
+            window: int = WINDOW_ITEMS) -> RayRun:
+    """Generate `task` samples for `records` not already in the output, on Ray; the same files as `run_local`.
+
+    The driver plans `window` items at a time and runs one dataset per window (the sink's order carries on).
+    """
+    if spec.name == "vllm" and (config.rpm or config.tpm or config.budget_usd is not None):
+        raise VisinstructError("--rpm, --tpm and --budget pace an endpoint; --backend vllm runs its own engines",
+                               "drop them, or serve the model with `vllm serve` and use --backend openai")
+    timings = RayTimings()
+    started_ray, timings.connect_s = connect(address, num_cpus)
+    endpoint = Endpoint(spec.name, spec.model)
+    price = price_of(spec.name, spec.model, config)
+    stats = RunStats(cost_usd=0.0 if price is not None else None)
+    if config.budget_usd is not None and price is None:
+        raise VisinstructError(f"no price known for model {spec.model!r}, so --budget cannot be enforced",
+                               "add the model to a price file and pass --prices FILE")
+    count_tokens = None
+    if config.tpm or config.budget_usd is not None:
+        count_tokens = PromptTokenCounter().count
+    done = layout.done_ids() if done is None else done
+    resources = ray.cluster_resources()
+    workers = pool_size(spec.name, concurrency, resources.get("CPU", 1), resources.get("GPU", 0))
+    # Local-model workers each batch --batch-size prompts; openai workers share --concurrency between them.
+    per_worker = spec.batch_size if spec.name == "local" else max(1, math.ceil(concurrency / workers))
+    timings.workers = workers
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cache_writer = limiter = None
+    if config.cache_path is not None and spec.name != "vllm":
+        Path(config.cache_path).parent.mkdir(parents=True, exist_ok=True)
+        cache_writer = ray.remote(CacheWriter).options(num_cpus=0, scheduling_strategy=here).remote(str(config.cache_path))
+    if config.rpm or config.tpm or config.budget_usd is not None:
+        limiter = ray.remote(JobLimiter).options(num_cpus=0, scheduling_strategy=here).remote(
+            config.rpm, config.tpm, config.budget_usd, price)
+    planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
+    sink = OutputSink(layout, task.split, stats, task.near_duplicate_gate(layout.samples))
+    # The workers stored fresh completions already; the recorder counts, hands on verdicts and writes files.
+    # vLLM's pipeline has no cache writer: the recorder stores its fresh completions as they arrive.
+    recorder = ResultRecorder(WorkerVerdicts(), sink, stats, endpoint, price,
+                              config.cache_path if spec.name == "vllm" else None, on_progress)
+    clock = time.perf_counter()
+    skipped = [0]
+    # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
+    chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.print_on_execution_start = False
+    fatal: VisinstructError | None = None
+    first_call = dataset_started = None
+    recorder.open()
+    planner.open()
+    try:
+        planned = chunks(planner.plan(records), chunk_size, skipped)
+        while fatal is None:
+            # One window of planned items at a time: the driver holds a window, not the whole run.
+            plan_started = time.perf_counter()
+            rows = [{"items": pickle.dumps(chunk)} for chunk in islice(planned, max(1, window // chunk_size))]
+            timings.plan_s += time.perf_counter() - plan_started
+            if skipped[0]:
+                recorder.record([AlreadyDone(skipped[0])])
+                skipped[0] = 0
+            if not rows:
+                break
+            if spec.name == "vllm":
+                dataset = vllm_dataset(rows, task, spec, workers)
+            else:
+                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                    EngineStage, batch_size=1,
+                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
+                    compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
+                                                       max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+                                                       max_tasks_in_flight_per_actor=2 * CALLS_PER_WORKER),
+                    num_cpus=1 if spec.name == "local" else 0.5,
+                    ray_remote_args_fn=spread_over_nodes,
+                )
+            dataset_started = dataset_started or time.time()
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                for blob in batch["result"]:
+                    chunk: ChunkResult = pickle.loads(blob)
+                    first_call = chunk.started_at if first_call is None else min(first_call, chunk.started_at)
+                    stats.requests += chunk.requests
+                    stats.retries += chunk.retries
+                    recorder.record(chunk.results)
+                    fatal = fatal or chunk.fatal
+                if fatal is not None:
+                    break
+        if first_call is not None:
+            # Start-up: until the first window's first worker call; later windows' pool starts count as work.
+            timings.first_request_after_s = max(0.0, first_call - dataset_started)
+            timings.work_s = timings.plan_s + time.time() - first_call
+        if limiter is not None:
+            stats.rate_limited_s = ray.get(limiter.waited_s.remote())
+    finally:
+        planner.close()
+        recorder.close()
+        stats.elapsed_s = time.perf_counter() - clock
+        if cache_writer is not None:
+            ray.get(cache_writer.close.remote())
+        for actor in (cache_writer, limiter):
+            if actor is not None:
+                ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+    if fatal is not None:
+        raise fatal
+    return RayRun(stats, timings)

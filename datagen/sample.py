@@ -1,0 +1,267 @@
+"""The LLaVA sample, in one place: the model, its validation, reading and writing, and the files beside an output.
+
+Generation, the Batch API, `check`, `export`, `merge` and the trainer's reader all use this module; a
+second place that restates the format is a bug waiting to happen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from datagen.errors import VisinstructError
+from datagen.hf_dataset import hf_files, is_hf_input, iter_parquet_records
+from datagen.jsonl import iter_jsonl, repair_tail
+from datagen.splits import SPLITS
+
+IMAGE_TOKEN = "<image>"
+SPLIT_NAMES = (*SPLITS, "captions")
+LLAVA_HINT = 'each sample needs "conversations": [{"from": "human"|"gpt", "value": "..."}, ...]'
+CACHE_FILE = Path(".cache") / "responses.sqlite"
+
+
+def sample_id(image_id: int) -> str:
+    """LLaVA's id convention: the zero-padded COCO image id."""
+    return f"{image_id:012d}"
+
+
+def turn_problems(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(reason code, detail) for every way the turns break LLaVA's shape; empty when the turns are valid."""
+    problems: list[tuple[str, str]] = []
+    if len(turns) < 2 or len(turns) % 2:
+        problems.append(("bad_roles", "a sample needs an even number (>= 2) of turns"))
+    for i, (speaker, value) in enumerate(turns):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if speaker != expected:
+            problems.append(("bad_roles", f"turn {i} is from {speaker!r}, expected {expected!r}"))
+        if not value.strip():
+            problems.append(("empty_turn", f"turn {i} is empty"))
+        count = value.count(IMAGE_TOKEN)
+        if i == 0 and (count != 1 or not value.startswith(IMAGE_TOKEN)):
+            problems.append(("image_token", "<image> must appear once, at the start of the first human turn"))
+        if i > 0 and count:
+            problems.append(("image_token", f"<image> appears in turn {i}"))
+    return problems
+
+
+class Turn(BaseModel):
+    """One message of a conversation, in LLaVA's {"from", "value"} form."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    speaker: Literal["human", "gpt"] = Field(alias="from")
+    value: str
+
+
+class Sample(BaseModel):
+    """A LLaVA-format sample plus our `split` and `meta` (LLaVA's trainer ignores extra keys)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    image: str
+    conversations: list[Turn]
+    split: str | None = None
+    meta: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> "Sample":
+        problems = turn_problems([(t.speaker, t.value) for t in self.conversations])
+        if problems:
+            raise ValueError(problems[0][1])
+        return self
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON object written to disk (LLaVA's keys first)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def require_llava(rec: Any, where: str) -> dict[str, Any]:
+    """The record if it has LLaVA's shape (a conversations list of from/value strings), else a user error."""
+    if not isinstance(rec, dict):
+        raise VisinstructError(f"{where} is not a JSON object", LLAVA_HINT)
+    turns = rec.get("conversations")
+    if turns is None and isinstance(rec.get("reject_reasons"), list):
+        return rec  # a generation reject that never parsed (raw text only): kept for stats and review
+    if not isinstance(turns, list):
+        raise VisinstructError(f'{where} is not a LLaVA-format sample (no "conversations" list)', LLAVA_HINT)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise VisinstructError(f'{where}: turn {i} is not an object with string "from" and "value"', LLAVA_HINT)
+    return rec
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as fh:
+        while True:
+            chunk = fh.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0]
+
+
+def read_samples(path: Path | str, extract_images_to: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of a JSONL file, a JSON array file, an exported HF dataset folder or hf://org/name, each
+    shape-checked: the one reader of sample files.
+
+    extract_images_to: an HF dataset's embedded images are written there once and the samples name those
+    files (the trainer); without it the image bytes are not read and the stored path is the image.
+    """
+    if is_hf_input(path):
+        yield from _read_hf_dataset(path, extract_images_to)
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise VisinstructError(f"file not found: {path}", "pass an existing JSONL or JSON file of samples")
+    try:
+        first = _first_char(path)
+    except UnicodeDecodeError:
+        raise VisinstructError(f"{path} is not a UTF-8 text file", "pass a JSONL or JSON file of samples") from None
+    if first == "[":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise VisinstructError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "fix the file") from None
+        for i, rec in enumerate(data):
+            yield require_llava(rec, f"{path} item {i}")
+    elif first in ("{", ""):
+        for lineno, rec in enumerate(iter_jsonl(path), 1):
+            yield require_llava(rec, f"{path} record {lineno}")
+    else:
+        raise VisinstructError(f"{path} is neither JSONL nor a JSON array", "pass LLaVA-format samples as JSONL or a JSON list")
+
+
+def _read_hf_dataset(path: Path | str, extract_images_to: Path | None) -> Iterator[dict[str, Any]]:
+    """Rows of an HF dataset's Parquet shards, or the LLaVA JSON files of a Hub repo that has no Parquet."""
+    files = hf_files(path)
+    for i, rec in enumerate(iter_parquet_records(files.parquet, extract_images_to)):
+        yield require_llava(rec, f"{path} row {i}")
+    for json_file in files.json:
+        split = split_from_filename(json_file)  # conversation_58k.json -> conversation
+        for rec in read_samples(json_file):
+            yield rec if "split" in rec or split is None else {**rec, "split": split}
+
+
+def split_from_filename(path: Path) -> str | None:
+    """A split named by the file: conversation_58k.json -> conversation, complex_reasoning_77k -> reasoning."""
+    name = Path(path).name.lower()
+    for split in SPLIT_NAMES:
+        if split in name or (split == "captions" and "caption" in name):
+            return split
+    return None
+
+
+def sample_split(rec: dict[str, Any], fallback: str | None) -> str | None:
+    """The record's own split field, else the fallback (a flag or the file name)."""
+    value = rec.get("split")
+    return value if isinstance(value, str) and value else fallback
+
+
+class SampleWriter:
+    """Writes samples to a new file: a JSON array if the name ends in .json, else JSONL."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.as_array = self.path.suffix == ".json"
+        self._fh = open(self.path, "w", encoding="utf-8")
+        self.count = 0
+        if self.as_array:
+            self._fh.write("[")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False)
+        if self.as_array:
+            self._fh.write(("," if self.count else "") + "\n" + line)
+        else:
+            self._fh.write(line + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.as_array:
+            self._fh.write("\n]\n")
+        self._fh.close()
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_cache_path(out_dir: Path = Path("data")) -> Path:
+    """`$VISINSTRUCT_CACHE`, else .cache/responses.sqlite in the output folder (shared by its splits)."""
+    env = os.environ.get("VISINSTRUCT_CACHE")
+    return Path(env) if env else Path(out_dir) / CACHE_FILE
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Every file written beside a generation output: data/detail.jsonl -> data/detail.rejects.jsonl, ..."""
+
+    samples: Path
+
+    @classmethod
+    def default(cls, split: str, shard: str | None = None) -> "OutputLayout":
+        """data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl for shard "K/N"."""
+        suffix = ".shard-{}-of-{}".format(*shard.split("/")) if shard else ""
+        return cls(Path("data") / f"{split}{suffix}.jsonl")
+
+    def _beside(self, suffix: str) -> Path:
+        return self.samples.with_name(self.samples.name.removesuffix(".jsonl") + suffix)
+
+    @property
+    def stem(self) -> str:
+        return self.samples.name.removesuffix(".jsonl")
+
+    @property
+    def rejects(self) -> Path:
+        """Rejected samples with their reasons: data/detail.rejects.jsonl."""
+        return self._beside(".rejects.jsonl")
+
+    @property
+    def runs(self) -> Path:
+        """The run manifest log: one JSON line per run (the run's config and stats)."""
+        return self._beside(".runs.jsonl")
+
+    @property
+    def failures(self) -> Path:
+        """Items of the latest live run that exhausted their retries."""
+        return self._beside(".failures.jsonl")
+
+    @property
+    def batch_state(self) -> Path:
+        """The Batch API state file: data/detail.batch.json."""
+        return self._beside(".batch.json")
+
+    @property
+    def batch_dir(self) -> Path:
+        """Batch API request, result and resubmit files: data/detail.batch/."""
+        return self._beside(".batch")
+
+    @property
+    def batch_failures(self) -> Path:
+        """Items of a Batch API collect that could not be stored."""
+        return self.batch_dir / "failures.jsonl"
+
+    @property
+    def default_cache(self) -> Path:
+        """The response cache a run uses unless told otherwise (shared by the outputs of one folder)."""
+        return default_cache_path(self.samples.parent)
+
+    def done_ids(self) -> set[str]:
+        """Ids already written (accepted or rejected) by earlier runs; cuts a half-written last line first."""
+        seen: set[str] = set()
+        for path in (self.samples, self.rejects):
+            if path.exists():
+                repair_tail(path)
+                seen.update(str(r.get("id")) for r in iter_jsonl(path))
+        return seen
