@@ -1,17 +1,21 @@
 """The negative and grounded splits' contexts, and the checks that deny, ground, count and place."""
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datagen.backends.base import Completion, SamplingParams
 from datagen.coco import CocoIndex, ImageRecord, ObjectBox
 from datagen.context import (
     ContextBuilder, CooccurrenceTable, absent_from_context, context_builder, pick_absent_objects, render_context,
 )
 from datagen.errors import VisinstructError
+from datagen.prompts import default_prompts_dir, load_prompt_set
+from datagen.task import Accepted, LlavaTask
 from datagen.quality import QualityChecker, QualityConfig, SampleView
 from datagen.quality.counting import count_claims, position_claims
 from datagen.quality.generic import asserted_categories
@@ -109,6 +113,32 @@ def test_cooccurrence_from_a_given_file(coco_root, tmp_path):
     with pytest.raises(VisinstructError, match="not a COCO instances file"):
         context_builder("negative", None, cooccurrence_from=bad)
 
+
+
+def test_cooccurrence_from_the_compact_index_equals_the_instances_file(coco_root):
+    """Counting over the mapped COCO index gives the same table as reading the JSON file."""
+    from_index = CooccurrenceTable.from_coco(CocoIndex(coco_root, "val2017"))
+    from_file = CooccurrenceTable.from_file(coco_root / "annotations" / "instances_val2017.json")
+    assert from_index.singles and from_index.pairs
+    assert (from_index.singles, from_index.pairs, from_index.categories) == (
+        from_file.singles, from_file.pairs, from_file.categories)
+
+
+def test_negative_task_pickles_with_its_context_and_keeps_absent_objects_in_meta(coco_root):
+    """Ray workers get the task pickled: the same requests, and judged samples carry meta.absent_objects."""
+    index = CocoIndex(coco_root, "val2017")
+    task = LlavaTask("negative", load_prompt_set(default_prompts_dir(), "negative"), SamplingParams(seed=2),
+                     context=context_builder("negative", index, seed=2))
+    copy = pickle.loads(pickle.dumps(task))
+    record = index.record(index.image_ids()[0])
+    prepared, copied = task.prepare(record), copy.prepare(record)
+    assert prepared.request.messages == copied.request.messages and prepared.context == copied.context
+    absent = absent_from_context(prepared.context)
+    assert len(absent) == 3
+    answer = f"Question:\nIs there a {absent[0]} in the picture?\nAnswer:\nNo, there is no {absent[0]} in the image."
+    verdict = copy.judge(prepared.subject, Completion(answer, "stop", 10, 10, "m"))
+    sample = verdict.record if isinstance(verdict, Accepted) else verdict.base
+    assert sample["meta"]["absent_objects"] == absent
 
 # --- negation ---------------------------------------------------------------------------------
 
