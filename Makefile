@@ -6,6 +6,8 @@ STAMP     := $(VENV)/.installed
 SHARED_COCO := ../shared/coco-mini
 COCO_SPLIT ?= val2017
 LIMIT     ?= 4
+# Splits `make data` generates: LLaVA's three by default; add negative grounded for all five.
+SPLITS    ?= conversation detail reasoning
 # Caps each local batch's decode steps (a batch runs as long as its longest answer).
 MAX_TOKENS ?= 384
 DATA_DIR  ?= data
@@ -32,11 +34,11 @@ data: $(STAMP)
 	if [ -z "$$root" ]; then \
 	  $(BIN)/datagen coco fetch --split $(COCO_SPLIT) --images 50 --to $(FETCH_DIR) || exit $$?; root="$(FETCH_DIR)"; \
 	fi; \
-	for split in conversation detail reasoning; do \
+	for split in $(SPLITS); do \
 	  $(BIN)/datagen generate --split $$split --coco-root "$$root" --coco-split $(COCO_SPLIT) \
 	    --limit $(LIMIT) --max-tokens $(MAX_TOKENS) --backend local --out $(DATA_DIR)/$$split.jsonl || exit $$?; \
 	done; \
-	echo "samples: $(DATA_DIR)/conversation.jsonl $(DATA_DIR)/detail.jsonl $(DATA_DIR)/reasoning.jsonl (rejects beside them)"
+	echo "samples: $(foreach s,$(SPLITS),$(DATA_DIR)/$(s).jsonl) (rejects beside them)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

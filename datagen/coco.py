@@ -117,6 +117,12 @@ def open_index(index_path: str | Path) -> "CocoIndex":
     return CocoIndex.from_index_file(Path(index_path))
 
 
+def normalised_box(obj: ObjectBox, width: int, height: int) -> list[float]:
+    """COCO [x, y, w, h] pixels to [x1, y1, x2, y2] in [0, 1], rounded to 3 decimals."""
+    x, y, w, h = obj.bbox
+    return [round(x / width, 3), round(y / height, 3), round((x + w) / width, 3), round((y + h) / height, 3)]
+
+
 class _ImagesView(Mapping):
     """pycocotools' `imgs` (id -> image info) for the images listed in the captions file."""
 
@@ -265,6 +271,18 @@ class CocoIndex:
             id=image_id, file_name=info["file_name"], width=info["width"], height=info["height"],
             captions=captions, objects=objects,
         )
+
+    def category_sets(self) -> Iterator[set[str]]:
+        """The set of boxed category names of each image with boxes (what co-occurrence is counted over)."""
+        if not self.with_instances:
+            return
+        store = self._store
+        obj_start = store["obj_start"].tolist()
+        category_ids = store["obj_category_id"]
+        for row in range(len(obj_start) - 1):
+            start, end = obj_start[row], obj_start[row + 1]
+            if end > start:
+                yield {self.categories[c] for c in set(category_ids[start:end].tolist()) if c in self.categories}
 
     def records(self, image_ids: Iterable[int] | None = None, limit: int | None = None) -> Iterator[ImageRecord]:
         """Yield records for the given ids (or all captioned images), at most `limit` of them."""

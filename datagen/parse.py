@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from datagen.sample import IMAGE_TOKEN, Sample
+from datagen.splits import SPLIT_SPECS
 
 # A `Question:` / `Answer:` label at the start of a line, tolerating markdown and numbering
 # ("**Question 2:**", "Q:", "- Answer:").
@@ -15,6 +16,8 @@ _LABEL = re.compile(
     r"^[ \t>*#_\-]*(?:\d+[.)]\s*)?(question|answer|q|a)\s*\d*\s*[:：]\s*(?:\*\*|__)?[ \t]*",
     re.IGNORECASE | re.MULTILINE,
 )
+# A separator line between blocks: LLaVA's few-shot responses put `===` between every question and answer.
+_SEPARATOR_LINE = re.compile(r"^[ \t]*(?:={3,}|-{3,}|\*{3,}|_{3,})[ \t]*$", re.MULTILINE)
 _DETAIL_PREFIX = re.compile(r"^\s*(?:\*\*)?(?:detailed description|description|answer)\s*:\s*(?:\*\*)?\s*", re.I)
 
 
@@ -31,12 +34,18 @@ class ParseError(ValueError):
 class ParseRules:
     """How many Q/A pairs each split accepts."""
 
-    min_pairs: dict[str, int] = field(default_factory=lambda: {"conversation": 2, "reasoning": 1})
-    max_pairs: dict[str, int] = field(default_factory=lambda: {"conversation": 10, "reasoning": 1})
+    min_pairs: dict[str, int] = field(
+        default_factory=lambda: {s.name: s.min_pairs for s in SPLIT_SPECS.values() if s.min_pairs is not None})
+    max_pairs: dict[str, int] = field(
+        default_factory=lambda: {s.name: s.max_pairs for s in SPLIT_SPECS.values() if s.max_pairs is not None})
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"[ \t]*(\*\*|__)[ \t]*$", "", text.strip(), flags=re.MULTILINE).strip()
+    """Block content without separator lines, trailing bold markers or surrounding blank lines."""
+    text = _SEPARATOR_LINE.sub("", text)
+    text = re.sub(r"[ \t]*(\*\*|__)[ \t]*$", "", text.strip(), flags=re.MULTILINE).strip()
+    # Removing a separator between two paragraphs can leave three or more newlines: keep one blank line.
+    return re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", text)
 
 
 def split_qa(text: str) -> list[tuple[str, str]]:
@@ -73,7 +82,8 @@ def parse_pairs(text: str, split: str, truncated: bool, rules: ParseRules) -> li
             pairs.pop()
         pending = None
     if pending is not None:
-        if split == "conversation" and len(pairs) >= rules.min_pairs[split]:
+        spec = SPLIT_SPECS.get(split)
+        if spec is not None and spec.drops_dangling_question and len(pairs) >= rules.min_pairs[split]:
             pending = None  # a dangling final question costs nothing to drop
         else:
             raise ParseError("unbalanced_turns", "the last question has no answer")
@@ -108,7 +118,7 @@ def build_sample(
             raise ParseError("truncated", "the description hit the token limit")
         if split_qa(text):
             raise ParseError("wrong_format", "a detail description came back as questions and answers")
-        description = _DETAIL_PREFIX.sub("", text).strip()
+        description = _clean(_DETAIL_PREFIX.sub("", text))
         if instruction is None:
             raise ValueError("detail samples need an instruction")
         pairs = [(instruction, description)]

@@ -8,19 +8,19 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from datagen.backends.base import SamplingParams
+from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.config import EngineConfig
 from datagen.engine.shard import ShardSpec
 from datagen.errors import VisinstructError
 from datagen.sample import OutputLayout
+from datagen.splits import SPLITS
 
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 
-class Split(str, Enum):
-    conversation = "conversation"
-    detail = "detail"
-    reasoning = "reasoning"
+# The split names come from datagen.splits (one table for generation, parsing, prompts and checks).
+Split = Enum("Split", {name: name for name in SPLITS}, type=str)
 
 
 class BackendName(str, Enum):
@@ -62,6 +62,10 @@ class SourceOptions(BaseModel):
     image_ids: list[int] | None = None
     shard: str | None = None
     prompts_dir: Path | None = None
+    # Negative split: how many absent objects per image, and the instances file co-occurrence is counted over
+    # (None: the split's own).
+    absent_objects: int = Field(DEFAULT_ABSENT_OBJECTS, ge=1)
+    cooccurrence_from: Path | None = None
 
     @field_validator("image_ids", mode="before")
     @classmethod

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from datagen.errors import VisinstructError
 from datagen.hf_dataset import hf_files, is_hf_input, iter_parquet_records
 from datagen.jsonl import iter_jsonl, repair_tail
+from datagen.splits import SPLITS
 
 IMAGE_TOKEN = "<image>"
-SPLIT_NAMES = ("conversation", "detail", "reasoning", "captions")
+SPLIT_NAMES = (*SPLITS, "captions")
 LLAVA_HINT = 'each sample needs "conversations": [{"from": "human"|"gpt", "value": "..."}, ...]'
 CACHE_FILE = Path(".cache") / "responses.sqlite"
 

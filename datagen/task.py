@@ -16,14 +16,15 @@ import numpy as np
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.coco import ImageRecord
-from datagen.context import render_context
+from datagen.context import ContextBuilder, context_meta
 from datagen.jsonl import repair_tail
 from datagen.parse import ParseError, build_sample
-from datagen.prompts import SPLITS_WITH_BOXES, PromptSet, pick_instruction
+from datagen.prompts import PromptSet, pick_instruction
 from datagen.quality.checks import NEAR_DUPLICATE, QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.minhash import NearDuplicateIndex
 from datagen.sample import read_samples, sample_id
+from datagen.splits import SPLITS_WITH_BOXES
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,15 @@ class LlavaTask:
     """One split's LLaVA generation: prompts, sampling and the quality gate, with no I/O of its own.
 
     `provenance` goes into every sample's meta (backend name, ...); `coco_available` False skips the
-    object checks (no boxes to compare with).
+    object checks (no boxes to compare with). `context` renders what the writer sees (the negative split's
+    absent objects need co-occurrence counts: see `context_builder`); None: the split's plain context.
     """
 
     def __init__(self, split: str, prompts: PromptSet, params: SamplingParams, quality: QualityConfig | None = None,
-                 provenance: dict[str, Any] | None = None, coco_available: bool = True, gate: bool = True) -> None:
+                 provenance: dict[str, Any] | None = None, coco_available: bool = True, gate: bool = True,
+                 context: ContextBuilder | None = None) -> None:
         self.split = split
+        self.context = context or ContextBuilder(split)
         self.prompts = prompts
         self.params = params
         self.with_boxes = split in SPLITS_WITH_BOXES
@@ -152,7 +156,7 @@ class LlavaTask:
         self.signer = NearDuplicateIndex(quality.near_duplicate_threshold, quality.shingle_size,
                                          quality.minhash_permutations)
         self.meta_base = {**(provenance or {}), "prompt_hash": prompts.hash, "seed": params.seed}
-        self._args = (split, prompts, params, quality, provenance, coco_available, gate)
+        self._args = (split, prompts, params, quality, provenance, coco_available, gate, context)
 
     def __reduce__(self):
         """Pickled as its arguments: a worker process rebuilds the checker instead of receiving its caches."""
@@ -169,7 +173,7 @@ class LlavaTask:
 
     def prepare(self, record: ImageRecord) -> TaskRequest:
         """The chat request for one image (its key names the item: image id + split)."""
-        context = render_context(record, with_boxes=self.with_boxes)
+        context, _ = self.context.render(record)
         request = ChatRequest(key=f"{record.id}:{self.split}", messages=self.prompts.messages(context), params=self.params)
         return TaskRequest(sample_id(record.id), record, context, request)
 
@@ -187,6 +191,7 @@ class LlavaTask:
             "model": completion.model,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
             "finish_reason": completion.finish_reason,
+            **context_meta(self.split, prepared.context),  # a negative sample keeps its absent objects
         }
         evidence = {"context": prepared.context, "raw": completion.text, "meta": meta}
         try:
@@ -198,13 +203,16 @@ class LlavaTask:
             return Rejected(prepared.item_id, [exc.code], base, exc.detail, evidence)
         view = SampleView.from_sample(sample, split=self.split, finish_reason=completion.finish_reason,
                                       record=record if self.coco_available else None)
-        reasons = self.checker.check(view).reasons if self.checker is not None else []
+        report = self.checker.check(view) if self.checker is not None else None
+        reasons = report.reasons if report is not None else []
         signature = None
         if self.near_duplicates_on:
             text = "\n".join(view.answers)
             signature = self.signer.signature(text) if text.strip() else None
         if reasons:
-            return Rejected(prepared.item_id, reasons, sample.to_record(), "", evidence, signature)
+            # What failed, not only the code (the objects judged hallucinated, the repeated question, the box...).
+            detail = "; ".join(f"{code}: {text}" for code, text in report.details.items())
+            return Rejected(prepared.item_id, reasons, sample.to_record(), detail, evidence, signature)
         return Accepted(prepared.item_id, sample.to_record(), signature, evidence)
 
     def near_duplicate_gate(self, accepted_file: Path | None = None) -> NearDuplicateGate | None:

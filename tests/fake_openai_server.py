@@ -45,6 +45,24 @@ FILLERS = (
 )
 
 
+def negative_text(context: str, absent: list[str]) -> str:
+    """A negative-split answer: each absent object asked about and denied, then what the captions show."""
+    caption = next((line.strip().rstrip(". ") for line in context.splitlines() if line.strip() and ":" not in line), "a scene")
+    return "\n".join(
+        f"Question: Is there a {obj} in this picture?\nAnswer: No, there is no {obj} in this picture. "
+        f"It shows {caption[0].lower()}{caption[1:]}."
+        for obj in absent[:2]
+    )
+
+
+def grounded_text(context: str) -> str:
+    """A grounded-split answer: the first boxes of the context asked about and named with their box."""
+    boxes = [line.split(": ", 1) for line in context.splitlines() if line.rstrip().endswith("]") and ": [" in line]
+    return "\n".join(
+        f"Question: What is in the region {box}?\nAnswer: That region shows the {name} {box}." for name, box in boxes[:2]
+    )
+
+
 def completion_text(context: str) -> str:
     """Three question/answer pairs (about 250 tokens) built from the context's captions plus varied filler."""
     captions = [line.strip().rstrip(". ") for line in context.splitlines() if ":" not in line]
@@ -105,7 +123,15 @@ def prompt_digest(messages: list[dict]) -> str:
 
 def completion_body(messages: list[dict], model: str, serial: int) -> dict:
     """A chat.completion object whose text varies with the image context."""
-    text = completion_text(str(messages[-1].get("content", "")) if messages else "")
+    context = str(messages[-1].get("content", "")) if messages else ""
+    system = str(messages[0].get("content", "")) if messages else ""
+    absent = [line.split(":", 1)[1] for line in context.splitlines() if line.startswith("Absent objects:")]
+    if absent:  # the negative split's context
+        text = negative_text(context, [a.strip() for a in absent[0].split(",")])
+    elif "regions of the image" in system and ": [" in context:  # the grounded split's prompt
+        text = grounded_text(context)
+    else:
+        text = completion_text(context)
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
     return {
         "id": f"chatcmpl-{serial}",

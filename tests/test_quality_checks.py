@@ -54,6 +54,19 @@ FAULTS = {
     "repeated_question": sample(*GOOD_CONV, "What appliances are in the kitchen?", "A refrigerator and an oven."),
     "hallucinated_object": sample(GOOD_CONV[0], "There is a white refrigerator, an oven and a sleeping cat.",
                                   *GOOD_CONV[2:], record=KITCHEN),
+    "wrong_count": sample(GOOD_CONV[0], "There are two white refrigerators and an oven.", *GOOD_CONV[2:], record=KITCHEN),
+    "wrong_position": sample(GOOD_CONV[0], "The refrigerator stands to the left of the oven.", *GOOD_CONV[2:],
+                             record=KITCHEN),
+    "absent_not_denied": SampleView(key="n1", split="negative", record=KITCHEN, absent_objects=["dog"], turns=[
+        ("human", "<image>\nWhat is the dog eating?"), ("gpt", "The kitchen has a white refrigerator and a white oven.")]),
+    "absent_object_named": SampleView(key="n2", split="negative", record=KITCHEN, absent_objects=["dog", "cat"], turns=[
+        ("human", "<image>\nWhat is the dog eating?"),
+        ("gpt", "There is no dog here, and no cat either; only a refrigerator and an oven.")]),
+    "malformed_box": sample("<image>\nWhere is the oven?", "The oven [0.078, 0.452, 0.377, 0.813] is next to the "
+                            "refrigerator [0.578, 0.289, 0.969].", split="grounded", record=KITCHEN),
+    "invented_box": sample("<image>\nWhere is the oven?", "The oven [0.5, 0.1, 0.6, 0.2] is white.", split="grounded",
+                           record=KITCHEN),
+    "no_box": sample("<image>\nWhere is the oven?", "The oven is on the left side of the kitchen.", split="grounded"),
 }
 
 

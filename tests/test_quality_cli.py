@@ -63,7 +63,10 @@ def test_check_writes_accepted_unchanged_and_rejected_with_reasons(capsys, coco_
     rejected = read_jsonl(rej)
     assert [r["id"] for r in rejected] == ["bad-1", "bad-2"]
     assert rejected[0]["reject_reasons"] == ["refusal"] and rejected[1]["reject_reasons"] == ["source_leak"]
-    assert {k: v for k, v in rejected[0].items() if k != "reject_reasons"} == bad
+    assert {k: v for k, v in rejected[0].items() if k not in ("reject_reasons", "reject_details")} == bad
+    # Each reject says what failed, not only the code.
+    assert "sorry" in rejected[0]["reject_details"]["refusal"]
+    assert "caption" in rejected[1]["reject_details"]["source_leak"]
     assert "5 samples: 3 accepted" in out and "refusal" in out and "CHAIR_i" in out
 
 

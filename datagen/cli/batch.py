@@ -9,15 +9,16 @@ import typer
 
 from datagen.cli.common import format_usd, make_backend, select_ids
 from datagen.cli.options import (
-    CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt, ModelOpt, NoCacheOpt,
+    AbsentObjectsOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt, ModelOpt, NoCacheOpt,
     PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt, build,
 )
 from datagen.coco import CocoIndex
+from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.batch_api import TERMINAL, BatchState, download_lines, refresh, upload_and_create
 from datagen.engine.cost import load_prices
 from datagen.engine.work import RunStats
 from datagen.errors import VisinstructError
-from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit,
+from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit, prompts_of,
                                      read_request_file, task_of)
 from datagen.prompts import load_prompt_set
 from datagen.run_config import BatchSubmitConfig
@@ -56,12 +57,15 @@ def submit(
     requests: Annotated[Optional[Path], typer.Option(
         help="Submit this request file as is (e.g. a resubmit file from collect).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the request files but upload nothing.")] = False,
+    absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
+    cooccurrence_from: CooccurrenceFromOpt = None,
 ) -> None:
     """Write the request JSONL (custom_id = image id + split), upload it and create the batch."""
     config = build(
         BatchSubmitConfig,
         source=dict(split=split, coco_root=coco_root, coco_split=coco_split, limit=limit, image_ids=image_ids,
-                    shard=shard, prompts_dir=prompts_dir),
+                    shard=shard, prompts_dir=prompts_dir, absent_objects=absent_objects,
+                    cooccurrence_from=cooccurrence_from),
         model=dict(backend="openai", model=model, base_url=base_url),
         sampling=dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                       repetition_penalty=repetition_penalty),
@@ -78,21 +82,26 @@ def run_submit(config: BatchSubmitConfig) -> None:
     params, model_name = config.sampling.params(), config.model.model_name()
     cache_file = config.cache.cache_path(layout)
     sfile = layout.batch_state
+    source = config.source
+    cooccurrence = str(source.cooccurrence_from) if source.cooccurrence_from else None
     state = BatchState.load(sfile)
     if state is None:
         state = BatchState(split=split, model=model_name, base_url=config.model.base_url,
                            coco_root=str(config.source.coco_root), coco_split=config.source.coco_split,
                            prompts_dir=str(config.source.prompts_dir) if config.source.prompts_dir else None,
-                           prompt_hash=prompts.hash, params=params.__dict__, cache=str(cache_file) if cache_file else None)
-    elif (state.split, state.model, state.prompt_hash, state.params) != (split, model_name, prompts.hash, params.__dict__):
-        raise VisinstructError(f"{sfile} belongs to a batch run with other settings (split, model, prompts or sampling)",
+                           prompt_hash=prompts.hash, params=params.__dict__, cache=str(cache_file) if cache_file else None,
+                           absent_objects=source.absent_objects, cooccurrence_from=cooccurrence)
+    elif ((state.split, state.model, state.prompt_hash, state.params, state.absent_objects, state.cooccurrence_from)
+          != (split, model_name, prompts.hash, params.__dict__, source.absent_objects, cooccurrence)):
+        raise VisinstructError(f"{sfile} belongs to a batch run with other settings (split, model, prompts, sampling "
+                               "or absent objects)",
                                "use the same settings, or another --out")
     if config.requests is not None:
         files = add_request_files(state, read_request_file(config.requests), layout.batch_dir)
     else:
         index = CocoIndex(config.source.coco_root, config.source.coco_split, with_instances=LlavaTask.needs_boxes(split))
         ids = select_ids(index, config.source.image_ids, config.source.limit, config.source.shard_spec)
-        plan = plan_submit(task_of(state), layout, state, index.records(ids))
+        plan = plan_submit(task_of(state, index), layout, state, index.records(ids))
         if plan.from_cache:
             typer.echo(f"{plan.from_cache} item(s) found in the cache and written to {layout.samples}")
         files = add_request_files(state, plan.lines, layout.batch_dir)
@@ -145,7 +154,7 @@ def collect(out: OutOpt) -> None:
     layout = OutputLayout(out)
     state = load_state(layout)
     sfile, folder = layout.batch_state, layout.batch_dir
-    task_of(state)  # the prompt files must still match before anything is downloaded
+    prompts_of(state)  # the prompt files must still match before anything is downloaded
     backend = _client(state)
     table = load_prices()
     price = table.lookup(state.model)

@@ -7,9 +7,9 @@ from typing import Annotated
 import typer
 
 from datagen.captions import write_caption_pairs
-from datagen.cli.options import CocoRootOpt, LimitOpt, PromptsDirOpt
+from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CooccurrenceFromOpt, LimitOpt, PromptsDirOpt
 from datagen.coco import CocoIndex
-from datagen.context import render_context
+from datagen.context import DEFAULT_ABSENT_OBJECTS, context_builder
 from datagen.fetch import fetch_coco
 from datagen.run_config import Split
 from datagen.task import LlavaTask
@@ -35,11 +35,14 @@ def render(
     image_id: Annotated[int, typer.Option(help="COCO image id.")],
     coco_split: Annotated[str, typer.Option(help="Annotation split, e.g. val2017, train2017, train2014.")] = "val2017",
     split: Annotated[Split, typer.Option(help="Which split's context form (conversation omits boxes).")] = Split.detail,
+    seed: Annotated[int, typer.Option(help="Seed (negative: breaks ties in the absent-object choice).")] = 0,
+    cooccurrence_from: CooccurrenceFromOpt = None,
+    absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
 ) -> None:
     """Print the symbolic context the LLM sees for one image, and nothing else."""
-    with_boxes = LlavaTask.needs_boxes(split.value)
-    index = CocoIndex(coco_root, coco_split, with_instances=with_boxes)
-    typer.echo(render_context(index.record(image_id), with_boxes=with_boxes))
+    index = CocoIndex(coco_root, coco_split, with_instances=LlavaTask.needs_boxes(split.value))
+    builder = context_builder(split.value, index, cooccurrence_from, seed, absent_objects)
+    typer.echo(builder.render(index.record(image_id))[0])
 
 
 def captions(

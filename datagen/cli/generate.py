@@ -12,18 +12,19 @@ import typer
 
 from datagen.cli.common import format_usd, make_backend, print_summary, progress_bar, select_ids
 from datagen.cli.options import (
-    COST, ENGINE, EXECUTOR, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
+    COST, ENGINE, EXECUTOR, AbsentObjectsOpt, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
     ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt,
     build,
 )
 from datagen.coco import CocoIndex
+from datagen.context import DEFAULT_ABSENT_OBJECTS, ContextBuilder, context_builder
 from datagen.engine.cost import load_prices
 from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
 from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
 from datagen.prompts import load_prompt_set
-from datagen.run_config import BackendName, ExecutorName, GenerateConfig
+from datagen.run_config import BackendName, ExecutorName, GenerateConfig, SourceOptions
 from datagen.sample import sample_id
 from datagen.sink import write_manifest
 from datagen.task import LlavaTask
@@ -73,12 +74,15 @@ def generate(
         rich_help_panel=EXECUTOR, help="local (this machine) or ray (Ray Data; needs the ray extra).")] = ExecutorName.local,
     ray_address: Annotated[Optional[str], typer.Option(
         rich_help_panel=EXECUTOR, help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: a local Ray).")] = None,
+    absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
+    cooccurrence_from: CooccurrenceFromOpt = None,
 ) -> None:
     """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
     config = build(
         GenerateConfig,
         source=dict(split=split, coco_root=coco_root, coco_split=coco_split, limit=limit, image_ids=image_ids,
-                    shard=shard, prompts_dir=prompts_dir),
+                    shard=shard, prompts_dir=prompts_dir, absent_objects=absent_objects,
+                    cooccurrence_from=cooccurrence_from),
         model=dict(backend=backend, model=model, base_url=base_url),
         sampling=dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                       repetition_penalty=repetition_penalty),
@@ -98,6 +102,11 @@ def open_source(config: GenerateConfig) -> tuple[CocoIndex, list[int]]:
     return index, select_ids(index, source.image_ids, source.limit, source.shard_spec)
 
 
+def split_context(source: SourceOptions, index: CocoIndex, seed: int) -> ContextBuilder:
+    """What the writer sees for the split (negative: absent objects chosen by co-occurrence, stable for a seed)."""
+    return context_builder(source.split.value, index, source.cooccurrence_from, seed, source.absent_objects)
+
+
 def run_generate(config: GenerateConfig, command: str | None = None) -> None:
     """Run (or dry-run) one configured generation and write its manifest.
 
@@ -109,7 +118,8 @@ def run_generate(config: GenerateConfig, command: str | None = None) -> None:
     index, ids = open_source(config)
     backend_name = config.model.backend_name()
     engine_config = config.engine_config()
-    task = LlavaTask(split, prompts, config.sampling.params(), provenance={"backend": backend_name})
+    task = LlavaTask(split, prompts, config.sampling.params(), provenance={"backend": backend_name},
+                     context=split_context(config.source, index, config.sampling.seed))
     if config.dry_run:
         print_dry_run(config, task, index, ids)
         return

@@ -28,6 +28,9 @@ ImageIdsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated COCO i
 ShardOpt = Annotated[Optional[str], typer.Option(
     rich_help_panel=COST, help="K/N: take the K-th of N stable slices of the images (join with `datagen merge`).")]
 PromptsDirOpt = Annotated[Optional[Path], typer.Option(help="Prompt folder (default: prompts/ of this checkout).")]
+AbsentObjectsOpt = Annotated[int, typer.Option(min=1, help="negative split: absent objects listed per image.")]
+CooccurrenceFromOpt = Annotated[Optional[Path], typer.Option(
+    help="negative split: COCO instances file to count object co-occurrence over (default: the split's own).")]
 
 # Model: who answers.
 BackendOpt = Annotated[BackendName, typer.Option(help="auto = openai if an endpoint is configured, else local.")]

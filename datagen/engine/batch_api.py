@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.backends.openai_backend import chat_body, classify_error, completion_from_body
+from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
 
@@ -56,6 +57,9 @@ class BatchState(BaseModel):
     prompt_hash: str
     params: dict[str, Any]
     cache: str | None
+    # Negative split's context: absent objects per image and the co-occurrence file (None: the split's own).
+    absent_objects: int = DEFAULT_ABSENT_OBJECTS
+    cooccurrence_from: str | None = None
     batches: list[BatchEntry] = []
 
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datagen.coco import CocoIndex, ImageRecord
+from datagen.context import context_builder
 from datagen.engine.batch_api import (BatchEntry, BatchState, custom_id, ids_in_request_file, request_line,
                                       split_results, write_request_files, write_resubmit)
 from datagen.engine.cost import Price
@@ -20,7 +21,7 @@ from datagen.engine.judging import InlineJudge
 from datagen.engine.live import ResultRecorder
 from datagen.engine.work import AlreadyDone, Completed, Endpoint, RequestPlanner, RunStats
 from datagen.errors import VisinstructError
-from datagen.prompts import load_prompt_set
+from datagen.prompts import PromptSet, load_prompt_set
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
 from datagen.task import LlavaTask
@@ -37,13 +38,23 @@ def load_state(layout: OutputLayout) -> BatchState:
     return state
 
 
-def task_of(state: BatchState) -> LlavaTask:
-    """The task a batch was submitted for (same prompts, sampling and gate as a live run)."""
+def prompts_of(state: BatchState) -> PromptSet:
+    """The prompts a batch was submitted with; changed prompt files are a user error."""
     prompts = load_prompt_set(Path(state.prompts_dir) if state.prompts_dir else None, state.split)
     if prompts.hash != state.prompt_hash:
         raise VisinstructError(f"the {state.split} prompt files changed since this batch was submitted",
                                "restore them, or submit again to a new --out")
-    return LlavaTask(state.split, prompts, state.sampling, provenance={"backend": BACKEND})
+    return prompts
+
+
+def task_of(state: BatchState, index: CocoIndex) -> LlavaTask:
+    """The task a batch was submitted for (same prompts, sampling, context and gate as a live run).
+
+    index: the split's COCO index (the negative split's absent objects are chosen by its co-occurrence counts).
+    """
+    cooccurrence = Path(state.cooccurrence_from) if state.cooccurrence_from else None
+    context = context_builder(state.split, index, cooccurrence, state.sampling.seed, state.absent_objects)
+    return LlavaTask(state.split, prompts_of(state), state.sampling, provenance={"backend": BACKEND}, context=context)
 
 
 def recorder_for(task: LlavaTask, layout: OutputLayout, state: BatchState, stats: RunStats,
@@ -122,8 +133,8 @@ class CollectedBatch:
 def collect_ready(layout: OutputLayout, state: BatchState, ready: list[tuple[BatchEntry, list, list]],
                   stats: RunStats, price: Price | None, save_state: Callable[[], None]) -> list[CollectedBatch]:
     """Store the completions of downloaded batches like a live run; write resubmit files for the failed."""
-    task = task_of(state)
-    index = CocoIndex(state.coco_root, state.coco_split, with_instances=task.with_boxes)
+    index = CocoIndex(state.coco_root, state.coco_split, with_instances=LlavaTask.needs_boxes(state.split))
+    task = task_of(state, index)
     done = layout.done_ids()
     recorder = recorder_for(task, layout, state, stats, price)
     planner = RequestPlanner(task, Endpoint(BACKEND, state.model), frozenset(), None)

@@ -3,98 +3,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from datagen.coco import ImageRecord
 from datagen.errors import VisinstructError
 from datagen.quality.config import QualityConfig
+from datagen.quality.counting import check_wrong_count, check_wrong_position
+from datagen.quality.generic import asserted_categories
+from datagen.quality.grounding import check_invented_box, check_malformed_box, check_no_box
+from datagen.quality.negation import check_absent_not_denied, check_absent_object_named
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
-from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth
-from datagen.sample import IMAGE_TOKEN, Sample
-
-
-@dataclass
-class SampleView:
-    """What the checks read: the turns, the split, and what is known about the image and the completion."""
-
-    key: str
-    turns: list[tuple[str, str]]
-    split: str | None = None
-    has_image: bool = True
-    finish_reason: str | None = None
-    record: ImageRecord | None = None
-
-    @property
-    def questions(self) -> list[str]:
-        return [_strip_image(v) for s, v in self.turns if s == "human"]
-
-    @property
-    def answers(self) -> list[str]:
-        return [v.strip() for s, v in self.turns if s == "gpt"]
-
-    @classmethod
-    def from_record(
-        cls, rec: dict[str, Any], split: str | None = None, finish_reason: str | None = None,
-        record: ImageRecord | None = None,
-    ) -> "SampleView":
-        """A view of one LLaVA-format dict (already shape-checked by datagen.sample.read_samples)."""
-        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-        return cls(
-            key=str(rec.get("id", "")),
-            turns=[(str(t.get("from")), str(t.get("value"))) for t in rec.get("conversations", [])],
-            split=split or rec.get("split"),
-            has_image=bool(rec.get("image")),
-            finish_reason=finish_reason or meta.get("finish_reason"),
-            record=record,
-        )
-
-
-    @classmethod
-    def from_sample(
-        cls, sample: Sample, split: str | None = None, finish_reason: str | None = None,
-        record: ImageRecord | None = None,
-    ) -> "SampleView":
-        """The same view as `from_record(sample.to_record(), ...)`, without dumping the model first."""
-        meta = sample.meta if isinstance(sample.meta, dict) else {}
-        return cls(
-            key=str(sample.id),
-            turns=[(str(t.speaker), str(t.value)) for t in sample.conversations],
-            split=split or sample.split,
-            has_image=bool(sample.image),
-            finish_reason=finish_reason or meta.get("finish_reason"),
-            record=record,
-        )
-
-
-@dataclass
-class CheckEnv:
-    """Shared state of one checking run: thresholds, the object matcher, seen texts, cached truths."""
-
-    config: QualityConfig
-    matcher: ObjectMatcher
-    near_duplicates: NearDuplicateIndex
-    truths: dict[int, set[str]] = field(default_factory=dict)
-    # The last (answers text, include_hedged) -> categories: one sample's checks ask for it twice.
-    last_mentioned: tuple[str, bool, frozenset[str]] | None = None
-
-    def truth(self, record: ImageRecord) -> set[str]:
-        if record.id not in self.truths:
-            self.truths[record.id] = ground_truth(record, self.matcher)
-        return self.truths[record.id]
-
-    def mentioned(self, text: str, include_hedged: bool) -> set[str]:
-        """Categories the text names (the matcher's answer, remembered for the same text)."""
-        last = self.last_mentioned
-        if last is not None and last[0] == text and last[1] == include_hedged:
-            return set(last[2])
-        found = self.matcher.categories(text, include_hedged=include_hedged)
-        self.last_mentioned = (text, include_hedged, frozenset(found))
-        return found
-
-
-def _strip_image(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, "").strip()
+from datagen.quality.objects import ObjectMatcher, default_matcher
+from datagen.sample import IMAGE_TOKEN
+from datagen.quality.view import CheckEnv, SampleView, _strip_image  # noqa: F401  (re-exported)
+from datagen.splits import SPLITS_WITH_BOXES_IN_TEXT
 
 
 def _words(text: str) -> list[str]:
@@ -160,6 +81,10 @@ _LEAK_ANY_TURN = [
 ]
 # Answers never need the word at all: a reader of the image sees no caption.
 _LEAK_ANSWER = [re.compile(r"\bcaptions?\b|\bcaptioned\b", re.I)]
+
+
+# Positions in _LEAK_ANY_TURN of the box list and of the 3-decimal number: allowed where boxes are the content.
+_BOX_PATTERNS = frozenset({2, 3})
 
 
 # Prefilters. The phrase patterns are case-insensitive and scanning a text with one costs far more than
@@ -243,6 +168,9 @@ def check_source_leak(view: SampleView, env: CheckEnv) -> str | None:
     possible = _possible_leaks("\n".join(value for _, value in view.turns))
     if not possible:
         return None
+    if view.split in SPLITS_WITH_BOXES_IN_TEXT:
+        # Boxes are the point of this split (grounding checks them); words about sources still leak.
+        possible -= _BOX_PATTERNS
     any_turn = [p for i, p in enumerate(_LEAK_ANY_TURN) if i in possible]
     answer_only = [p for i, p in enumerate(_LEAK_ANSWER, start=len(_LEAK_ANY_TURN)) if i in possible]
     for speaker, value in view.turns:
@@ -311,9 +239,16 @@ def _first_answer_match(view: SampleView, prefilter: "_Prefilter", pattern: re.P
     return None
 
 
+# In a negative sample "I don't see a dog here" is the answer, not a refusal.
+_DENIAL_AFTER_SEE = re.compile(r"\s+(?:a|an|any|anything|the|such|one|no)\b", re.I)
+
+
 def check_refusal(view: SampleView, env: CheckEnv) -> str | None:
     """No answer declines or apologises instead of answering."""
     found = _first_answer_match(view, _REFUSAL_FILTER, _REFUSAL)
+    if found and view.split == "negative":
+        found = next((m for answer in view.answers for m in _REFUSAL.finditer(answer)
+                      if not (m.group(0).lower().endswith("see") and _DENIAL_AFTER_SEE.match(answer, m.end()))), None)
     return f"answer says {found.group(0)!r}" if found else None
 
 
@@ -404,7 +339,7 @@ def check_repeated_question(view: SampleView, env: CheckEnv) -> str | None:
     for i in range(len(questions)):
         for j in range(i):
             if questions[i] and jaccard(questions[i], questions[j]) >= env.config.repeated_question_similarity:
-                return f"question {i + 1} repeats question {j + 1}"
+                return f"question {i + 1} repeats question {j + 1}: {view.questions[i][:120]!r}"
     return None
 
 
@@ -413,6 +348,10 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
     if view.record is None:
         return None
     hallucinated = object_findings(view, env)[1]
+    if hallucinated and env.config.lenient_object_mentions:
+        # The gate's leniency (not CHAIR's): objects only spoken of in general, in comparisons, or denied
+        # after the word ("the dog is not in the picture") are not claims that the image holds them.
+        hallucinated &= asserted_categories("\n".join(view.answers), env.matcher, env.config.count_hedged_mentions)
     if len(hallucinated) > env.config.max_hallucinated_objects:
         return f"{', '.join(sorted(hallucinated))} not in the image's boxes or captions"
     return None
@@ -447,6 +386,19 @@ CHECKS: tuple[Check, ...] = (
     Check("too_long", "answers and questions within the split's maximum length", check_too_long),
     Check("repeated_question", "no question asked twice in a conversation", check_repeated_question),
     Check("hallucinated_object", "answers name only objects boxed or captioned for the image", check_hallucinated_object),
+    Check("wrong_count", "a number attached to a boxed object agrees with its boxes (crowds, captions tolerated)",
+          check_wrong_count),
+    Check("wrong_position", "left/right/above/below claims about two uniquely boxed objects agree with their centres",
+          check_wrong_position),
+    Check("absent_not_denied", "negative: a question asks about an absent object and its answer denies it",
+          check_absent_not_denied),
+    Check("absent_object_named", "negative: no answer names an absent object it was not asked about",
+          check_absent_object_named),
+    Check("malformed_box", "grounded: every box parses as [x1, y1, x2, y2] in [0, 1], 3 decimals at most",
+          check_malformed_box),
+    Check("invented_box", "grounded: each box matches an annotated box of the named object (IoU >= 0.5)",
+          check_invented_box),
+    Check("no_box", "grounded: some question or answer refers to a region with a box", check_no_box),
 )
 NEAR_DUPLICATE = "near_duplicate"
 REASON_CODES: tuple[str, ...] = tuple(c.code for c in CHECKS) + (NEAR_DUPLICATE,)
@@ -502,6 +454,7 @@ class QualityChecker:
         """All checks on one sample; an accepted sample joins the near-duplicate index."""
         disabled = set(self.config.disabled_checks)
         details: dict[str, str] = {}
+        self.env.memo.clear()
         for check in CHECKS:
             if check.code in disabled:
                 continue

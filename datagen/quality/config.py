@@ -61,6 +61,9 @@ class QualityConfig(BaseModel):
         False, description="Count objects named in a hedged sentence (might, could, if, likely) for CHAIR."
     )
     max_hallucinated_objects: int = Field(0, ge=0, description="Reject above this many hallucinated categories.")
+    lenient_object_mentions: bool = Field(
+        True, description="The object check ignores objects spoken of in general, in comparisons, or denied after the "
+                          "word ('protects people from the sun', 'like a dog', 'the dog is not there'); CHAIR counts them.")
 
     @model_validator(mode="before")
     @classmethod

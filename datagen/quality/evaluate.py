@@ -269,6 +269,70 @@ def evaluate(
     }
 
 
+# The reason codes each family of new checks owns (a good sample rejected with one of them is that check's false reject).
+FAMILY_CODES: dict[str, tuple[str, ...]] = {
+    "negation": ("absent_not_denied", "absent_object_named"),
+    "grounding": ("malformed_box", "invented_box", "no_box"),
+    "counting": ("wrong_count",),
+    "placement": ("wrong_position",),
+    "generic": ("hallucinated_object",),
+}
+
+
+@dataclass
+class FamilyResult:
+    """One family's figures: good samples and their rejects, planted errors and their catches."""
+
+    good: int = 0
+    good_rejected_by_family: int = 0
+    good_rejected_any: int = 0
+    planted: int = 0
+    caught_with_expected_code: int = 0
+    caught_any: int = 0
+    false_rejects: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = lambda n, d: round(n / d, 4) if d else None  # noqa: E731
+        return {**{k: v for k, v in vars(self).items() if k not in ("false_rejects", "missed")},
+                "false_reject_rate": rate(self.good_rejected_by_family, self.good),
+                "false_reject_rate_any_check": rate(self.good_rejected_any, self.good),
+                "catch_rate": rate(self.caught_with_expected_code, self.planted),
+                "false_rejects": self.false_rejects[:10], "missed": self.missed[:10]}
+
+
+def evaluate_families(records: list[Rec], lookups: dict[str, ImageLookup], config: QualityConfig | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """Per family (meta.family): false rejects of its checks on good records, catches of planted ones (meta.planted).
+
+    Near-duplicates are off: template-written samples resemble each other by construction.
+    """
+    config = config or QualityConfig()
+    checker = QualityChecker(config.with_overrides(disabled_checks=[*config.disabled_checks, NEAR_DUPLICATE]))
+    results: dict[str, FamilyResult] = {}
+    for rec in records:
+        meta = rec["meta"]
+        lookup = lookups.get(meta["coco_split"])
+        record = lookup.find(rec["image"]) if lookup else None
+        report = checker.check(SampleView.from_record(rec, record=record))
+        result = results.setdefault(meta["family"], FamilyResult())
+        codes = FAMILY_CODES[meta["family"]]
+        if meta["planted"] is None:
+            result.good += 1
+            by_family = [r for r in report.reasons if r in codes]
+            result.good_rejected_by_family += bool(by_family)
+            result.good_rejected_any += bool(report.reasons)
+            if report.reasons:
+                result.false_rejects.append(f"{rec['id']}: {report.details}")
+        else:
+            result.planted += 1
+            result.caught_any += bool(report.reasons)
+            result.caught_with_expected_code += meta["planted"] in report.reasons
+            if meta["planted"] not in report.reasons:
+                result.missed.append(rec["id"])
+    return {name: r.as_dict() for name, r in sorted(results.items())}
+
+
 def main(
     good_file: Path = typer.Argument(..., help="Hand-written good samples (LLaVA JSONL)."),
     coco_root: Optional[Path] = typer.Option(None, help="COCO root (enables the object check)."),

@@ -20,6 +20,14 @@ from datagen.sample import Sample, SampleWriter, read_samples, sample_split, spl
 from datagen.quality.objects import ChairCounter
 
 
+class Reasons(list):
+    """Reject reason codes, carrying what failed: `details` maps each code to a sentence (the objects, the box...)."""
+
+    def __init__(self, codes: list[str], details: dict[str, str]) -> None:
+        super().__init__(codes)
+        self.details = details
+
+
 def make_checker(
     split: str, config: QualityConfig | None = None, coco_available: bool = True, seen: Path | None = None
 ) -> Callable[[Sample, ImageRecord, Any], list[str]]:
@@ -39,7 +47,8 @@ def make_checker(
             sample, split=split, finish_reason=getattr(completion, "finish_reason", None),
             record=record if coco_available else None,
         )
-        return checker.check(view).reasons
+        report = checker.check(view)
+        return Reasons(report.reasons, report.details)
 
     return check
 
@@ -120,7 +129,7 @@ def check_file(
                 summary.reasons.update(report.reasons)
                 if rejected:
                     # Earlier reasons (a rejects file checked again) are replaced by this run's.
-                    rejected.write({**rec, "reject_reasons": report.reasons})
+                    rejected.write({**rec, "reject_reasons": report.reasons, "reject_details": report.details})
     finally:
         for writer in (accepted, rejected):
             if writer:

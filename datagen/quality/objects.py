@@ -84,6 +84,24 @@ class ObjectMatcher:
         # Texts joined by a lone "." read like separate texts (negation, hedges and the ambiguous-word rules
         # all stop at it) unless some phrase itself spans a "." token.
         self._dot_joins = not any(_TEXT_BREAK in key for key in self.phrases)
+        self._scans: dict[str, tuple[list[str], list[tuple[int, tuple[str, ...], str]]]] = {}
+
+    SCAN_CACHE_SIZE = 4096
+
+    def phrases_in(self, tokens: list[str]) -> list[tuple[int, tuple[str, ...], str]]:
+        """(start, phrase tokens, category) of each object phrase in already tokenized text."""
+        return self._found(tokens)
+
+    def scan(self, text: str) -> tuple[list[str], list[tuple[int, tuple[str, ...], str]]]:
+        """(tokens, object phrases found) of a text; remembered, since several checks read the same answers."""
+        cache = self._scans
+        hit = cache.get(text)
+        if hit is None:
+            if len(cache) >= self.SCAN_CACHE_SIZE:
+                cache.clear()
+            tokens = tokenize(text)
+            hit = cache[text] = (tokens, self._found(tokens))
+        return hit
 
     @classmethod
     def from_file(cls, path: Path) -> "ObjectMatcher":

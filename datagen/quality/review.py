@@ -16,10 +16,11 @@ from rich.panel import Panel
 from rich.text import Text
 
 from datagen.coco import ImageRecord
-from datagen.context import render_context
+from datagen.context import absent_from_context, render_context
 from datagen.prompts import SPLITS_WITH_BOXES
 from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
 from datagen.quality.config import QualityConfig
+from datagen.quality.grounding import named_category, parse_boxes
 from datagen.quality.objects import default_matcher
 from datagen.quality.io import ImageLookup
 from datagen.sample import read_samples, sample_split, split_from_filename
@@ -43,6 +44,28 @@ class ReviewItem:
     def stored_reasons(self) -> list[str]:
         reasons = self.rec.get("reject_reasons")
         return [str(r) for r in reasons] if isinstance(reasons, list) else []
+
+    @property
+    def absent_objects(self) -> list[str]:
+        """The absent objects a negative sample's writer was given (meta, else the stored context)."""
+        meta = self.rec.get("meta")
+        listed = meta.get("absent_objects") if isinstance(meta, dict) else None
+        if isinstance(listed, list):
+            return [str(v) for v in listed]
+        return absent_from_context(self.context) if self.context else []
+
+    @property
+    def text_boxes(self) -> list[tuple[str, tuple[float, float, float, float]]]:
+        """Every well-formed box the turns mention, with the object named before it ("" for a bare region)."""
+        found = []
+        for turn in self.rec.get("conversations", []):
+            value = str(turn.get("value", ""))
+            previous_end = 0
+            for tb in parse_boxes(value):
+                before, previous_end = value[previous_end:tb.start], tb.end
+                if tb.box is not None:
+                    found.append((named_category(before, default_matcher()) or "", tb.box))
+        return found
 
     @property
     def flags(self) -> list[str]:
@@ -97,6 +120,10 @@ def sample_panel(item: ReviewItem, position: str = "") -> Panel:
     for code in item.stored_reasons:
         if code not in item.report.details:
             parts.append(Text(f"✘ {code} (stored with the sample)", style="red"))
+    if item.absent_objects:
+        parts.append(Text(f"absent objects (asked about, must be denied): {', '.join(item.absent_objects)}", style="yellow"))
+    for name, box in item.text_boxes:
+        parts.append(Text(f"box in the text: {name or 'region'} {list(box)}", style="yellow"))
     if item.report.mentioned:
         objects = ", ".join(
             f"{c}{' (not in image)' if c in item.report.hallucinated else ''}" for c in sorted(item.report.mentioned)
@@ -179,11 +206,16 @@ def page_entry(item: ReviewItem, lookup: ImageLookup | None, out_dir: Path, embe
         "hallucinated": sorted(item.report.hallucinated),
         "hallucinatedWords": hallucinated_words(item),
         "objectsChecked": item.report.objects_checked,
+        "absent": item.absent_objects,
     }
     if item.record is not None and lookup is not None:
         entry["src"] = image_source(item.record, lookup, out_dir, embed)
         entry["w"], entry["h"] = item.record.width, item.record.height
         entry["boxes"] = [[o.category, *[round(v, 1) for v in o.bbox]] for o in item.record.objects]
+        w, h = item.record.width, item.record.height
+        # Boxes the sample's text mentions, in image pixels like the annotated ones (drawn dashed over them).
+        entry["textBoxes"] = [[name or "region", round(x1 * w, 1), round(y1 * h, 1), round((x2 - x1) * w, 1),
+                               round((y2 - y1) * h, 1)] for name, (x1, y1, x2, y2) in item.text_boxes]
     return entry
 
 

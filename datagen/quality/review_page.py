@@ -28,6 +28,7 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
   figure img { display: block; width: 100%; height: auto; border-radius: 4px; background: #ddd; min-height: 60px; }
   figure svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
   figure svg rect.box { fill: none; stroke-width: 2.5; vector-effect: non-scaling-stroke; }
+  figure svg rect.textbox { fill: none; stroke-width: 4; stroke-dasharray: 8 5; vector-effect: non-scaling-stroke; }
   figure svg text { font-weight: 600; paint-order: stroke; stroke: rgba(0,0,0,.75); stroke-width: 3px; fill: #fff; }
   figcaption { color: var(--dim); font-size: 12px; margin-top: 4px; word-break: break-all; }
   .noimg { padding: 24px; background: #eee; color: var(--dim); border-radius: 4px; }
@@ -142,7 +143,24 @@ function drawBoxes(figure, svg, s) {
     t.textContent = name;
     svg.appendChild(t);
   }
+  // Boxes the sample's text mentions (grounded split): dashed, labelled with the object named before them.
+  for (const [name, x, y, w, h] of (s.textBoxes || [])) {
+    const r = document.createElementNS(SVG_NS, "rect");
+    r.setAttribute("class", "textbox");
+    r.setAttribute("x", x); r.setAttribute("y", y); r.setAttribute("width", w); r.setAttribute("height", h);
+    r.setAttribute("stroke", colour(name));
+    r.setAttribute("data-category", name);
+    svg.appendChild(r);
+    const t = document.createElementNS(SVG_NS, "text");
+    t.setAttribute("x", x + 3);
+    t.setAttribute("y", Math.max(fontSize, y + h - 4));
+    t.setAttribute("font-size", fontSize);
+    t.setAttribute("fill", colour(name));
+    t.textContent = "\u2192 " + name;
+    svg.appendChild(t);
+  }
   figure.dataset.boxesDrawn = String(s.boxes.length);
+  figure.dataset.textBoxesDrawn = String((s.textBoxes || []).length);
 }
 
 function figureFor(s) {
@@ -198,6 +216,7 @@ function card(s) {
   body.appendChild(flags);
   const details = el("ul", { class: "details" });
   for (const [code, text] of Object.entries(s.details)) details.appendChild(el("li", {}, code + ": " + text));
+  if (s.absent && s.absent.length) details.appendChild(el("li", {}, "absent objects (must be denied): " + s.absent.join(", ")));
   if (s.objects.length) details.appendChild(el("li", {}, "objects named: " + s.objects.join(", ")));
   if (!s.objectsChecked && s.turns.length) details.appendChild(el("li", {}, "object check skipped (no COCO record)"));
   body.appendChild(details);
