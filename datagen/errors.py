@@ -1,14 +1,6 @@
-"""The one user-facing error type of visinstruct."""
+"""The one user-facing error type of visinstruct (defined in visinstruct.errors, shared with model/ and train/)."""
 from __future__ import annotations
 
+from visinstruct.errors import VisinstructError
 
-class VisinstructError(Exception):
-    """A failure the user can act on: what happened, and what to do about it."""
-
-    def __init__(self, what: str, hint: str = "") -> None:
-        super().__init__(what)
-        self.what = what
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.what}; {self.hint}" if self.hint else self.what
+__all__ = ["VisinstructError"]

@@ -1,7 +1,7 @@
 """The trainer's user-facing error: the project's VisinstructError, under a trainer name."""
 from __future__ import annotations
 
-from datagen.errors import VisinstructError
+from visinstruct.errors import VisinstructError
 
 
 class TrainError(VisinstructError):

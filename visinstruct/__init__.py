@@ -1,0 +1,1 @@
+"""Pieces shared by the datagen, model and train packages (kept tiny: no heavy imports)."""
