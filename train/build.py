@@ -223,7 +223,7 @@ def build_stage(cfg: RunConfig, stage: int, resume: bool = False) -> Stage:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     model, tokenizer, image_processor = setup_model(cfg, stage)
-    records = read_records(st.data)
+    records = read_records(st.data)[: st.limit] if st.limit else read_records(st.data)
     spec = SampleSpec(make_encoder(st.template, tokenizer, cfg.model.image_token), Path(st.image_folder),
                       model.image_token_id, cfg.model.image_token, model.num_image_tokens, st.max_length,
                       st.image_position)

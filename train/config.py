@@ -40,6 +40,7 @@ class StageConfig:
 
     data: list[str] = field(default_factory=list)
     image_folder: str = "."
+    limit: int | None = None  # use only the first N records (smoke runs: a small fixed set, several epochs)
     train_llm: bool = False
     # LLaVA-1.5: stage 1 uses the `plain` template (image tokens, caption, end token) and resize +
     # centre crop; stage 2 the LLM's chat template and pad-to-square. The other value of each is an option.
