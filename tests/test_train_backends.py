@@ -1,6 +1,6 @@
-"""Optimizer steps per backend: with gradient accumulation, DDP, FSDP and DeepSpeed step once per window.
+"""Optimizer steps per backend: with gradient accumulation, DDP and DeepSpeed step once per window.
 
-Each backend runs 2 CPU (gloo) processes x batch 1 x accumulation 2 for 2 optimizer steps; the reference
+DDP runs 2 CPU (gloo) processes x batch 1 x accumulation 2 for 2 optimizer steps; the reference
 is one process x batch 4 x no accumulation over the same samples. Counted: the optimizer's own step count
 in the saved state, and the trained weights, which must equal the reference's.
 """
@@ -80,7 +80,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, llm_dir: Path) -> Path:
     return res.stage_dir
 
 
-def _check(stage_dir: Path, reference: Path) -> None:
+def _check(stage_dir: Path, reference: Path, backend: str) -> None:
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    assert (summary["backend"], summary["processes"]) == (backend, 2)
     assert _optimizer_steps(stage_dir) == STEPS, "one optimizer step per accumulation window"
     assert _optimizer_steps(reference) == STEPS
     ours, ref = _weights(stage_dir), _weights(reference)
@@ -93,14 +95,11 @@ def _check(stage_dir: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_steps_once_per_window(tmp_path: Path, llm_dir: Path, reference: Path) -> None:
-    _check(_launch(tmp_path, llm_dir, "ddp", {}), reference)
+    _check(_launch(tmp_path, llm_dir, "ddp", {}), reference, "MULTI_CPU")
 
 
-@pytest.mark.slow
-def test_fsdp_steps_once_per_window(tmp_path: Path, llm_dir: Path, reference: Path) -> None:
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
-           "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}
-    _check(_launch(tmp_path, llm_dir, "fsdp", env), reference)
+# FSDP: accelerate 1.15 turns ACCELERATE_USE_FSDP into FSDP only on GPU-type devices (a 2-process CPU run
+# stays MULTI_CPU, which the backend check above would catch), so FSDP's step count needs a multi-GPU box.
 
 
 class CountingEngine:

@@ -113,7 +113,8 @@ def train_stage(cfg: RunConfig, stage: int, resume: bool = False, do_export: boo
         if stage == 1 and acc.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU"):
             result.conditioning = caption_conditioning(st)
         (st.out / "summary.json").write_text(json.dumps(
-            {"steps": step, "last_loss": last_loss, "loss_fall": result.loss_fall,
+            {"steps": step, "backend": acc.distributed_type.name, "processes": acc.num_processes,
+             "last_loss": last_loss, "loss_fall": result.loss_fall,
              "caption_loss": result.conditioning, "schedule": st.schedule.why}, indent=2))
         proj = {k[len("projector."):]: v.contiguous() for k, v in weights.items() if k.startswith("projector.")}
         save_file(proj, str(st.out / "projector.safetensors"))
