@@ -103,9 +103,9 @@ def test_ddp_steps_once_per_window(tmp_path: Path, llm_dir: Path, reference: Pat
 
 
 class CountingEngine:
-    """Stand-in for DeepSpeed's engine behind accelerate's DeepSpeedEngineWrapper (DeepSpeed's CPU backend
-    needs oneCCL, not installable here): scales by 1/accumulation in backward as DeepSpeed does, and steps
-    the optimizer only when `step` is called at an accumulation boundary, counting the calls."""
+    """Stand-in for DeepSpeed's engine behind accelerate's DeepSpeedEngineWrapper (a real DeepSpeed CPU run
+    was not attempted in the time there was): scales by 1/accumulation in backward as DeepSpeed does, and
+    steps the optimizer only when `step` is called at an accumulation boundary, counting the calls."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], accumulation: int) -> None:
         self.optimizer, self.params, self.accumulation = optimizer, params, accumulation
