@@ -47,14 +47,14 @@ clean:
 	rm -rf $(DATA_DIR) runs .pytest_cache
 
 # Stage 1 (projector) then stage 2 (projector + LLM) of train/configs/smoke-cpu.yaml -> runs/smoke/final/.
-# Stage-1 pairs come from `datagen captions` (train2017 when present), stage-2 data from `make data`.
+# Stage-1 pairs come from `datagen captions` (one caption per image, train2017 when present), stage-2 data from `make data`.
 train: $(STAMP)
 	@for f in conversation detail reasoning; do test -f $(DATA_DIR)/$$f.jsonl || { $(MAKE) data || exit $$?; break; }; done
 	@root="$(COCO_ROOT)"; \
 	if [ -z "$$root" ] && [ -d "$(SHARED_COCO)/annotations" ]; then root="$(SHARED_COCO)"; fi; \
 	if [ -z "$$root" ]; then root="$(FETCH_DIR)"; fi; \
 	s1=train2017; if [ ! -f "$$root/annotations/captions_train2017.json" ]; then s1=$(COCO_SPLIT); fi; \
-	$(BIN)/datagen captions --coco-root "$$root" --coco-split $$s1 --all-captions \
+	$(BIN)/datagen captions --coco-root "$$root" --coco-split $$s1 \
 	  --out $(DATA_DIR)/captions-train2017.jsonl || exit $$?; \
 	t0=$$(date +%s); $(BIN)/python -m train.run --config smoke-cpu --stage all \
 	  --set stage1.data='[$(DATA_DIR)/captions-train2017.jsonl]' --set stage1.image_folder="$$root/$$s1" \

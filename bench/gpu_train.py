@@ -2,9 +2,16 @@
 
 Random weights with the shapes of CLIP ViT-L/14-336 (frozen, 576 image tokens) + Qwen2.5-0.5B-Instruct
 (trained), mlp2x_gelu projector, bf16 autocast over fp32 master weights, gradient checkpointing, AdamW.
-Nothing is downloaded. Budget: well under 8 minutes on one H100.
-Usage: python bench/gpu_train.py [--batch 8] [--seq 2048] [--steps 10] [--reference]
-       python bench/gpu_train.py --dry-run      # tiny shapes on CPU: checks the script, numbers meaningless
+Samples have mixed lengths (--min-frac x seq to seq), as real data does.
+- ours: the trainer's step: padding-free packed row (position ids, no cross-sample attention), frozen tower
+  in bf16 and stopped at its feature layer, chunked LM-head cross-entropy, fused AdamW, optional --compile
+- reference (--reference): transformers' LlavaForConditionalGeneration on the padded batch, same weights
+- data loader: images/s of the trainer's image path (decode + pad/resize + normalise) in worker processes,
+  and of the transformers processor in the same loader, on synthetic 640x480 JPEGs
+MFU counts the model FLOPs of the real (non-padding) tokens for both. Nothing is downloaded.
+Budget: well under 8 minutes on one H100.
+Usage: python bench/gpu_train.py [--batch 8] [--seq 2048] [--steps 10] [--reference] [--compile]
+       python bench/gpu_train.py --dry-run      # tiny shapes on CPU: checks the whole script, numbers meaningless
 """
 from __future__ import annotations
 
@@ -37,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="per-step batch (default 8)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length incl. 576 image tokens (default 2048)")
     p.add_argument("--answer-frac", type=float, default=0.5, help="fraction of positions with labels (default 0.5)")
+    p.add_argument("--min-frac", type=float, default=0.25, help="shortest sample, as a fraction of --seq (default 0.25)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the LLM in our step")
+    p.add_argument("--attn", default="sdpa", help="attention implementation of the LLM (default sdpa)")
+    p.add_argument("--loader-images", type=int, default=512, help="images for the data-loader measurement")
+    p.add_argument("--workers", type=int, default=8, help="data-loader workers (default 8, capped by the CPUs)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable gradient checkpointing")
@@ -46,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_train.json"), help="JSON results file")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
+        args.batch, args.seq, args.steps, args.warmup, args.loader_images, args.workers = 2, 64, 2, 1, 8, 1
     return args
 
 
@@ -58,7 +70,7 @@ def peak_flops(device_name: str, override: float | None) -> float | None:
 
 
 def model_flops_per_step(llm_cfg: dict, vis_cfg: dict, n_llm_params: int, n_vis_params: int, n_proj_params: int,
-                         batch: int, seq: int, n_labelled: int) -> float:
+                         batch: int, seq: int, n_labelled: int, lengths: list[int] | None = None) -> float:
     """Model FLOPs of one step (recomputation from checkpointing is not counted, as MFU requires).
 
     LLM: 6 x non-embedding params per token plus causal attention 6 x layers x hidden x seq per token
@@ -91,7 +103,7 @@ def build(args: argparse.Namespace, device):  # noqa: ANN001, ANN201
     torch.manual_seed(0)
     with torch.device(device):
         tower = VisionTower(CLIPVisionModel(CLIPVisionConfig(**vis_cfg)), -2)
-        llm = Qwen2ForCausalLM(Qwen2Config(**llm_cfg))
+        llm = Qwen2ForCausalLM(Qwen2Config(**llm_cfg, attn_implementation=args.attn))
         proj = build_projector("mlp2x_gelu", vis_cfg["hidden_size"], llm_cfg["hidden_size"])
     image_token = llm_cfg["vocab_size"] - 1
     model = LlavaLite(tower, proj, llm, image_token)
@@ -117,19 +129,84 @@ def real_shape_summary(batch: int = 8, seq: int = 2048) -> str:
 
 
 def make_batch(args: argparse.Namespace, n_img: int, vocab: int, image_size: int, device):  # noqa: ANN001, ANN201
-    """Random ids with one image block; labels on the last answer-frac of each row."""
+    """Samples of mixed length, one image block each, labels on the last answer-frac: (padded, packed, lengths)."""
     import torch
 
     from model.llava import IGNORE
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab - 1, (args.batch, args.seq), generator=g)
-    ids[:, 8 : 8 + n_img] = vocab - 1
-    labels = ids.clone()
-    labels[:, : int(args.seq * (1 - args.answer_frac))] = IGNORE
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-             "pixel_values": torch.randn(args.batch, 3, image_size, image_size, generator=g)}
-    return {k: v.to(device) for k, v in batch.items()}
+    low = max(n_img + 16, int(args.seq * args.min_frac))
+    lengths = torch.randint(low, args.seq + 1, (args.batch,), generator=g).tolist()
+    lengths[0] = args.seq
+    ids = torch.zeros(args.batch, args.seq, dtype=torch.long)
+    labels = torch.full((args.batch, args.seq), IGNORE)
+    attention = torch.zeros_like(ids)
+    packed_ids, packed_labels, positions = [], [], []
+    for i, n in enumerate(lengths):
+        row = torch.randint(0, vocab - 1, (n,), generator=g)
+        row[8 : 8 + n_img] = vocab - 1
+        lab = row.clone()
+        lab[: max(8 + n_img, int(n * (1 - args.answer_frac)))] = IGNORE
+        ids[i, :n], labels[i, :n], attention[i, :n] = row, lab, 1
+        first_ignored = lab.clone()
+        first_ignored[0] = IGNORE
+        packed_ids.append(row)
+        packed_labels.append(first_ignored)
+        positions.append(torch.arange(n))
+    pixels = torch.randn(args.batch, 3, image_size, image_size, generator=g)
+    padded = {"input_ids": ids, "labels": labels, "attention_mask": attention, "pixel_values": pixels}
+    packed = {"input_ids": torch.cat(packed_ids)[None], "labels": torch.cat(packed_labels)[None],
+              "position_ids": torch.cat(positions)[None], "pixel_values": pixels}
+    return ({k: v.to(device) for k, v in padded.items()}, {k: v.to(device) for k, v in packed.items()}, lengths)
+
+
+def loader_images_per_s(args: argparse.Namespace, image_size: int) -> dict:
+    """Images/s of the data loader alone: the trainer's image path vs the transformers processor, same workers."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from transformers import LlavaImageProcessor
+
+    from train.build import default_workers
+    from train.images import ImageTransform, load_image
+
+    proc = LlavaImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               do_pad=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    transform = ImageTransform.from_processor(proc)
+
+    class Images(Dataset):
+        def __init__(self, paths: list[Path], fast: bool) -> None:
+            self.paths, self.fast = paths, fast
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+        def __getitem__(self, i: int):  # noqa: ANN204
+            image = load_image(self.paths[i])
+            return transform(image) if self.fast else proc(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    workers = default_workers(args.workers)
+    results = {"workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(min(args.loader_images, 64)):  # 64 distinct files, read repeatedly (page cache, like a warm disk)
+            base = np.linspace(0, 255, 640, dtype=np.float32)[None, :, None] * np.ones((480, 1, 3), np.float32)
+            pixels = np.clip(base + rng.normal(0, 20, (480, 640, 3)), 0, 255).astype(np.uint8)
+            path = Path(tmp) / f"{i}.jpg"
+            Image.fromarray(pixels).save(path, quality=90)
+            paths.append(path)
+        paths = [paths[i % len(paths)] for i in range(args.loader_images)]
+        for label, fast in (("ours", True), ("transformers processor", False)):
+            loader = DataLoader(Images(paths, fast), batch_size=16, num_workers=workers)
+            t0 = time.perf_counter()
+            n = sum(batch.shape[0] for batch in loader)
+            results[label] = n / (time.perf_counter() - t0)
+    return results
 
 
 def time_loop(args: argparse.Namespace, step, device) -> float:  # noqa: ANN001
@@ -166,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --seq {args.seq} leaves no room for text after {n_img} image tokens; raise --seq",
               file=sys.stderr)
         return 2
-    batch = make_batch(args, n_img, llm_cfg["vocab_size"], vis_cfg["image_size"], device)
+    batch, packed, lengths = make_batch(args, n_img, llm_cfg["vocab_size"], vis_cfg["image_size"], device)
     n_labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert n_labelled == int((packed["labels"][:, 1:] != IGNORE).sum()), "packing must keep every label"
+    n_real = sum(lengths)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     flops = model_flops_per_step(llm_cfg, vis_cfg, count(model.llm), count(model.tower), count(model.projector),
-                                 args.batch, args.seq, n_labelled)
+                                 args.batch, args.seq, n_labelled, lengths)
     peak = peak_flops(name, args.peak_tflops)
     bf16 = device.type == "cuda"
     results = {}
@@ -192,15 +271,26 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats()
         sec = time_loop(args, step, device)
         results[label] = {
-            "step_s": sec, "tokens_per_s": args.batch * args.seq / sec, "samples_per_s": args.batch / sec,
+            "step_s": sec, "tokens_per_s": n_real / sec, "samples_per_s": args.batch / sec,
             "tflops_per_s": flops / sec / 1e12, "mfu": (flops / sec / peak) if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
         del opt
 
     model.llm.requires_grad_(True)
-    measure("ours (LlavaLite, stage 2)", model, lambda: model(
-        batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"]) / n_labelled)
+    if device.type == "cuda":
+        model.tower.to(torch.bfloat16)  # frozen: no master copy needed (the trainer's frozen_dtype auto)
+    if args.compile:
+        model.llm = torch.compile(model.llm, dynamic=True)
+    with torch.no_grad():
+        same = float(model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"]))
+        ours_packed = float(model(packed["input_ids"], packed["pixel_values"], None, packed["labels"],
+                                  packed["position_ids"]))
+    print(f"loss, padded vs packed (same samples): {same:.4f} vs {ours_packed:.4f}")
+    measure("ours (LlavaLite, stage 2, packed)", model, lambda: model(
+        packed["input_ids"], packed["pixel_values"], None, packed["labels"], packed["position_ids"]) / n_labelled)
+    if args.compile:
+        model.llm = model.llm._orig_mod
     if args.reference:
         from model.export import to_hf_llava
 
@@ -213,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         measure("reference (LlavaForConditionalGeneration)", hf, lambda: hf(**batch).loss)
 
-    print(f"device: {name}; batch {args.batch} x seq {args.seq} ({n_img} image tokens, {n_labelled} labelled), "
+    loader = loader_images_per_s(args, vis_cfg["image_size"])
+    print(f"device: {name}; batch {args.batch} samples of {min(lengths)}-{args.seq} tokens ({n_real} real tokens, "
+          f"{n_img} image tokens each, {n_labelled} labelled), "
           f"bf16 autocast {bf16}, grad checkpointing {not args.no_grad_ckpt}; model FLOPs/step {flops / 1e12:.2f} T")
     print("| run | step (s) | tokens/s | samples/s | TFLOP/s | MFU | peak mem (GiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -222,13 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         print(f"| {label} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
               f"{r['tflops_per_s']:.1f} | {mfu} | {mem} |")
+    print(f"data loader ({loader['workers']} workers, {args.loader_images} 640x480 JPEGs -> "
+          f"{vis_cfg['image_size']}px): ours {loader['ours']:.0f} images/s, "
+          f"transformers processor {loader['transformers processor']:.0f} images/s")
+    if "reference (LlavaForConditionalGeneration)" in results:
+        o, r = results["ours (LlavaLite, stage 2, packed)"], results["reference (LlavaForConditionalGeneration)"]
+        print(f"ours / reference: {o['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s")
     if args.dry_run:
         print("dry run: tiny shapes on CPU; the numbers say nothing about GPU performance")
         print(f"compact-gpu shapes (counted on the meta device): {real_shape_summary()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "args": vars(args), "flops_per_step": flops, "results": results},
-                              indent=2))
+    out.write_text(json.dumps({"device": name, "args": vars(args), "flops_per_step": flops, "results": results,
+                               "loader_images_per_s": loader, "lengths": lengths}, indent=2))
     return 0
 
 

@@ -1,14 +1,7 @@
-"""The one user-facing error type of visinstruct."""
+"""The one user-facing error type of visinstruct (defined in model/errors.py, which imports nothing, so
+that model/ and train/ share it without importing datagen)."""
 from __future__ import annotations
 
+from model.errors import VisinstructError
 
-class VisinstructError(Exception):
-    """A failure the user can act on: what happened, and what to do about it."""
-
-    def __init__(self, what: str, hint: str = "") -> None:
-        super().__init__(what)
-        self.what = what
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.what}; {self.hint}" if self.hint else self.what
+__all__ = ["VisinstructError"]

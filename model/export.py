@@ -63,11 +63,11 @@ def llava_config(model: LlavaLite, llm: nn.Module, projector_kind: str) -> Llava
 
 
 @torch.no_grad()
-def to_hf_llava(model: LlavaLite, projector_kind: str) -> LlavaForConditionalGeneration:
-    """Build an equivalent LlavaForConditionalGeneration with our weights."""
+def to_hf_llava(model: LlavaLite, projector_kind: str, dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
+    """Build an equivalent LlavaForConditionalGeneration with our weights (in `dtype`, default the LLM's)."""
     llm = _merged_llm(model)
     cfg = llava_config(model, llm, projector_kind)
-    dtype = next(llm.parameters()).dtype
+    dtype = dtype or next(llm.parameters()).dtype
     hf = LlavaForConditionalGeneration(cfg).to(dtype)
     hf.model.vision_tower.load_state_dict(model.tower.model.state_dict())
     hf.model.language_model.load_state_dict(llm.get_decoder().state_dict())
@@ -109,15 +109,16 @@ def export(
     projector_kind: str,
     out_dir: str | Path,
     image_token: str = "<image>",
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write model + processor to out_dir; `LlavaForConditionalGeneration.from_pretrained` reads it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf = to_hf_llava(model, projector_kind)
+    hf = to_hf_llava(model, projector_kind, dtype)
     eot = tokenizer.eos_token_id
     hf.generation_config.eos_token_id = eot
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
     hf.save_pretrained(str(out))
     build_processor(tokenizer, image_processor, model, image_token).save_pretrained(str(out))
-    log.info("exported LlavaForConditionalGeneration checkpoint to %s", out)
+    log.info("exported LlavaForConditionalGeneration checkpoint (%s) to %s", str(hf.dtype).removeprefix("torch."), out)
     return out

@@ -43,11 +43,22 @@ def load_tokenizer(spec: str, gguf_file: str | None = None) -> PreTrainedTokeniz
         ) from exc
 
 
-def load_llm(spec: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def check_attention(attn_implementation: str) -> None:
+    """FlashAttention-2 needs the flash_attn package: say so up front rather than deep inside transformers."""
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise TrainError("attn_implementation is flash_attention_2 but flash_attn is not installed",
+                         "pip install flash-attn (CUDA only), or set model.attn_implementation=sdpa")
+
+
+def load_llm(spec: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
+             attn_implementation: str | None = None) -> PreTrainedModel:
     """Load the causal LM weights."""
     path, gguf = resolve_llm(spec, gguf_file)
     _check_local(path)
     kwargs: dict = {"dtype": dtype}
+    if attn_implementation:
+        check_attention(attn_implementation)
+        kwargs["attn_implementation"] = attn_implementation
     if gguf:
         kwargs["gguf_file"] = gguf
     try:

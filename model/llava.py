@@ -9,10 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.errors import TrainError
-from model.language import add_image_token, fit_embeddings, load_llm, load_tokenizer
+from model.language import add_image_token, check_attention, fit_embeddings, load_llm, load_tokenizer
 from model.projector import build_projector
 from model.vision import VisionTower, build_image_processor, build_vision_tower
 
@@ -31,21 +32,24 @@ class ModelConfig:
     vision_config: dict[str, Any] | None = None
     vision_layer: int = -2
     projector: str = "linear"
-    pad_to_square: bool = True
     image_token: str = "<image>"
-    dtype: str = "float32"
+    dtype: str = "float32"  # trained weights (master copy; compute runs in bf16 autocast on GPU)
+    frozen_dtype: str = "auto"  # frozen parts (tower; LLM when it does not train): auto = bf16 on GPU, else dtype
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (when installed) | eager
     chat_template: str | None = None  # for LLMs without one (e.g. Vicuna-7B-v1.5); else the tokenizer's own
 
 
 class LlavaLite(nn.Module):
     """Vision tower + projector + causal LM; one `<image>` block of num_patches tokens per sample."""
 
-    def __init__(self, tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int) -> None:
+    def __init__(self, tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
+                 loss_chunk: int = 4096) -> None:
         super().__init__()
         self.tower = tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.loss_chunk = loss_chunk
 
     @property
     def num_image_tokens(self) -> int:
@@ -86,29 +90,59 @@ class LlavaLite(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Without labels: next-token logits (B, L, V). With labels: summed token cross-entropy.
 
-        The loss path runs the LM head only at labelled positions: image and prompt positions never
-        need vocabulary logits, which saves most of the head's time and memory.
+        Packed rows pass `position_ids` restarting at 0 for each sample and no attention mask: transformers
+        then masks attention block-diagonally (sdpa) or runs varlen kernels (FlashAttention-2).
+        The loss path runs the LM head only at labelled positions, in chunks of `loss_chunk` rows that are
+        recomputed in backward, so vocabulary logits never exist for more than one chunk at a time.
         """
         embeds = self.embed(input_ids, pixel_values)
         if labels is None or getattr(self.llm.config, "final_logit_softcapping", None):
-            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
             if labels is None:
                 return logits
             return F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
             )
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False)[0]
         target = labels[:, 1:]
         keep = target != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+        return chunked_cross_entropy(hidden[:, :-1][keep], target[keep], self.llm.get_output_embeddings(),
+                                     self.loss_chunk)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only parameters that train (projector, and LLM/LoRA weights in stage 2): what checkpoints hold."""
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, target: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of head(hidden) vs target, at most `chunk` rows of logits alive at once."""
+    if chunk <= 0 or hidden.shape[0] <= chunk:
+        return _head_loss(head, hidden, target)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        # Recomputed in backward: the (chunk, vocab) logits are freed as soon as the chunk's loss is known.
+        total = total + checkpoint(_head_loss, head, hidden[start : start + chunk], target[start : start + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+def resolve_frozen_dtype(cfg: ModelConfig) -> torch.dtype:
+    """Frozen weights: bf16 on a bf16-capable GPU when `auto` (they take no optimiser state), else cfg.dtype."""
+    if cfg.frozen_dtype != "auto":
+        return torch_dtype(cfg.frozen_dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch_dtype(cfg.dtype)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -120,7 +154,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_model(
-    cfg: ModelConfig, tower_cache: Path | None = None, seed: int = 0
+    cfg: ModelConfig, tower_cache: Path | None = None, seed: int = 0, pad_to_square: bool = True
 ) -> tuple[LlavaLite, PreTrainedTokenizerBase, Any]:
     """Build (model, tokenizer with `<image>`, image processor) from a ModelConfig."""
     tokenizer = load_tokenizer(cfg.llm, cfg.llm_gguf_file)
@@ -129,9 +163,12 @@ def build_model(
     if not tokenizer.chat_template:
         raise TrainError(f"tokenizer of '{cfg.llm}' has no chat template", "use an instruct/chat LLM")
     image_token_id = add_image_token(tokenizer, cfg.image_token)
-    tower = build_vision_tower(cfg.vision_tower, cfg.vision_config, cfg.vision_layer, tower_cache, seed)
-    image_processor = build_image_processor(cfg.vision_tower, tower, cfg.pad_to_square)
-    llm = load_llm(cfg.llm, cfg.llm_gguf_file, torch_dtype(cfg.dtype))
+    check_attention(cfg.attn_implementation)
+    tower = build_vision_tower(cfg.vision_tower, cfg.vision_config, cfg.vision_layer, tower_cache, seed,
+                               cfg.attn_implementation)
+    tower.to(resolve_frozen_dtype(cfg))
+    image_processor = build_image_processor(cfg.vision_tower, tower, pad_to_square)
+    llm = load_llm(cfg.llm, cfg.llm_gguf_file, torch_dtype(cfg.dtype), cfg.attn_implementation)
     fit_embeddings(llm, len(tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # projector init independent of whatever ran before

@@ -18,12 +18,15 @@ log = logging.getLogger(__name__)
 
 # Towers whose sequence starts with a CLS token that LLaVA drops; SigLIP has none.
 _CLS_TOWERS = {"clip_vision_model", "clip"}
+# Towers run layer by layer up to the feature layer (embeddings, optional pre-norm, encoder layers); others
+# (SigLIP2's patch inputs) go through the model's own forward and keep its hidden states.
+_LAYERWISE = {"clip_vision_model", "clip", "siglip_vision_model", "siglip"}
 _SUPPORTED = {"clip_vision_model", "clip", "siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2"}
 
 
-def _load_vision_model(name_or_path: str) -> nn.Module:
+def _load_vision_model(name_or_path: str, attn_implementation: str | None = None) -> nn.Module:
     """Load only the vision half of a CLIP/SigLIP checkpoint (full dual-encoder or vision-only)."""
-    import transformers
+    import transformers  # the class is picked by name below
 
     cfg = AutoConfig.from_pretrained(name_or_path)
     vision_cls = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel",
@@ -32,7 +35,8 @@ def _load_vision_model(name_or_path: str) -> nn.Module:
     if vision_cls is None:
         raise TrainError(f"'{name_or_path}' is a {cfg.model_type} model, not a CLIP/SigLIP vision tower",
                          "set model.vision_tower to a CLIP or SigLIP checkpoint")
-    return getattr(transformers, vision_cls).from_pretrained(name_or_path)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return getattr(transformers, vision_cls).from_pretrained(name_or_path, **kwargs)
 
 
 class VisionTower(nn.Module):
@@ -53,6 +57,9 @@ class VisionTower(nn.Module):
         self.image_size: int = int(cfg.image_size)
         self.patch_size: int = int(cfg.patch_size)
         self.hidden_size: int = int(cfg.hidden_size)
+        n_layers = int(cfg.num_hidden_layers)
+        # hidden_states[k] is the output of layer k (0 = embeddings): layer -2 needs only the first L-1 layers.
+        self.layers_needed = feature_layer % (n_layers + 1)
         self.requires_grad_(False)
         self.model.eval()
 
@@ -69,8 +76,18 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encode images (B,3,H,W) to patch features (B, num_patches, hidden)."""
-        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.feature_layer]
+        pixel_values = pixel_values.to(self.model.dtype)
+        vision = getattr(self.model, "vision_model", None)
+        if self.model_type in _LAYERWISE and vision is not None:
+            # Stop at the feature layer: the layers above it (and the post-norm/head) would be wasted work,
+            # and no list of every hidden state is kept.
+            feats = vision.embeddings(pixel_values)
+            if hasattr(vision, "pre_layrnorm"):
+                feats = vision.pre_layrnorm(feats)
+            for layer in vision.encoder.layers[: self.layers_needed]:
+                feats = layer(feats, None)
+        else:
+            feats = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
         return feats[:, 1:] if self.has_cls else feats
 
 
@@ -80,13 +97,14 @@ def build_vision_tower(
     feature_layer: int,
     cache_dir: Path | None,
     seed: int,
+    attn_implementation: str | None = None,
 ) -> VisionTower:
     """Load a tower by hub id/local path, or build a seeded random one from a config dict (smoke runs)."""
     if name_or_path:
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise TrainError(f"vision tower path '{name_or_path}' does not exist", "check model.vision_tower")
         try:
-            model = _load_vision_model(name_or_path)
+            model = _load_vision_model(name_or_path, attn_implementation)
         except (OSError, ValueError) as exc:
             raise TrainError(
                 f"could not load vision tower '{name_or_path}' ({type(exc).__name__})",
@@ -96,15 +114,16 @@ def build_vision_tower(
     if not vision_config:
         raise TrainError("no vision tower configured", "set model.vision_tower or model.vision_config")
     # A random tower must be identical across stages and exports: build once, then reuse the saved copy.
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if cache_dir is not None and (cache_dir / "config.json").exists():
         log.warning("using the RANDOM vision tower saved at %s (smoke run; no real image understanding)", cache_dir)
-        return VisionTower(AutoModel.from_pretrained(str(cache_dir)), feature_layer)
+        return VisionTower(AutoModel.from_pretrained(str(cache_dir), **attn), feature_layer)
     cfg_dict = dict(vision_config)
     model_type = cfg_dict.pop("model_type", "clip_vision_model")
     cfg: PretrainedConfig = AutoConfig.for_model(model_type, **cfg_dict)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModel.from_config(cfg)
+        model = AutoModel.from_config(cfg, **attn)
     log.warning("built a RANDOM %s vision tower from config (smoke run; no real image understanding)", model_type)
     # Every rank builds the same seeded weights; only rank 0 writes, via rename so no reader sees half a folder.
     if cache_dir is not None and int(os.environ.get("RANK", "0")) == 0:

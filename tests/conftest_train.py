@@ -119,3 +119,16 @@ def write_instruct(path: Path, split: str = "val2017", n: int = 16, as_array: bo
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
+
+
+def encode_batch(tok: PreTrainedTokenizerBase, model, proc, recs: list[dict], folder: Path,  # noqa: ANN001
+                 max_length: int = 512, pack: bool = False, template: str = "chat") -> dict:
+    """Records -> one collated batch through the trainer's own path (lazy dataset, image transform, collator)."""
+    from train.data import Collator, LazyDataset, SampleSpec, make_encoder
+    from train.images import ImageTransform
+
+    spec = SampleSpec(make_encoder(template, tok, "<image>"), folder, model.image_token_id, "<image>",
+                      model.num_image_tokens, max_length)
+    data = LazyDataset(recs, spec, ImageTransform.from_processor(proc))
+    return Collator(model.image_token_id, model.num_image_tokens, tok.pad_token_id, pack=pack)(
+        [data[i] for i in range(len(recs))])

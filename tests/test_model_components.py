@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from conftest_train import COCO, coco_captions, smollm_tokenizer, tiny_clip_tower, tiny_llm
+from conftest_train import COCO, coco_captions, encode_batch, smollm_tokenizer, tiny_clip_tower, tiny_llm
 from model.errors import TrainError
 from model.llava import IGNORE, LlavaLite
 from model.projector import build_projector
 from model.vision import VisionTower, build_image_processor
-from train.data import Collator, ConversationEncoder, length_grouped_batches, prepare
+from train.data import length_grouped_batches
 
 
 @pytest.mark.parametrize("kind,n_params", [("linear", 32 * 64 + 64), ("mlp2x_gelu", 32 * 64 + 64 + 64 * 64 + 64)])
@@ -70,9 +70,7 @@ def _batch(tok, model, proc, n: int = 3) -> dict[str, torch.Tensor]:
         q = "<image>\nWhat is shown?" + " Please be brief." * k  # different lengths -> padding
         recs.append({"id": k, "image": name, "conversations": [{"from": "human", "value": q},
                                                                {"from": "gpt", "value": caps[0]}]})
-    samples, _ = prepare(recs, ConversationEncoder(tok), COCO / "val2017", model.image_token_id, "<image>",
-                         model.num_image_tokens, 512)
-    return Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id)(samples)
+    return encode_batch(tok, model, proc, recs, COCO / "val2017")
 
 
 def test_collator_expands_image_token(setup: tuple) -> None:
@@ -161,16 +159,13 @@ def test_text_only_sample_mixes_with_image_samples(setup: tuple) -> None:
     recs = [{"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
             {"id": "i", "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                          {"from": "gpt", "value": "A photo."}]}]
-    samples, report = prepare(recs, ConversationEncoder(tok), COCO / "val2017", model.image_token_id, "<image>",
-                              model.num_image_tokens, 256)
-    assert report.kept == 2 and samples[0].image is None and samples[1].image is not None
-    b = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id)(samples)
+    b = encode_batch(tok, model, proc, recs, COCO / "val2017", 256)
     assert b["pixel_values"].shape[0] == 1
     with torch.no_grad():
         embeds = model.embed(b["input_ids"], b["pixel_values"])
         feats = model.image_features(b["pixel_values"])
     assert torch.equal(embeds[1][b["input_ids"][1] == model.image_token_id], feats[0])
-    text_only = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id)(samples[:1])
+    text_only = encode_batch(tok, model, proc, recs[:1], COCO / "val2017", 256)
     assert "pixel_values" not in text_only
     model.train()
     loss = model(text_only["input_ids"], None, text_only["attention_mask"], text_only["labels"])

@@ -32,7 +32,7 @@ def _roundtrip(tmp_path: Path, tok, model: LlavaLite, proc, kind: str) -> float:
     text = tok.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}], tokenize=False,
                                    add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    ids, _ = Collator(proc, model.image_token_id, model.num_image_tokens, tok.pad_token_id).expand(ids, [IGNORE] * len(ids))
+    ids, _ = Collator(model.image_token_id, model.num_image_tokens, tok.pad_token_id).expand(ids, [IGNORE] * len(ids))
     ours_px = proc(images=[image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         ours = model(torch.tensor([ids]), ours_px)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from conftest_train import COCO, VICUNA_SYSTEM, coco_captions, smollm_tokenizer, vicuna_tokenizer
 from model.errors import TrainError
 from model.llava import IGNORE
-from train.data import ConversationEncoder, DataReport, prepare, read_records, to_messages
+from train.data import ConversationEncoder, DataReport, SampleSpec, prepare, read_records, to_messages
 
 IMAGE = "<image>"
 
@@ -112,7 +112,7 @@ def test_labels_known_example(encoders: dict[str, ConversationEncoder]) -> None:
 def test_non_incremental_template_is_an_error() -> None:
     tok = smollm_tokenizer()
     # Renders the number of messages up front: earlier prefixes change when turns are added.
-    tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] + '<|im_end|>' }}{% endfor %}"
     rec = {"id": 1, "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
     with pytest.raises(TrainError, match="not incremental"):
         ConversationEncoder(tok).encode(to_messages(rec, IMAGE))
@@ -132,9 +132,11 @@ def test_placeholder_without_image_field_is_an_error() -> None:
         to_messages(rec, IMAGE)
 
 
-def _prepare(tmp_path: Path, recs: list[dict], max_length: int, enc: ConversationEncoder) -> tuple[list, DataReport]:
+def _prepare(tmp_path: Path, recs: list[dict], max_length: int, enc: ConversationEncoder,
+             image_position: str = "first") -> tuple[list, DataReport]:
     tok = enc.tokenizer
-    return prepare(recs, enc, COCO / "val2017", tok.convert_tokens_to_ids(IMAGE), IMAGE, 16, max_length)
+    return prepare(recs, SampleSpec(enc, COCO / "val2017", tok.convert_tokens_to_ids(IMAGE), IMAGE, 16, max_length,
+                                    image_position))
 
 
 def test_missing_image_is_a_clear_error(tmp_path: Path, encoders: dict[str, ConversationEncoder]) -> None:
@@ -161,7 +163,7 @@ def test_truncation_counts_and_never_cuts_image(tmp_path: Path, encoders: dict[s
         {"id": "cut", "image": name, "conversations": [{"from": "human", "value": "<image>\nq"},
                                                        {"from": "gpt", "value": long_q}]},
     ]
-    samples, report = _prepare(tmp_path, recs, 64, enc)
+    samples, report = _prepare(tmp_path, recs, 64, enc, image_position="keep")  # "img" keeps <image> late
     assert len(samples) == 2
     assert report.total == 4 and report.kept == 2
     assert report.labels_truncated_away == 1 and report.image_past_max_length == 1 and report.truncated == 1

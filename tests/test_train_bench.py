@@ -18,10 +18,12 @@ def _load(name: str):  # noqa: ANN202
 def test_gpu_train_dry_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     gpu = _load("gpu_train")
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--dry-run", "--out", str(out)]) == 0
+    assert gpu.main(["--dry-run", "--reference", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    run = res["results"]["ours (LlavaLite, stage 2)"]
+    run = res["results"]["ours (LlavaLite, stage 2, packed)"]
     assert run["tokens_per_s"] > 0 and run["mfu"] is None and res["flops_per_step"] > 0
+    assert res["results"]["reference (LlavaForConditionalGeneration)"]["tokens_per_s"] > 0
+    assert res["loader_images_per_s"]["ours"] > 0 and res["loader_images_per_s"]["transformers processor"] > 0
     text = capsys.readouterr().out
     # The real compact-gpu shapes, counted without allocating: Qwen2.5-0.5B and CLIP ViT-L/14-336.
     assert "LLM 494M params, tower 304M" in text

@@ -16,6 +16,7 @@ from conftest_train import COCO, REPO, coco_captions, save_tiny_llm, tiny_clip_c
 from train import chat, run
 from model.llava import ModelConfig
 from train.config import LoraConfig, RunConfig, StageConfig, load_config
+from train import loop
 from train.loop import export_checkpoint, train_stage
 
 
@@ -37,7 +38,7 @@ def _cfg(tmp_path: Path, llm_dir: Path, **stage2: object) -> RunConfig:
         model=ModelConfig(llm=str(llm_dir), vision_config=tiny_clip_config(), projector="mlp2x_gelu"),
         stage1=StageConfig(data=[str(caps)], image_folder=str(COCO / "train2017"), lr=1e-2, batch_size=4,
                            max_steps=2, max_length=64),
-        stage2=StageConfig(**s2), save_every=2, keep_checkpoints=3,
+        stage2=StageConfig(**s2), save_every=2, keep_checkpoints=3, num_workers=0,
     )
 
 
@@ -50,6 +51,7 @@ def test_overfit_one_batch(tmp_path: Path, llm_dir: Path) -> None:
                warmup_ratio=0.0)
     ins = write_instruct(tmp_path / "two.jsonl", n=2)
     cfg.stage2.data = [str(ins)]
+    cfg.num_workers = 1  # encoding and image decoding in a data-loader worker process
     res = train_stage(cfg, 2, do_export=False)
     losses = [r["loss"] for r in _metrics(res.stage_dir / "metrics.jsonl")]
     assert len(losses) == 20 and losses[-1] < 0.4 * losses[0], losses
@@ -58,12 +60,24 @@ def test_overfit_one_batch(tmp_path: Path, llm_dir: Path) -> None:
     assert (res.stage_dir / "loss.png").stat().st_size > 1000
 
 
-def test_resume_gives_the_same_curve(tmp_path: Path, llm_dir: Path) -> None:
+def test_resume_gives_the_same_curve(tmp_path: Path, llm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = _cfg(tmp_path / "a", llm_dir, init_projector="")
     a = train_stage(full, 2, do_export=False)
     part = _cfg(tmp_path / "b", llm_dir, init_projector="")
-    stopped = train_stage(part, 2, stop_after=2, do_export=False)
-    assert stopped.steps == 2 and (stopped.stage_dir / "checkpoint-2").is_dir()
+    calls = []
+
+    def interrupted(stage, batches):  # noqa: ANN001, ANN202 - the run is killed during step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loop.train_step.__wrapped__(stage, batches)
+
+    interrupted.__wrapped__ = loop.train_step  # type: ignore[attr-defined]
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(part, 2, do_export=False)
+    monkeypatch.undo()
+    assert (Path(part.output_dir) / "stage2" / "checkpoint-2").is_dir()
     b = train_stage(part, 2, resume=True, do_export=False)
     ma, mb = _metrics(a.stage_dir / "metrics.jsonl"), _metrics(b.stage_dir / "metrics.jsonl")
     assert [r["step"] for r in mb] == [1, 2, 3, 4]

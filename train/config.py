@@ -12,6 +12,8 @@ from model.errors import TrainError
 from model.llava import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
 
 
 @dataclass
@@ -19,12 +21,17 @@ class LoraConfig:
     """LoRA adapters on the LLM (stage 2 option), through peft."""
 
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
+    r: int = 128  # LLaVA-1.5's LoRA scripts: r=128, alpha=256
+    alpha: int = 256
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+
+TEMPLATES = ("plain", "chat")
+IMAGE_MODES = ("crop", "pad")
+IMAGE_POSITIONS = ("first", "keep")
 
 
 @dataclass
@@ -33,12 +40,21 @@ class StageConfig:
 
     data: list[str] = field(default_factory=list)
     image_folder: str = "."
+    limit: int | None = None  # use only the first N records (smoke runs: a small fixed set, several epochs)
     train_llm: bool = False
+    # LLaVA-1.5: stage 1 uses the `plain` template (image tokens, caption, end token) and resize +
+    # centre crop; stage 2 the LLM's chat template and pad-to-square. The other value of each is an option.
+    template: str = "chat"
+    image_mode: str = "pad"
+    # LLaVA's preprocess_multimodal moves `<image>` to the start of the first human turn; `keep` leaves it.
+    image_position: str = "first"
     lora: LoraConfig = field(default_factory=LoraConfig)
     lr: float = 1e-3
     projector_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    min_warmup_steps: int = 0  # warm-up is max(this, round(warmup_ratio x steps)); the log says which
+    min_steps: int = 0  # small sets: repeat epochs until at least this many optimizer steps
     batch_size: int = 8
     grad_accum: int = 1
     epochs: int = 1
@@ -55,16 +71,23 @@ class RunConfig:
     output_dir: str = "runs/run"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: StageConfig = field(default_factory=StageConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(template="plain", image_mode="crop"))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(train_llm=True, lr=2e-5))
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
-    group_by_length: bool = True
+    group_by_length: bool = True  # unpacked path: batches of similar length (less padding)
+    packing: bool = False  # several samples per row, no padding, no attention across samples
+    pack_length: int | None = None  # tokens per packed row (default: the stage's max_length)
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (LLaVA-1.5 trains with --tf32 True)
+    compile: bool = False  # torch.compile the LLM
+    loss_chunk: int = 4096  # labelled positions per chunk of the LM head + cross-entropy (caps logits memory)
+    export_dtype: str = "auto"  # auto = the training compute dtype (bf16 under bf16 mixed precision) | bfloat16 | float32 | float16
+    report_to: str = "none"  # none | tensorboard | wandb | trackio (through accelerate's trackers)
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1
-    num_workers: int = 0
+    num_workers: int = 4  # data-loader processes: encoding and image decoding happen there
 
     def stage(self, n: int) -> StageConfig:
         """Config of stage 1 or 2."""
@@ -87,7 +110,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default) and not isinstance(default, type):
-            value = _build(type(default), value, f"{where}.{key}".strip("."))
+            # Start from the field's own default (stage 1 and 2 differ), then apply the YAML's keys.
+            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            base = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in base.items()}
+            if value is not None and not isinstance(value, dict):
+                raise TrainError(f"config section '{where}.{key}' must be a mapping", "fix the YAML")
+            value = _build(type(default), {**base, **(value or {})}, f"{where}.{key}".strip("."))
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -132,7 +160,26 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
             setattr(st, name, float(getattr(st, name)))
         if st.projector_lr is not None:
             st.projector_lr = float(st.projector_lr)
+    validate(cfg)
     return cfg
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise TrainError(f"{key} is '{value}'", f"use one of: {', '.join(allowed)}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse values the trainer would only trip over later."""
+    for n in (1, 2):
+        st = cfg.stage(n)
+        _choice(st.template, TEMPLATES, f"stage{n}.template")
+        _choice(st.image_mode, IMAGE_MODES, f"stage{n}.image_mode")
+        _choice(st.image_position, IMAGE_POSITIONS, f"stage{n}.image_position")
+    _choice(cfg.report_to, REPORT_TO, "report_to")
+    _choice(cfg.model.attn_implementation, ATTENTION, "model.attn_implementation")
+    _choice(cfg.model.frozen_dtype, ("auto", "bfloat16", "float32", "float16"), "model.frozen_dtype")
+    _choice(cfg.export_dtype, ("auto", "bfloat16", "float32", "float16"), "export_dtype")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -8,8 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from model.errors import TrainError
 from train.config import RunConfig, load_config
+
+if TYPE_CHECKING:
+    from train.loop import StageResult
 
 log = logging.getLogger("train")
 
@@ -18,7 +23,7 @@ EPILOG = """examples:
   python -m train.run --config smoke-cpu --stage 2 --resume
   python -m train.run --config compact-gpu --stage 2 --lora --set stage2.lr=2e-4
   python -m train.run --config smoke-cpu --stage 2 --export runs/smoke/stage2/checkpoint-16 --export-to out/hf
-  accelerate launch --config_file train/configs/accelerate-fsdp.yaml -m train.run --config llava-7b --stage 2
+  accelerate launch --config_file train/configs/accelerate/fsdp.yaml -m train.run --config llava-7b --stage 2
   torchrun --nproc_per_node 8 -m train.run --config compact-gpu --stage 2
 """
 
@@ -73,6 +78,22 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, list[int]]:
     return load_config(args.config, sets), stages
 
 
+def summary_line(n: int, res: "StageResult") -> str:
+    """The run summary of one stage: steps, loss and how much it fell, data kept, caption conditioning."""
+    text = f"stage {n}: {res.steps} steps, final loss {res.last_loss:.4f}"
+    if res.loss_fall:
+        f = res.loss_fall
+        text += (f", mean loss first quarter {f['first_quarter']:.4f} -> last quarter {f['last_quarter']:.4f} "
+                 f"({100 * f['fall']:.1f}% lower)")
+    text += f", kept {res.report['kept']}/{res.report['total']} samples"
+    if res.conditioning:
+        c = res.conditioning
+        text += (f"; caption loss per token over {c['samples']} pairs: with image {c['with_image']:.4f}, "
+                 f"another image {c['mismatched_image']:.4f}, no image tokens {c['no_image']:.4f}")
+    text += f"; metrics {res.stage_dir / 'metrics.jsonl'}" + (f", model {res.export_dir}" if res.export_dir else "")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     args = parse_args(argv)
@@ -94,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in stages:
             res = train_stage(cfg, n, resume=args.resume and n == stages[0])
             if main_rank:
-                print(f"stage {n}: {res.steps} steps, final loss {res.last_loss:.4f}, "
-                      f"kept {res.report['kept']}/{res.report['total']} samples, "
-                      f"metrics {res.stage_dir / 'metrics.jsonl'}" + (f", model {res.export_dir}" if res.export_dir else ""))
+                print(summary_line(n, res))
         return 0
     except TrainError as exc:
         print(f"error: {exc.what}; {exc.hint}" if exc.hint else f"error: {exc.what}", file=sys.stderr)
