@@ -6,7 +6,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -14,11 +14,22 @@ from safetensors.torch import load_file, save_file
 
 from model.errors import TrainError
 from model.llava import LlavaLite
-
-if TYPE_CHECKING:
-    from train.build import Stage
+from train.config import StageConfig
 
 log = logging.getLogger(__name__)
+
+
+class StageLike(Protocol):
+    """What checkpointing reads of a built stage (train.build.Stage): declared here so the two modules
+    do not import each other."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    cfg: StageConfig
+    out: Path
+    trainable_names: list[str]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -44,7 +55,7 @@ def full_trainable_state(accelerator: Any, model: torch.nn.Module, names: list[s
     return accelerator.unwrap_model(model).trainable_state_dict()
 
 
-def save_checkpoint(stage: "Stage", step: int, weights: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(stage: StageLike, step: int, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint-<step>; frozen weights are rebuilt on resume, so they are not saved.
 
     Optimiser state is saved per rank (each rank's shard under FSDP), so resume needs the same world size.
@@ -121,7 +132,7 @@ def resume_state(accelerator: Any, model: LlavaLite, optimizer: Any, scheduler: 
     return start
 
 
-def start_metrics(stage: "Stage", resumed_at: int | None) -> None:
+def start_metrics(stage: StageLike, resumed_at: int | None) -> None:
     """Fresh run: empty metrics and no stale checkpoints. Resume: drop rows past the checkpoint (redone)."""
     if not stage.accelerator.is_main_process:
         return
