@@ -60,6 +60,7 @@ class HfExportReport:
     available: Counter = field(default_factory=Counter)
     skipped_rejected: int = 0
     missing_images: int = 0
+    bad_image_paths: int = 0  # samples whose image path leads outside the image folder (never written)
     shards: list[str] = field(default_factory=list)
     bytes_written: int = 0  # row data before compression (the card's num_bytes)
     file_bytes: int = 0  # Parquet files on disk (the card's download_size)
@@ -70,7 +71,7 @@ class HfExportReport:
         return {
             "written": self.written, "per_split": dict(sorted(self.per_split.items())),
             "available": dict(sorted(self.available.items())), "skipped_rejected": self.skipped_rejected,
-            "missing_images": self.missing_images, "shards": self.shards, "bytes_written": self.bytes_written,
+            "missing_images": self.missing_images, "bad_image_paths": self.bad_image_paths, "shards": self.shards, "bytes_written": self.bytes_written,
         }
 
 

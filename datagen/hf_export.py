@@ -22,7 +22,7 @@ from datagen.hf_dataset import (
     DATA_FOLDER, EXTRA_COLUMN, HF_SPLIT, SAFE_SPLIT, HfExportOptions, HfExportReport, pyarrow_modules, arrow_schema, to_row,
 )
 from datagen.hf_push import check_push, push_folder
-from datagen.quality.export import parse_mix, plan_counts, relative_image
+from datagen.quality.export import image_is_safe, parse_mix, plan_counts, relative_image
 from datagen.quality.gate import open_lookup
 from datagen.quality.io import ImageLookup
 from datagen.quality.stats import compute_stats
@@ -109,6 +109,9 @@ def _accepted(paths: list[Path], options: HfExportOptions, report: HfExportRepor
                     f"cannot tell the split of the samples in {path}",
                     'add a "split" field, name the file after its split (detail.jsonl), or pass --split',
                 )
+            if not image_is_safe(rec, base):
+                report.bad_image_paths += 1  # never written, and with --embed-images never read
+                continue
             image = rec.get("image")
             if base is not None and isinstance(image, str) and image:
                 if not (base / image).is_file():
@@ -271,6 +274,8 @@ def export_hf_command(
         notes.append(f"{report.skipped_rejected} rejected samples skipped")
     if report.missing_images:
         notes.append(f"{report.missing_images} samples with missing images {'kept' if keep_missing else 'dropped'}")
+    if report.bad_image_paths:
+        notes.append(f"{report.bad_image_paths} samples with a bad image path dropped (see `datagen check`)")
     if notes:
         typer.echo("  " + "; ".join(notes))
     if push_to_hub:

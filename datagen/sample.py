@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,73 @@ def require_llava(rec: Any, where: str) -> dict[str, Any]:
         if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
             raise VisinstructError(f'{where}: turn {i} is not an object with string "from" and "value"', LLAVA_HINT)
     return rec
+
+
+# --- image paths: the one rule ---------------------------------------------------------------------
+
+BAD_IMAGE_PATH_HINT = ("an image path is relative to the image folder, without '..', a URL or a link out of it; "
+                       "fix or drop the sample (`datagen check` flags it as bad_image_path)")
+# A scheme ("javascript:", "file:", "https:") or a drive ("C:"): never a file name inside the folder.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+class ImagePathError(VisinstructError):
+    """A sample's image names no file inside its image folder."""
+
+    def __init__(self, image: object, problem: str) -> None:
+        super().__init__(f"image {image!r} {problem}", BAD_IMAGE_PATH_HINT)
+        self.image = image
+        self.problem = problem
+
+
+def image_path_problem(image: object) -> str | None:
+    """Why an `image` value cannot name a file inside an image folder, from the value alone; None if it can."""
+    if not isinstance(image, str):
+        return f"is not a string but {type(image).__name__}"
+    if not image:
+        return "is empty"
+    if "\x00" in image:
+        return "contains a NUL byte"
+    if _CONTROL.search(image):
+        return "contains a control character"
+    if image.startswith(("/", "\\")):
+        return "is an absolute path"
+    if _SCHEME.match(image):
+        return "is a URL or a drive path"
+    if "\\" in image:
+        return "contains a backslash (write folders with '/')"
+    if ".." in image.split("/"):
+        return "climbs out of its folder with '..'"
+    return None
+
+
+def resolve_image(folder: Path | str, image: object, trusted: Sequence[Path] = ()) -> Path:
+    """The file `image` names inside `folder`; ImagePathError when it would land anywhere else.
+
+    The name must pass image_path_problem, and the path, symbolic links followed, must stay inside the
+    folder. trusted: folders the tool itself fills (the trainer's cache of images extracted from a
+    dataset), whose files a record may name by absolute path.
+    """
+    if isinstance(image, str) and image.startswith("/") and trusted:
+        for root in trusted:
+            if _inside(Path(image), Path(root)):
+                return Path(image)
+    problem = image_path_problem(image)
+    if problem is not None:
+        raise ImagePathError(image, problem)
+    path = Path(folder) / str(image)
+    if not _inside(path, Path(folder)):
+        raise ImagePathError(image, f"leads out of {folder} through a symbolic link")
+    return path
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether the path, symbolic links followed (it need not exist), lies inside root."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name too long, an embedded NUL
+        return False
 
 
 def _first_char(path: Path) -> str:

@@ -67,6 +67,7 @@ FAULTS = {
     "invented_box": sample("<image>\nWhere is the oven?", "The oven [0.5, 0.1, 0.6, 0.2] is white.", split="grounded",
                            record=KITCHEN),
     "no_box": sample("<image>\nWhere is the oven?", "The oven is on the left side of the kitchen.", split="grounded"),
+    "bad_image_path": SampleView(key="p1", turns=list(zip(["human", "gpt"] * 2, GOOD_CONV)), image="../../etc/passwd"),
 }
 
 

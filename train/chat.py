@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from datagen.escaping import terminal_text
 from model.errors import TrainError
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(answer(args.model, args.image, args.question, args.max_new_tokens, args.sample))
         return 0
     except TrainError as exc:
-        print(f"error: {exc.what}; {exc.hint}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
 
 

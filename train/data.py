@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datagen.errors import VisinstructError
 from datagen.hf_dataset import image_cache_dir, is_hf_input
-from datagen.sample import read_samples
+from datagen.sample import ImagePathError, read_samples, resolve_image
 from model.errors import TrainError
 from model.llava import IGNORE
 from train.images import ImageTransform, load_image
@@ -40,9 +40,17 @@ def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
-def resolve_image_path(image_folder: str | Path, name: str) -> Path:
-    """The file an image name refers to: the one place image paths are resolved (and later confined)."""
-    return Path(image_folder) / str(name)
+def resolve_image_path(image_folder: str | Path, rec: dict[str, Any], index: int = 0) -> Path:
+    """The file a record's image names inside the image folder (datagen.sample's one path rule).
+
+    Images a dataset embedded are extracted to the image cache and named by absolute path there, so the
+    cache is the one other folder allowed. Anything else outside the folder is a TrainError naming the sample.
+    """
+    try:
+        return resolve_image(image_folder, rec.get("image"), trusted=(image_cache_dir(),))
+    except ImagePathError as exc:
+        sid = str(rec.get("id", index))
+        raise TrainError(f"sample {sid}: {exc.what} (image folder {image_folder})", exc.hint) from None
 
 
 def to_messages(record: dict[str, Any], image_token: str, image_position: str = "first") -> list[dict[str, str]]:
@@ -271,7 +279,7 @@ def encode_record(rec: dict[str, Any], spec: SampleSpec, index: int = 0) -> tupl
     """Encode one record; truncate without cutting the image block. Returns (sample or None, drop/cut reason)."""
     sid = str(rec.get("id", index))
     messages = to_messages(rec, spec.image_token, spec.image_position)
-    path = resolve_image_path(spec.image_folder, rec["image"]) if rec.get("image") else None
+    path = resolve_image_path(spec.image_folder, rec, index) if rec.get("image") else None
     ids, labels = spec.encoder.encode(messages)
     if ids.count(spec.image_token_id) != (1 if path else 0):
         raise TrainError(f"sample {sid}: '{spec.image_token}' did not tokenize to one token", "check the tokenizer setup")
@@ -296,10 +304,10 @@ def encode_record(rec: dict[str, Any], spec: SampleSpec, index: int = 0) -> tupl
 def check_records(records: Sequence[dict[str, Any]], spec: SampleSpec) -> None:
     """Cheap checks over every record before training (format, placeholder, image file); no tokenizing."""
     missing: list[str] = []
-    for rec in records:
+    for i, rec in enumerate(records):
         to_messages(rec, spec.image_token, spec.image_position)
         if rec.get("image"):
-            path = resolve_image_path(spec.image_folder, rec["image"])
+            path = resolve_image_path(spec.image_folder, rec, i)
             if not path.is_file():
                 missing.append(str(path))
     if missing:

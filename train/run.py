@@ -10,6 +10,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from datagen.escaping import terminal_text
 from model.errors import TrainError
 from train.config import RunConfig, load_config
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(summary_line(n, res))
         return 0
     except TrainError as exc:
-        print(f"error: {exc.what}; {exc.hint}" if exc.hint else f"error: {exc.what}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)  # may quote a sample id or a file name
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -13,6 +13,7 @@ import typer
 
 from datagen.cli import batch, cache, coco, generate, judge, merge, quality
 from datagen.errors import VisinstructError
+from datagen.escaping import terminal_text
 
 app = typer.Typer(
     help="Turn COCO captions and boxes into LLaVA-format visual instruction data.",
@@ -45,7 +46,8 @@ def main() -> None:
     try:
         app()  # click handles usage errors itself (one message, exit code 2)
     except VisinstructError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # The message may quote ids, file names or text from the input: one line, controls written out.
+        typer.echo(f"error: {terminal_text(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("error: interrupted; rerun the same command to resume (finished samples are kept)", err=True)

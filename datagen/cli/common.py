@@ -12,6 +12,7 @@ from datagen.backends.base import Backend
 from datagen.coco import CocoIndex
 from datagen.engine.shard import ShardSpec
 from datagen.engine.work import RunStats
+from datagen.escaping import terminal_text
 from datagen.run_config import DEFAULT_OPENAI_MODEL
 from datagen.sample import OutputLayout
 
@@ -89,7 +90,7 @@ def print_summary(split: str, layout: OutputLayout, stats: RunStats, budget: Opt
     if stats.reject_reasons:
         typer.echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
     for failure in stats.failures[:5]:
-        typer.echo(f"  failed: {failure}", err=True)
+        typer.echo(f"  failed: {terminal_text(failure)}", err=True)  # may quote a server's reply
     if stats.failed:
         typer.echo(f"  {stats.failed} failed item(s) listed in {layout.failures}; rerun the same command to retry only them",
                    err=True)

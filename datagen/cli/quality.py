@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from datagen.errors import VisinstructError
+from datagen.escaping import terminal_markup
 from datagen.hf_export import export_hf_command
 from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
 from datagen.quality.config import load_config
@@ -82,7 +83,7 @@ def check(
         typer.echo(json.dumps(summary.as_dict(), indent=2))
         return
     console = _console()
-    table = Table(title=f"datagen check {in_file}", title_justify="left")
+    table = Table(title=f"datagen check {terminal_markup(in_file)}", title_justify="left")
     table.add_column("reason")
     table.add_column("samples", justify="right")
     table.add_column("what it checks", style="dim")
@@ -100,10 +101,11 @@ def check(
         console.print(f"CHAIR_i {_fmt(chair.chair_i)} ({chair.hallucinated}/{chair.mentioned} objects), "
                       f"CHAIR_s {_fmt(chair.chair_s)} ({chair.samples_hallucinating}/{chair.samples} samples)")
         if summary.images_not_in_coco:
-            console.print(f"{summary.images_not_in_coco} samples name images not in COCO {coco_split}: object check skipped for them")
+            console.print(f"{summary.images_not_in_coco} samples name images not in COCO {terminal_markup(coco_split)}: "
+                          "object check skipped for them")
     for label, path in (("accepted", out_accepted), ("rejected", out_rejected)):
         if path:
-            console.print(f"  {label}: {path}")
+            console.print(f"  {label}: {terminal_markup(path)}")
 
 
 def stats(
@@ -119,13 +121,14 @@ def stats(
         typer.echo(json.dumps(result, indent=2))
         return
     names = list(result)
-    table = Table(title="datagen stats " + " ".join(str(f) for f in files), title_justify="left")
+    # Split names, question words and stored reasons come from the samples: every cell is escaped.
+    table = Table(title="datagen stats " + terminal_markup(" ".join(str(f) for f in files)), title_justify="left")
     table.add_column("")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(terminal_markup(name), justify="right")
 
     def row(label: str, get) -> None:
-        table.add_row(label, *[get(result[name]) for name in names])
+        table.add_row(label, *[terminal_markup(get(result[name])) for name in names])
 
     row("samples", lambda s: str(s["samples"]))
     row("turns / sample (mean)", lambda s: _fmt(s["turns_per_sample"]["mean"], 2))
@@ -231,6 +234,8 @@ def export(
         notes.append(f"{report.skipped_rejected} rejected samples skipped")
     if report.missing_images:
         notes.append(f"{report.missing_images} samples with missing images {'kept' if keep_missing else 'dropped'}")
+    if report.bad_image_paths:
+        notes.append(f"{report.bad_image_paths} samples with a bad image path dropped (see `datagen check`)")
     if report.renamed_ids:
         notes.append(f"{report.renamed_ids} ids made unique")
     if notes:

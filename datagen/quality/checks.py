@@ -13,7 +13,7 @@ from datagen.quality.grounding import check_invented_box, check_malformed_box, c
 from datagen.quality.negation import check_absent_not_denied, check_absent_object_named
 from datagen.quality.minhash import NearDuplicateIndex, jaccard
 from datagen.quality.objects import ObjectMatcher, default_matcher
-from datagen.sample import IMAGE_TOKEN
+from datagen.sample import IMAGE_TOKEN, image_path_problem
 from datagen.quality.view import CheckEnv, SampleView, _strip_image  # noqa: F401  (re-exported)
 from datagen.splits import SPLITS_WITH_BOXES_IN_TEXT
 
@@ -53,6 +53,14 @@ def check_image_token(view: SampleView, env: CheckEnv) -> str | None:
     if env.config.image_token_position == "start_or_end" and first.rstrip().endswith(IMAGE_TOKEN):
         return None
     return f"{IMAGE_TOKEN} is not at the start of the first human turn"
+
+
+def check_bad_image_path(view: SampleView, env: CheckEnv) -> str | None:
+    """The image, if any, is a relative path inside the image folder (datagen.sample's path rule)."""
+    if view.image is None or view.image == "":
+        return None
+    problem = image_path_problem(view.image)
+    return None if problem is None else f"image {view.image!r} {problem}"
 
 
 def check_empty_turn(view: SampleView, env: CheckEnv) -> str | None:
@@ -378,6 +386,8 @@ CHECKS: tuple[Check, ...] = (
     Check("bad_roles", "turns alternate human/gpt, starting with human, in complete pairs", check_roles),
     Check("image_token", "<image> exactly once, at the start of the first human turn", check_image_token),
     Check("empty_turn", "no empty turn", check_empty_turn),
+    Check("bad_image_path", "the image path is relative and stays in the image folder (no absolute path, '..', URL, "
+          "NUL or non-string)", check_bad_image_path),
     Check("source_leak", "no mention of captions, given descriptions, boxes, coordinates", check_source_leak),
     Check("refusal", "no refusal or apology instead of an answer", check_refusal),
     Check("ai_self_talk", "no talk about being an AI or about the writing task", check_ai_self_talk),

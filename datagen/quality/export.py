@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import VisinstructError
-from datagen.sample import read_samples, sample_split, split_from_filename
+from datagen.sample import (ImagePathError, image_path_problem, read_samples, resolve_image, sample_split,
+                            split_from_filename)
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,15 @@ class ExportReport:
     available: Counter = field(default_factory=Counter)
     skipped_rejected: int = 0
     missing_images: int = 0
+    bad_image_paths: int = 0
     renamed_ids: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "written": self.written, "per_split": dict(sorted(self.per_split.items())),
             "available": dict(sorted(self.available.items())), "skipped_rejected": self.skipped_rejected,
-            "missing_images": self.missing_images, "renamed_ids": self.renamed_ids,
+            "missing_images": self.missing_images, "bad_image_paths": self.bad_image_paths,
+            "renamed_ids": self.renamed_ids,
         }
 
 
@@ -93,6 +96,24 @@ def relative_image(image: str, images_dir: Path, image_folder: Path) -> str:
             "pass an --image-folder that contains the images (e.g. the COCO root) or a matching --images-dir",
         )
     return Path(rel).as_posix()
+
+
+def image_is_safe(rec: dict[str, Any], base: Path | None) -> bool:
+    """Whether the sample's image (if it has one) passes the path rule, inside `base` when a folder is known.
+
+    A text-only sample (no image key, or null/empty) passes; anything else that is not a plain relative
+    name inside the folder does not, and no command copies it into training data.
+    """
+    image = rec.get("image")
+    if image is None or image == "":
+        return True
+    if base is None:
+        return image_path_problem(image) is None
+    try:
+        resolve_image(base, image)
+    except ImagePathError:
+        return False
+    return True
 
 
 def export_samples(
@@ -117,6 +138,9 @@ def export_samples(
                 report.skipped_rejected += 1
                 continue
             name = split or sample_split(rec, fallback)
+            if not image_is_safe(rec, Path(images_dir or image_folder) if image_folder is not None else None):
+                report.bad_image_paths += 1  # never copied, even with --keep-missing
+                continue
             if name is None:
                 raise VisinstructError(
                     f"cannot tell the split of the samples in {path}",
@@ -140,6 +164,9 @@ def export_samples(
         if report.missing_images:
             log.warning("%d samples name images not found under %s%s", report.missing_images, base,
                         "" if keep_missing else " (dropped)")
+    if report.bad_image_paths:
+        log.warning("%d samples with an image path outside the image folder (absolute, '..', a URL, a link out) "
+                    "dropped; `datagen check` lists them as bad_image_path", report.bad_image_paths)
     report.available.update({s: len(r) for s, r in by_split.items()})
     counts = plan_counts(dict(report.available), mix, total)
     chosen: list[tuple[str, dict[str, Any]]] = []

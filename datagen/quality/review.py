@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from datagen.coco import ImageRecord
+from datagen.escaping import terminal_text
 from datagen.context import absent_from_context, render_context
 from datagen.prompts import SPLITS_WITH_BOXES
 from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
@@ -24,7 +24,7 @@ from datagen.quality.grounding import named_category, parse_boxes
 from datagen.quality.objects import default_matcher
 from datagen.quality.io import ImageLookup
 from datagen.sample import read_samples, sample_split, split_from_filename
-from datagen.quality.review_page import PAGE_TEMPLATE
+from datagen.quality.review_page import render_page
 
 THUMBNAIL_SIDE = 512
 
@@ -95,43 +95,52 @@ def review_items(
 
 
 def sample_panel(item: ReviewItem, position: str = "") -> Panel:
-    """A rich panel: context, conversation, and check results of one sample."""
+    """A rich panel: context, conversation, and check results of one sample.
+
+    Every string from the sample goes through terminal_text into a Text (never parsed as markup).
+    """
     parts: list[Any] = []
+
+    def shown(text: object, style: str = "") -> Text:
+        return Text(terminal_text(text, multiline=True), style=style)
+
     if item.context:
         parts.append(Text("Context the writer saw", style="bold magenta"))
-        parts.append(Text(item.context, style="dim"))
+        parts.append(shown(item.context, style="dim"))
         parts.append(Text(""))
     if "conversations" not in item.rec:
         parts.append(Text("Raw completion (did not parse)", style="bold magenta"))
-        parts.append(Text(str(item.rec.get("raw", "")) + (f"\n[{item.rec['detail']}]" if item.rec.get("detail") else "")))
+        detail = item.rec.get("detail")
+        parts.append(shown(str(item.rec.get("raw", "")) + (f"\n[{detail}]" if detail else "")))
     if item.rec.get("conversations"):
         parts.append(Text("Conversation", style="bold magenta"))
     for turn in item.rec.get("conversations", []):
         speaker = turn.get("from", "?")
         style = "bold cyan" if speaker == "human" else "bold green"
-        line = Text(f"{speaker}: ", style=style)
-        line.append(str(turn.get("value", "")))
+        line = Text(f"{terminal_text(speaker)}: ", style=style)
+        line.append(terminal_text(turn.get("value", ""), multiline=True))
         parts.append(line)
     parts.append(Text(""))
     if item.report.accepted and not item.stored_reasons:
         parts.append(Text("checks: all passed", style="bold green"))
     for code, detail in item.report.details.items():
-        parts.append(Text(f"✘ {code}: {detail}", style="bold red"))
+        parts.append(shown(f"✘ {code}: {detail}", style="bold red"))
     for code in item.stored_reasons:
         if code not in item.report.details:
-            parts.append(Text(f"✘ {code} (stored with the sample)", style="red"))
+            parts.append(shown(f"✘ {terminal_text(code)} (stored with the sample)", style="red"))
     if item.absent_objects:
-        parts.append(Text(f"absent objects (asked about, must be denied): {', '.join(item.absent_objects)}", style="yellow"))
+        parts.append(shown(f"absent objects (asked about, must be denied): {', '.join(item.absent_objects)}", style="yellow"))
     for name, box in item.text_boxes:
-        parts.append(Text(f"box in the text: {name or 'region'} {list(box)}", style="yellow"))
+        parts.append(shown(f"box in the text: {name or 'region'} {list(box)}", style="yellow"))
     if item.report.mentioned:
         objects = ", ".join(
             f"{c}{' (not in image)' if c in item.report.hallucinated else ''}" for c in sorted(item.report.mentioned)
         )
-        parts.append(Text(f"objects named: {objects}", style="yellow"))
+        parts.append(shown(f"objects named: {objects}", style="yellow"))
     if not item.report.objects_checked and "conversations" in item.rec:
         parts.append(Text("object check skipped (no COCO record; pass --coco-root)", style="dim"))
-    title = f"{position}  #{item.index + 1} in file  id {item.rec.get('id')}  image {item.rec.get('image')}  split {item.split}"
+    title = Text(f"{position}  #{item.index + 1} in file  id {terminal_text(item.rec.get('id'))}  "
+                 f"image {terminal_text(item.rec.get('image'))}  split {terminal_text(item.split)}")
     return Panel(Group(*parts), title=title, title_align="left")
 
 
@@ -234,12 +243,5 @@ def write_html(items: list[ReviewItem], out: Path, lookup: ImageLookup | None, e
     out.parent.mkdir(parents=True, exist_ok=True)
     entries = [page_entry(item, lookup, out.parent, embed) for item in items]
     data = {"title": title, "reasons": REASON_DESCRIPTIONS, "samples": entries}
-    # "</" inside a script element would end it early; JSON allows the escaped form.
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    html = PAGE_TEMPLATE.replace("__TITLE__", _escape(title)).replace("__DATA__", payload)
-    out.write_text(html, encoding="utf-8")
+    out.write_text(render_page(title, data), encoding="utf-8")
     return len(entries)
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

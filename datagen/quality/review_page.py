@@ -1,6 +1,25 @@
-"""The HTML/CSS/JS of the review page (no external resources); __TITLE__ and __DATA__ are filled in."""
+"""The HTML/CSS/JS of the review page (no external resources), and the one function that fills it in."""
 from __future__ import annotations
 
+import re
+from typing import Any
+
+from datagen.escaping import html_text, script_json
+
+_SLOT = re.compile(r"__(TITLE|DATA)__")
+
+
+def render_page(title: str, data: Any) -> str:
+    """The page with its title (as HTML text) and data (as script-safe JSON), filled in one pass.
+
+    One pass, so a title or sample text that contains a slot's name is never filled in itself.
+    """
+    values = {"TITLE": html_text(title), "DATA": script_json(data)}
+    return _SLOT.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)
+
+
+# Rule of the page's script: sample strings reach the DOM only as textContent, text nodes or
+# setAttribute values (el(), svgEl(), createTextNode); never innerHTML or a URL built from them.
 PAGE_TEMPLATE = r"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -29,12 +48,20 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
   figure svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
   figure svg rect.box { fill: none; stroke-width: 2.5; vector-effect: non-scaling-stroke; }
   figure svg rect.textbox { fill: none; stroke-width: 4; stroke-dasharray: 8 5; vector-effect: non-scaling-stroke; }
-  figure svg text { font-weight: 600; paint-order: stroke; stroke: rgba(0,0,0,.75); stroke-width: 3px; fill: #fff; }
+  figure svg rect.label { fill: rgba(20,20,20,.72); stroke-width: 1; vector-effect: non-scaling-stroke; }
+  figure svg text { font-weight: 600; }
   figcaption { color: var(--dim); font-size: 12px; margin-top: 4px; word-break: break-all; }
-  .noimg { padding: 24px; background: #eee; color: var(--dim); border-radius: 4px; }
+  .legend { margin-top: 4px; font-size: 12px; line-height: 1.3; }
+  .legend span { display: inline-block; margin: 1px 8px 1px 0; white-space: nowrap; }
+  .legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px;
+              vertical-align: -1px; }
+  /* Sample text: long words wrap, and a direction override inside it cannot reorder the page around it. */
+  .u { unicode-bidi: isolate; overflow-wrap: anywhere; }
+  h3, .details li, pre.context, .turn { overflow-wrap: anywhere; }
+  .noimg { padding: 24px; background: #eee; color: var(--dim); border-radius: 4px; overflow-wrap: anywhere; }
   h3 { margin: 0 0 6px; font-size: 14px; }
   h4 { margin: 10px 0 4px; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--dim); }
-  pre.context { white-space: pre-wrap; background: #f1f3f5; padding: 8px; border-radius: 4px; margin: 0;
+  pre.context { white-space: pre-wrap; unicode-bidi: isolate; background: #f1f3f5; padding: 8px; border-radius: 4px; margin: 0;
                 font-size: 12px; max-height: 220px; overflow: auto; }
   .turn { margin: 4px 0; white-space: pre-wrap; }
   .turn b { display: inline-block; min-width: 52px; }
@@ -125,42 +152,97 @@ function matches(s) {
   return true;
 }
 
+function svgEl(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function overlaps(a, b) {
+  return a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+}
+
+// Where a label goes: the first spot, in order of preference, that lies inside the image and covers no
+// label placed before it; then the free spot nearest the box, scanning the image's height in label rows.
+// A label with no free spot is left out (its box stays drawn, and the legend names every category).
+function labelSpot(size, box, placed, W, H) {
+  const [x, y, w, h] = box;
+  const clampX = v => Math.min(Math.max(v, 0), Math.max(0, W - size.w));
+  const clampY = v => Math.min(Math.max(v, 0), Math.max(0, H - size.h));
+  const free = r => r.w <= W && r.h <= H && !placed.some(p => overlaps(p, r));
+  const preferred = box.dashed ? [y + h - size.h, y + h, y, y - size.h] : [y, y - size.h, y + h - size.h, y + h];
+  for (const top of preferred) {
+    for (const left of [x, x + w - size.w]) {
+      const r = { x: clampX(left), y: clampY(top), w: size.w, h: size.h };
+      if (free(r)) return r;
+    }
+  }
+  const rows = Math.floor(H / size.h);
+  const centre = clampY(y);
+  for (let step = 1; step <= 2 * rows; step++) {
+    const top = clampY(centre + (step % 2 ? 1 : -1) * Math.ceil(step / 2) * size.h);
+    for (const left of [x, x + w - size.w, 0, W - size.w]) {
+      const r = { x: clampX(left), y: top, w: size.w, h: size.h };
+      if (free(r)) return r;
+    }
+  }
+  return null;
+}
+
 function drawBoxes(figure, svg, s) {
-  const fontSize = Math.max(11, Math.round(s.w / 32));
+  // Labels in image pixels, sized to the shown width: about 11 CSS pixels at the usual 480-pixel display.
+  const fontSize = Math.max(8, Math.round(s.w / 42));
+  const pad = Math.round(fontSize * 0.3);
+  const labels = [];
   for (const [name, x, y, w, h] of s.boxes) {
-    const c = colour(name);
-    const r = document.createElementNS(SVG_NS, "rect");
-    r.setAttribute("class", "box");
-    r.setAttribute("x", x); r.setAttribute("y", y); r.setAttribute("width", w); r.setAttribute("height", h);
-    r.setAttribute("stroke", c);
-    r.setAttribute("data-category", name);
-    svg.appendChild(r);
-    const t = document.createElementNS(SVG_NS, "text");
-    t.setAttribute("x", x + 3);
-    t.setAttribute("y", Math.max(fontSize, y + fontSize));
-    t.setAttribute("font-size", fontSize);
-    t.setAttribute("fill", c);
-    t.textContent = name;
-    svg.appendChild(t);
+    svg.appendChild(svgEl("rect", { class: "box", x: x, y: y, width: w, height: h, stroke: colour(name), "data-category": name }));
+    labels.push({ text: name, name: name, box: [x, y, w, h] });
   }
   // Boxes the sample's text mentions (grounded split): dashed, labelled with the object named before them.
   for (const [name, x, y, w, h] of (s.textBoxes || [])) {
-    const r = document.createElementNS(SVG_NS, "rect");
-    r.setAttribute("class", "textbox");
-    r.setAttribute("x", x); r.setAttribute("y", y); r.setAttribute("width", w); r.setAttribute("height", h);
-    r.setAttribute("stroke", colour(name));
-    r.setAttribute("data-category", name);
-    svg.appendChild(r);
-    const t = document.createElementNS(SVG_NS, "text");
-    t.setAttribute("x", x + 3);
-    t.setAttribute("y", Math.max(fontSize, y + h - 4));
-    t.setAttribute("font-size", fontSize);
-    t.setAttribute("fill", colour(name));
-    t.textContent = "\u2192 " + name;
-    svg.appendChild(t);
+    svg.appendChild(svgEl("rect", { class: "textbox", x: x, y: y, width: w, height: h, stroke: colour(name), "data-category": name }));
+    const box = [x, y, w, h];
+    box.dashed = true;
+    labels.push({ text: "\u2192 " + name, name: name, box: box });
+  }
+  // Small boxes first: a big box has room for its label in many places, a small one in few.
+  labels.sort((a, b) => a.box[2] * a.box[3] - b.box[2] * b.box[3]);
+  const placed = [];
+  let dropped = 0;
+  for (const label of labels) {
+    const text = svgEl("text", { "font-size": fontSize, fill: colour(label.name) }, label.text);
+    svg.appendChild(text);
+    const measured = text.getComputedTextLength ? text.getComputedTextLength() : 0;
+    const width = (measured > 0 ? measured : 0.6 * fontSize * label.text.length) + 2 * pad;
+    const spot = labelSpot({ w: Math.min(width, s.w), h: Math.round(fontSize * 1.3) }, label.box, placed, s.w, s.h);
+    if (spot === null) { text.remove(); dropped++; continue; }
+    placed.push(spot);
+    const chip = svgEl("rect", { class: "label", x: spot.x, y: spot.y, width: spot.w, height: spot.h,
+                                 stroke: colour(label.name), "data-category": label.name });
+    svg.insertBefore(chip, text);
+    text.setAttribute("x", spot.x + pad);
+    text.setAttribute("y", spot.y + spot.h - Math.round((spot.h - fontSize) / 2) - Math.round(fontSize * 0.18));
+    if (spot.w < width) text.setAttribute("textLength", spot.w - 2 * pad);
   }
   figure.dataset.boxesDrawn = String(s.boxes.length);
   figure.dataset.textBoxesDrawn = String((s.textBoxes || []).length);
+  figure.dataset.labelsDrawn = String(placed.length);
+  figure.dataset.labelsDropped = String(dropped);
+}
+
+function legend(s) {
+  const counts = new Map();
+  for (const [name] of [...s.boxes, ...(s.textBoxes || [])]) counts.set(name, (counts.get(name) || 0) + 1);
+  const node = el("div", { class: "legend" });
+  for (const [name, n] of [...counts].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1))) {
+    const item = el("span", { "data-category": name });
+    const swatch = el("i");
+    swatch.style.background = colour(name);
+    item.append(swatch, document.createTextNode(n > 1 ? name + " \u00d7" + n : name));
+    node.appendChild(item);
+  }
+  return node;
 }
 
 function figureFor(s) {
@@ -187,11 +269,12 @@ function figureFor(s) {
   frame.appendChild(svg);
   figure.appendChild(frame);
   figure.appendChild(el("figcaption", {}, s.image + " · " + s.w + "×" + s.h + " · " + s.boxes.length + " boxes"));
+  if (s.boxes.length || (s.textBoxes || []).length) figure.appendChild(legend(s));
   return figure;
 }
 
 function highlighted(text, words) {
-  const span = el("span");
+  const span = el("span", { class: "u" });
   if (!words.length) { span.textContent = text; return span; }
   const re = new RegExp("\\b(" + words.map(w => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("|") + ")s?\\b", "gi");
   let last = 0, m;
@@ -208,14 +291,19 @@ function card(s) {
   const node = el("article", { class: "card " + (s.flags.length ? "rejected" : "accepted"), "data-id": s.id });
   node.appendChild(figureFor(s));
   const body = el("div");
-  body.appendChild(el("h3", {}, "#" + s.n + " · " + s.id + " · " + s.split));
+  const heading = el("h3", {}, "#" + s.n + " · ");
+  heading.append(el("span", { class: "u sid" }, s.id), document.createTextNode(" · "), el("span", { class: "u" }, s.split));
+  body.appendChild(heading);
   body.appendChild(el("h4", {}, "Checks"));
   const flags = el("div");
   if (!s.flags.length) flags.appendChild(el("span", { class: "flag ok" }, "all checks passed"));
-  for (const code of s.flags) flags.appendChild(el("span", { class: "flag", title: DATA.reasons[code] || "" }, code));
+  for (const code of s.flags) {
+    const about = Object.prototype.hasOwnProperty.call(DATA.reasons, code) ? DATA.reasons[code] : "";
+    flags.appendChild(el("span", { class: "flag u", title: about }, code));
+  }
   body.appendChild(flags);
   const details = el("ul", { class: "details" });
-  for (const [code, text] of Object.entries(s.details)) details.appendChild(el("li", {}, code + ": " + text));
+  for (const [code, text] of Object.entries(s.details)) details.appendChild(el("li", { class: "u" }, code + ": " + text));
   if (s.absent && s.absent.length) details.appendChild(el("li", {}, "absent objects (must be denied): " + s.absent.join(", ")));
   if (s.objects.length) details.appendChild(el("li", {}, "objects named: " + s.objects.join(", ")));
   if (!s.objectsChecked && s.turns.length) details.appendChild(el("li", {}, "object check skipped (no COCO record)"));
@@ -225,7 +313,7 @@ function card(s) {
     const turn = el("div", { class: "turn " + who });
     turn.appendChild(el("b", {}, who));
     turn.appendChild(document.createTextNode(" "));
-    turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinatedWords) : el("span", {}, value));
+    turn.appendChild(who === "gpt" ? highlighted(value, s.hallucinatedWords) : el("span", { class: "u" }, value));
     body.appendChild(turn);
   }
   if (s.raw) {

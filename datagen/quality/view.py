@@ -27,6 +27,8 @@ class SampleView:
     record: ImageRecord | None = None
     # Negative samples: the absent objects the writer was given (meta.absent_objects).
     absent_objects: list[str] = field(default_factory=list)
+    # The sample's "image" value as stored (None when it has none), for the path rule.
+    image: object = None
 
     @property
     def questions(self) -> list[str]:
@@ -51,6 +53,7 @@ class SampleView:
             finish_reason=finish_reason or meta.get("finish_reason"),
             record=record,
             absent_objects=_absent_list(meta),
+            image=rec.get("image"),
         )
 
 
@@ -69,6 +72,7 @@ class SampleView:
             finish_reason=finish_reason or meta.get("finish_reason"),
             record=record,
             absent_objects=_absent_list(meta),
+            image=sample.image,
         )
 
 

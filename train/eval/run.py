@@ -24,6 +24,7 @@ import yaml
 from datagen.cli.common import make_backend
 from datagen.context import render_context
 from datagen.errors import VisinstructError
+from datagen.escaping import terminal_text
 from datagen.judge import load_judge_prompts
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
@@ -378,13 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreport: {config_from(args, args.model, args.out).out_dir / REPORT_NAME}")
         return 0
     except VisinstructError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         from model.errors import TrainError
 
         if isinstance(exc, TrainError):
-            print(f"error: {exc.what}; {exc.hint}" if exc.hint else f"error: {exc.what}", file=sys.stderr)
+            print(f"error: {terminal_text(exc)}", file=sys.stderr)
             return 2
         raise
 
