@@ -21,10 +21,17 @@ _SEPARATOR_LINE = re.compile(r"^[ \t]*(?:={3,}|-{3,}|\*{3,}|_{3,})[ \t]*$", re.M
 _DETAIL_PREFIX = re.compile(r"^\s*(?:\*\*)?(?:detailed description|description|answer)\s*:\s*(?:\*\*)?\s*", re.I)
 
 
+# Every reason a completion can fail to parse; rejects files carry them beside the quality checks' codes.
+PARSE_REASON_CODES = ("empty_output", "no_qa_format", "unbalanced_turns", "empty_turn", "too_few_turns", "truncated",
+                      "wrong_format", "invalid_sample")
+
+
 class ParseError(ValueError):
     """The completion could not be turned into a sample; `code` names why."""
 
     def __init__(self, code: str, detail: str) -> None:
+        if code not in PARSE_REASON_CODES:  # a new code must be listed, so `review --reason` can offer it
+            raise ValueError(f"unlisted parse reason code {code!r}")
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from datagen.backends.base import SamplingParams
+from datagen.backends.base import DEFAULT_MAX_TOKENS, TRANSPORTS, SamplingParams
 from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.config import EngineConfig
 from datagen.engine.shard import ShardSpec
@@ -21,6 +21,7 @@ DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 # The split names come from datagen.splits (one table for generation, parsing, prompts and checks).
 Split = Enum("Split", {name: name for name in SPLITS}, type=str)
+Transport = Enum("Transport", {name: name for name in TRANSPORTS}, type=str)
 
 
 class BackendName(str, Enum):
@@ -116,7 +117,7 @@ class SamplingOptions(BaseModel):
 
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.95, ge=0.0, le=1.0)
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     seed: int = 0
     repetition_penalty: float = Field(1.0, ge=1.0)
 
@@ -140,7 +141,8 @@ class CacheOptions(BaseModel):
 class LiveOptions(BaseModel):
     """How the live engine paces, retries and spends."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The transport is checked against its choices, then kept as its plain name (what the backends compare).
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
     batch_size: int = Field(8, ge=1)
     concurrency: int | None = Field(None, ge=1)
@@ -148,7 +150,7 @@ class LiveOptions(BaseModel):
     tpm: float | None = Field(None, ge=1)
     max_retries: int = Field(6, ge=0)
     timeout: float = Field(120.0, ge=0.1)
-    transport: str = "direct"
+    transport: Transport = Transport.direct
     budget: float | None = Field(None, ge=0)
     prices: Path | None = None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from datagen.backends.base import DEFAULT_MAX_TOKENS
 from datagen.engine.cost import BudgetGuard, Price, load_prices
 from datagen.engine.tokens import PromptTokenCounter
 from datagen.errors import VisinstructError
@@ -85,6 +86,6 @@ def test_dry_run_counts_tokens_and_sends_nothing(coco_root, tmp_path):
         assert server.state.count == 0
     assert proc.returncode == 0, proc.stderr
     assert f"prompt tokens: {expected:,}" in proc.stdout and "7 to request" in proc.stdout
-    high = Price(0.15, 0.60).cost(expected, 7 * 512)
+    high = Price(0.15, 0.60).cost(expected, 7 * DEFAULT_MAX_TOKENS)
     assert f"at most ${high:.4f}" in proc.stdout
     assert not (tmp_path / "d.jsonl").exists()

@@ -6,13 +6,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+# Completion token limit when none is given: `datagen generate`, `batch submit` and `make data` (MAX_TOKENS) agree.
+DEFAULT_MAX_TOKENS = 384
+# How chat completions travel to an OpenAI-compatible endpoint (datagen.backends.openai_backend).
+TRANSPORTS = ("direct", "aiohttp", "httpx")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings sent with each request (and part of the cache key)."""
 
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int = 0
     # 1.0 = off. Small local models loop without it; vLLM/llama.cpp servers accept it, OpenAI does not.
     repetition_penalty: float = 1.0

@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 import openai
 
-from datagen.backends.base import ChatRequest, Completion
+from datagen.backends.base import TRANSPORTS, ChatRequest, Completion
 from datagen.engine.errors import EndpointUnreachableError, MalformedResponseError, RateLimitedError, TransientError
 from datagen.engine.ratelimit import parse_retry_after
 from datagen.errors import VisinstructError
@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # How chat completions travel; measured in bench/datagen_bench.py (README table): "direct" (aiohttp, no SDK on
 # the hot path) costs about half the CPU per request of the SDK over aiohttp, and a third of the SDK over httpx.
-TRANSPORTS = ("direct", "aiohttp", "httpx")
 DEFAULT_CONCURRENCY = 64
 # The body goes pre-encoded (the SDK would deep-copy and re-encode it), so the content type is set here.
 _JSON_OPTIONS = {"headers": {"Content-Type": "application/json"}}

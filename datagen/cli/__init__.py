@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib import metadata
+from typing import Annotated
 
 import typer
 
@@ -20,9 +22,32 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
 )
 for group in (generate, coco, quality, cache, batch, merge, judge):
     group.register(app)
+
+
+def package_version() -> str:
+    """The installed distribution's version (package metadata, so it is the one `pip` sees)."""
+    try:
+        return metadata.version("visinstruct")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed; run `pip install -e .` in the checkout)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"datagen (visinstruct) {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top_level(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Options that come before the command."""
 
 
 def _quiet_libraries() -> None:

@@ -21,7 +21,7 @@ from datagen.errors import VisinstructError
 from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit, prompts_of,
                                      read_request_file, task_of)
 from datagen.prompts import load_prompt_set
-from datagen.run_config import BatchSubmitConfig
+from datagen.run_config import DEFAULT_MAX_TOKENS, BatchSubmitConfig
 from datagen.sample import OutputLayout
 from datagen.task import LlavaTask
 
@@ -48,7 +48,7 @@ def submit(
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint with /files and /batches.")] = None,
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 0.95,
-    max_tokens: MaxTokensOpt = 512,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     seed: SeedOpt = 0,
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
     prompts_dir: PromptsDirOpt = None,

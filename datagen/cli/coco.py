@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,17 +17,29 @@ from datagen.task import LlavaTask
 coco_app = typer.Typer(help="Get COCO annotations and images.", no_args_is_help=True)
 
 
+FETCH_SPLITS = ("val2017", "train2017", "val2014", "train2014")
+
+
 @coco_app.command("fetch")
 def coco_fetch(
-    split: Annotated[str, typer.Option(help="Split to fetch: val2017, train2017, val2014, train2014.")] = "val2017",
+    coco_split: Annotated[str, typer.Option(help=f"COCO split to fetch: {', '.join(FETCH_SPLITS)}.")] = "val2017",
     images: Annotated[int, typer.Option(min=0, help="Download the first N images of the split (by id).")] = 50,
     to: Annotated[Path, typer.Option(help="Destination COCO root.")] = Path("data/coco"),
     base_url: Annotated[str, typer.Option(help="Mirror of the official COCO site.")] = "http://images.cocodataset.org",
-    verify: Annotated[bool, typer.Option(help="Check archive checksums where COCO's are known.")] = True,
+    verify: Annotated[bool, typer.Option(
+        help="Decode every image and compare it with the width and height its annotation gives (a bad one is "
+             "fetched again). COCO publishes no checksums: without this, downloads are still checked against the "
+             "size the server announced and the annotation archive's CRCs.")] = True,
+    old_split: Annotated[Optional[str], typer.Option(
+        "--split", hidden=True, help="Old name of --coco-split (--split means the kind of sample everywhere else).")] = None,
 ) -> None:
     """Download COCO annotations and the first N images of a split (resumable)."""
-    root = fetch_coco(split=split, images=images, dest=to, base_url=base_url, verify=verify)
-    typer.echo(f"COCO {split}: annotations and {images} images in {root}")
+    if old_split is not None:
+        typer.echo("warning: `coco fetch --split` is now `--coco-split` (--split names the kind of sample in every "
+                   "other command); the old name still works for now", err=True)
+        coco_split = old_split
+    root = fetch_coco(split=coco_split, images=images, dest=to, base_url=base_url, verify=verify)
+    typer.echo(f"COCO {coco_split}: annotations and {images} images in {root}")
 
 
 def render(

@@ -14,7 +14,7 @@ from datagen.cli.common import format_usd, make_backend, print_summary, progress
 from datagen.cli.options import (
     COST, ENGINE, EXECUTOR, AbsentObjectsOpt, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
     ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt,
-    build,
+    TransportOpt, build,
 )
 from datagen.coco import CocoIndex
 from datagen.context import DEFAULT_ABSENT_OBJECTS, ContextBuilder, context_builder
@@ -24,7 +24,7 @@ from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
 from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
 from datagen.prompts import load_prompt_set
-from datagen.run_config import BackendName, ExecutorName, GenerateConfig, SourceOptions
+from datagen.run_config import DEFAULT_MAX_TOKENS, BackendName, ExecutorName, GenerateConfig, SourceOptions, Transport
 from datagen.sample import sample_id
 from datagen.sink import write_manifest
 from datagen.task import LlavaTask
@@ -43,7 +43,7 @@ def generate(
     base_url: BaseUrlOpt = None,
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 0.95,
-    max_tokens: MaxTokensOpt = 512,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     seed: SeedOpt = 0,
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Local backend: prompts per forward pass.")] = 8,
@@ -61,8 +61,7 @@ def generate(
         min=0.1, rich_help_panel=ENGINE, help="Seconds per request before it counts as a timeout.")] = 120.0,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
-    transport: Annotated[str, typer.Option(
-        rich_help_panel=ENGINE, help="direct (aiohttp, fastest), or the openai SDK's request path over aiohttp or httpx.")] = "direct",
+    transport: TransportOpt = Transport.direct,
     shard: ShardOpt = None,
     budget: Annotated[Optional[float], typer.Option(
         min=0, rich_help_panel=COST, help="Stop starting requests before the run's spend could pass this many USD.")] = None,

@@ -5,6 +5,7 @@ Each group is a set of `Annotated` parameter types; a command lists them and pas
 """
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -12,17 +13,24 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from datagen.errors import VisinstructError
-from datagen.run_config import BackendName, Split
+from datagen.run_config import BackendName, Split, Transport
+from datagen.sample import SPLIT_NAMES
 
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); or set $COCO_ROOT."
 ENGINE = "Engine: pacing, retries, cache"
 COST = "Cost and sharding"
 EXECUTOR = "Executor: this machine or a Ray cluster"
 
+# One vocabulary: --split is always the kind of sample (a choice list), --coco-split always COCO's annotation split.
+# Commands that read sample files also know stage-1 caption pairs (`datagen captions`).
+SampleSplit = Enum("SampleSplit", {name: name for name in SPLIT_NAMES}, type=str)
+SAMPLE_SPLIT_HELP = "Treat every sample as this split (default: the sample's split field, else the file name)."
+
 # Source: which images.
 SplitOpt = Annotated[Split, typer.Option(help="Kind of sample to write.")]
+SampleSplitOpt = Annotated[Optional[SampleSplit], typer.Option("--split", help=SAMPLE_SPLIT_HELP)]
 CocoRootOpt = Annotated[Path, typer.Option(envvar="COCO_ROOT", help=COCO_ROOT_HELP)]
-CocoSplitOpt = Annotated[str, typer.Option(help="Annotation split, e.g. val2017.")]
+CocoSplitOpt = Annotated[str, typer.Option(help="COCO annotation split, e.g. val2017, train2017, train2014.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="At most this many images.")]
 ImageIdsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated COCO image ids (instead of all).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
@@ -41,10 +49,15 @@ BaseUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpo
 # Sampling.
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")]
 TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
-MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Completion token limit per sample.")]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Completion token limit per sample (`make data` uses the default).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and instruction choice.")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(
     min=1.0, help="Penalise repeated tokens (1.0 = off; local backend, vLLM and llama.cpp servers).")]
+
+# Engine.
+TransportOpt = Annotated[Transport, typer.Option(
+    rich_help_panel=ENGINE,
+    help="How requests travel: direct (aiohttp, no SDK on the hot path: fastest), or the openai SDK over aiohttp or httpx.")]
 
 # Cache.
 CacheOpt = Annotated[Optional[Path], typer.Option(

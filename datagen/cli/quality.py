@@ -11,9 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datagen.cli.options import SAMPLE_SPLIT_HELP, SampleSplit
 from datagen.errors import VisinstructError
 from datagen.escaping import terminal_markup
 from datagen.hf_export import export_hf_command
+from datagen.parse import PARSE_REASON_CODES
 from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
 from datagen.quality.config import load_config
 from datagen.quality.export import export_samples, parse_mix
@@ -23,7 +25,15 @@ from datagen.quality.stats import compute_stats
 
 COCO_ROOT_HELP = "COCO folder in the official layout (annotations/, <split>/ images); enables the object checks."
 CONFIG_HELP = "Quality thresholds as YAML or JSON (fields of QualityConfig; others keep their defaults)."
-SPLIT_HELP = "Treat every sample as this split (default: the sample's split field, else the file name)."
+# Choice lists, so --help lists the codes and a misspelt one is refused: the checks' codes for --disable; for
+# --reason also the parse failures a rejects file records, and 'any'.
+CheckCode = Enum("CheckCode", {code: code for code in REASON_CODES}, type=str)
+FlagCode = Enum("FlagCode", {code: code for code in dict.fromkeys(("any", *REASON_CODES, *PARSE_REASON_CODES))},
+                type=str)
+
+
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return None if choice is None else choice.value
 
 
 class ExportFormat(str, Enum):
@@ -35,14 +45,14 @@ class ExportFormat(str, Enum):
 
 def _config(
     config: Optional[Path], near_dup_threshold: Optional[float] = None, max_hallucinated: Optional[int] = None,
-    disable: Optional[list[str]] = None, allow_trailing_image: bool = False,
+    disable: Optional[list[CheckCode]] = None, allow_trailing_image: bool = False,
 ):
     """The quality config: defaults, then the file, then flags."""
     base = load_config(config)
     return base.with_overrides(
         near_duplicate_threshold=near_dup_threshold,
         max_hallucinated_objects=max_hallucinated,
-        disabled_checks=sorted(set(base.disabled_checks) | set(disable)) if disable else None,
+        disabled_checks=sorted(set(base.disabled_checks) | {c.value for c in disable}) if disable else None,
         image_token_position="start_or_end" if allow_trailing_image else None,
     )
 
@@ -69,16 +79,18 @@ def check(
     out_rejected: Optional[Path] = typer.Option(None, help="Write rejected samples here with reject_reasons."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
+    split: Optional[SampleSplit] = typer.Option(None, help=SAMPLE_SPLIT_HELP),
     near_dup_threshold: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="Override near_duplicate_threshold."),
     max_hallucinated: Optional[int] = typer.Option(None, min=0, help="Override max_hallucinated_objects."),
-    disable: Optional[list[str]] = typer.Option(None, help="Reason code to skip (repeatable)."),
+    disable: Optional[list[CheckCode]] = typer.Option(
+        None, metavar="CODE", help="Reason code to skip (repeatable): " + ", ".join(c.value for c in CheckCode)
+        + ". The table `check` prints says what each one checks."),
     allow_trailing_image: bool = typer.Option(False, help="Accept <image> at the end of the first turn too (LLaVA's files)."),
 ) -> None:
     """Check every sample; write accepted and rejected files; print counts per reject reason."""
     cfg = _config(config, near_dup_threshold, max_hallucinated, disable, allow_trailing_image)
     lookup = open_lookup(coco_root, coco_split)
-    summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=split)
+    summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=_value(split))
     if json_output:
         typer.echo(json.dumps(summary.as_dict(), indent=2))
         return
@@ -112,11 +124,14 @@ def stats(
     files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (JSONL or JSON arrays), HF dataset folders or hf://org/name."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for CHAIR."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
-    split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
+    split: Optional[SampleSplit] = typer.Option(None, help=SAMPLE_SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP + " Here: count_hedged_mentions (for CHAIR)."),
 ) -> None:
     """Per split: samples, turns, question/answer lengths, question types, objects, CHAIR, reject reasons."""
-    result = compute_stats(files, open_lookup(coco_root, coco_split), split=split)
+    cfg = _config(config)
+    result = compute_stats(files, open_lookup(coco_root, coco_split), split=_value(split),
+                           count_hedged=cfg.count_hedged_mentions)
     if json_output:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -150,13 +165,15 @@ def stats(
 
 
 def review(
-    file: Path = typer.Argument(..., help="LLaVA-format samples (accepted or rejects file, an HF dataset folder or hf://org/name)."),
+    files: list[Path] = typer.Argument(..., help="LLaVA-format sample files (accepted or rejects files, HF dataset folders or hf://org/name)."),
     coco_root: Optional[Path] = typer.Option(None, help=COCO_ROOT_HELP + " Needed for images, boxes and context."),
     coco_split: str = typer.Option("val2017", help="COCO split the images belong to."),
     html: Optional[Path] = typer.Option(None, help="Write a static review page here instead of paging in the terminal."),
     embed_images: bool = typer.Option(False, help="HTML: embed downscaled images (one portable file, larger)."),
-    split: Optional[str] = typer.Option(None, help="Only samples of this split."),
-    reason: Optional[str] = typer.Option(None, help="Only samples flagged with this reason code ('any' = flagged)."),
+    split: Optional[SampleSplit] = typer.Option(None, help="Only samples of this split."),
+    reason: Optional[FlagCode] = typer.Option(
+        None, metavar="CODE", help="Only samples flagged with this reason code, found now or stored in a rejects "
+        "file: " + ", ".join(c.value for c in FlagCode) + " (any = flagged at all)."),
     start: int = typer.Option(1, min=1, help="First sample to show (1-based, after filters)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many samples."),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
@@ -165,20 +182,23 @@ def review(
     """Read samples beside their context and check results: a terminal pager, or one HTML page with images and boxes."""
     cfg = _config(config)
     lookup = open_lookup(coco_root, coco_split)
+    wanted_split, wanted_reason = _value(split), _value(reason)
     items = []
-    for item in review_items(file, lookup, cfg):
-        if split and item.split != split:
-            continue
-        if reason and not (item.flags if reason == "any" else reason in item.flags):
-            continue
-        items.append(item)
+    for file in files:
+        for item in review_items(file, lookup, cfg):
+            if wanted_split and item.split != wanted_split:
+                continue
+            if wanted_reason and not (item.flags if wanted_reason == "any" else wanted_reason in item.flags):
+                continue
+            items.append(item)
     items = items[start - 1 :]
     if limit is not None:
         items = items[:limit]
     if html is not None:
         if lookup is None:
             typer.echo("note: no --coco-root: the page shows samples without images and boxes", err=True)
-        count = write_html(items, html, lookup, embed_images, title or str(file.name))
+        default_title = files[0].name if len(files) == 1 else f"{files[0].name} and {len(files) - 1} more"
+        count = write_html(items, html, lookup, embed_images, title or default_title)
         typer.echo(f"{count} samples -> {html}")
         return
     console = _console()
@@ -198,7 +218,7 @@ def export(
     images_dir: Optional[Path] = typer.Option(None, help="Where the samples' image names resolve now (default: --image-folder), e.g. COCO/val2017."),
     keep_missing: bool = typer.Option(False, help="Keep samples whose image file is missing (dropped by default)."),
     keep_meta: bool = typer.Option(False, help="Keep split/meta keys (default: only id, image, conversations)."),
-    split: Optional[str] = typer.Option(None, help=SPLIT_HELP),
+    split: Optional[SampleSplit] = typer.Option(None, help=SAMPLE_SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
     output_format: ExportFormat = typer.Option(ExportFormat.json, "--format", help="json: LLaVA's JSON array; hf: a Hugging Face dataset "
                                       "folder (Parquet shards + dataset card), whatever --out's extension."),
@@ -211,7 +231,7 @@ def export(
 ) -> None:
     """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array (or --format hf)."""
     if output_format is ExportFormat.hf:
-        export_hf_command(files, out, mix, seed, total, image_root, images_dir, keep_missing, split, embed_images,
+        export_hf_command(files, out, mix, seed, total, image_root, images_dir, keep_missing, _value(split), embed_images,
                           push_to_hub, private, coco_root, coco_split, json_output)
         return
     hf_only = [flag for flag, given in (("--embed-images", embed_images), ("--image-root", image_root),
@@ -222,7 +242,7 @@ def export(
                                "--embed-images, --image-root, --push-to-hub, --private and --coco-root need --format hf")
     report = export_samples(
         files, out, parse_mix(mix), seed=seed, total=total, image_folder=image_folder, images_dir=images_dir,
-        keep_missing=keep_missing, keep_meta=keep_meta, split=split,
+        keep_missing=keep_missing, keep_meta=keep_meta, split=_value(split),
     )
     if json_output:
         typer.echo(json.dumps(report.as_dict(), indent=2))
