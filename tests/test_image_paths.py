@@ -153,3 +153,13 @@ def test_trainer_refuses_naming_the_sample(tree, tmp_path, monkeypatch):
     extracted.write_bytes(b"img")
     assert resolve_image_path(tree, {"id": "hf", "image": str(extracted)}) == extracted
     assert os.path.exists(resolve_image_path(tree, {"id": "hf", "image": str(extracted)}))
+
+
+def test_unreadable_image_error_names_the_sample(tmp_path):
+    from train.images import load_image  # imports torch
+    from model.errors import TrainError
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(TrainError, match=r"^sample s9: cannot read image .*broken\.jpg"):
+        load_image(broken, "s9")

@@ -368,7 +368,7 @@ class LazyDataset(torch.utils.data.Dataset):
         sample, reason = encode_record(rec, self.spec, index)
         if sample is None:
             return Encoded(sid, [], [], None, reason)
-        pixels = self.transform(load_image(sample.image)) if sample.image is not None else None
+        pixels = self.transform(load_image(sample.image, sid)) if sample.image is not None else None
         return Encoded(sid, sample.ids, sample.labels, pixels, reason)
 
 

@@ -82,10 +82,11 @@ class ImageTransform:
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB with a clear error."""
+def load_image(path: Path, sample_id: str | None = None) -> Image.Image:
+    """Decode an image file as RGB with a clear error naming the sample (paths come from resolve_image_path)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot read image {path} ({exc})", "replace or remove the broken file") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        owner = f"sample {sample_id}: " if sample_id is not None else ""
+        raise TrainError(f"{owner}cannot read image {path} ({exc})", "replace or remove the broken file") from exc

@@ -18,6 +18,7 @@ from datagen.engine.batch_api import TERMINAL, BatchState, download_lines, refre
 from datagen.engine.cost import load_prices
 from datagen.engine.work import RunStats
 from datagen.errors import VisinstructError
+from datagen.escaping import terminal_text
 from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit, prompts_of,
                                      read_request_file, task_of)
 from datagen.prompts import load_prompt_set
@@ -145,7 +146,8 @@ def status(out: OutOpt) -> None:
     for entry in state.batches:
         done = f", collected ({entry.succeeded} ok, {entry.failed} to resubmit)" if entry.collected else ""
         counts = " ".join(f"{k}={v}" for k, v in entry.counts.items())
-        typer.echo(f"{entry.batch_id or '-'}  {entry.status:<11} {entry.count} requests {counts}{done}")
+        # Ids, statuses and counts come from the server's replies.
+        typer.echo(terminal_text(f"{entry.batch_id or '-'}  {entry.status:<11} {entry.count} requests {counts}{done}"))
 
 
 @batch_app.command("collect")
@@ -178,8 +180,8 @@ def collect(out: OutOpt) -> None:
                               lambda: state.save(sfile))
     for batch in collected:
         entry = batch.entry
-        typer.echo(f"batch {entry.batch_id} ({entry.status}): {batch.results} results, {entry.failed} to resubmit"
-                   + (f" -> {batch.resubmit}" if batch.resubmit else ""))
+        typer.echo(terminal_text(f"batch {entry.batch_id} ({entry.status}): {batch.results} results, "
+                                 f"{entry.failed} to resubmit" + (f" -> {batch.resubmit}" if batch.resubmit else "")))
     waiting = [e for e in state.batches if not e.collected and e.batch_id]
     typer.echo(f"{stats.accepted} accepted, {stats.rejected} rejected; tokens {stats.prompt_tokens} in / "
                f"{stats.completion_tokens} out; cost {format_usd(stats.cost_usd)} at Batch API prices")

@@ -8,6 +8,7 @@ import typer
 
 from datagen.engine.cache import ResponseCache
 from datagen.errors import VisinstructError
+from datagen.escaping import terminal_text
 from datagen.sample import default_cache_path
 
 cache_app = typer.Typer(help="Inspect or empty the response cache.", no_args_is_help=True)
@@ -28,7 +29,7 @@ def cache_stats(cache: CacheFileOpt = None) -> None:
     typer.echo(f"{stats.path}: {stats.entries} responses, {stats.size_bytes / 1e6:.1f} MB, "
                f"tokens {stats.prompt_tokens} in / {stats.completion_tokens} out")
     for name, count in sorted(stats.by_model.items()):
-        typer.echo(f"  {name}: {count}")
+        typer.echo(f"  {terminal_text(name)}: {count}")
 
 
 @cache_app.command("clear")

@@ -10,6 +10,7 @@ from datagen.captions import write_caption_pairs
 from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CooccurrenceFromOpt, LimitOpt, PromptsDirOpt
 from datagen.coco import CocoIndex
 from datagen.context import DEFAULT_ABSENT_OBJECTS, context_builder
+from datagen.escaping import terminal_text
 from datagen.fetch import fetch_coco
 from datagen.run_config import Split
 from datagen.task import LlavaTask
@@ -54,7 +55,7 @@ def render(
     """Print the symbolic context the LLM sees for one image, and nothing else."""
     index = CocoIndex(coco_root, coco_split, with_instances=LlavaTask.needs_boxes(split.value))
     builder = context_builder(split.value, index, cooccurrence_from, seed, absent_objects)
-    typer.echo(builder.render(index.record(image_id))[0])
+    typer.echo(terminal_text(builder.render(index.record(image_id))[0], multiline=True))  # captions are input text
 
 
 def captions(

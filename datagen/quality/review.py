@@ -183,7 +183,7 @@ def thumbnail_data_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
             img.thumbnail((side, side))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
-    except OSError:
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
