@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,21 @@ def _fresh(index_path: Path, sources: list[SourceStamp]) -> bool:
     return header.get("sources") == [vars(s) for s in sources]
 
 
-def ensure_index(
-    root: str | Path, split: str, with_instances: bool = True, index_dir: Path | None = None
-) -> Path:
-    """Path of an up-to-date index of the split, building it (once, atomically) when absent or stale."""
+@dataclass(frozen=True)
+class IndexPlan:
+    """Where a split's index is, what it is built from, and whether the file there is up to date."""
+
+    path: Path
+    captions: Path
+    instances: Path | None
+    sources: list[SourceStamp]
+    fresh: bool
+    meta: dict[str, Any]
+
+
+def plan_index(root: str | Path, split: str, with_instances: bool = True, index_dir: Path | None = None) -> IndexPlan:
+    """The index a reader of the split needs: a fresh full index if there is one (it also serves captions-only
+    readers), else the one to build (full, or captions-only when `with_instances` is False)."""
     root = Path(root)
     captions_path = _require_file(annotation_path(root, "captions", split))
     instances_path = annotation_path(root, "instances", split)
@@ -91,25 +103,39 @@ def ensure_index(
     folder = index_dir if index_dir is not None else default_index_dir()
     captions_stamp = SourceStamp.of(captions_path)
     full_path = folder / index_file_name(captions_path, instances_path, split)
+    full_sources: list[SourceStamp] = []
     if instances_path.is_file():
         full_sources = [captions_stamp, SourceStamp.of(instances_path)]
         if _fresh(full_path, full_sources):
-            return full_path  # a full index also serves a captions-only reader
+            return IndexPlan(full_path, captions_path, instances_path, full_sources, True, {})
     if with_instances:
         target, sources, instances = full_path, full_sources, instances_path
+        fresh = False
     else:
         target, sources, instances = folder / index_file_name(captions_path, None, split), [captions_stamp], None
-        if _fresh(target, sources):
-            return target
+        fresh = _fresh(target, sources)
     meta = {"root": str(root), "split": split, "with_instances": with_instances, "sources": [vars(s) for s in sources]}
+    return IndexPlan(target, captions_path, instances, sources, fresh, meta)
+
+
+def build_planned_index(plan: IndexPlan) -> Path:
+    """Build the index `plan` names (streamed, written atomically); user errors for bad files or folders."""
     try:
-        build_index_file(target, captions_path, instances, meta, read=_read_or_explain)
+        build_index_file(plan.path, plan.captions, plan.instances, plan.meta, read=_read_or_explain)
     except OSError as exc:
         raise VisinstructError(
-            f"cannot write the COCO index to {folder}: {exc.strerror or exc}",
+            f"cannot write the COCO index to {plan.path.parent}: {exc.strerror or exc}",
             "set VISINSTRUCT_INDEX_DIR to a writable folder",
         ) from None
-    return target
+    return plan.path
+
+
+def ensure_index(
+    root: str | Path, split: str, with_instances: bool = True, index_dir: Path | None = None
+) -> Path:
+    """Path of an up-to-date index of the split, building it (once, atomically) when absent or stale."""
+    plan = plan_index(root, split, with_instances, index_dir)
+    return plan.path if plan.fresh else build_planned_index(plan)
 
 
 def open_index(index_path: str | Path) -> "CocoIndex":

@@ -17,6 +17,7 @@ from datagen.coco import CocoIndex, ensure_index, open_index
 from datagen.coco_stream import NotAnObjectError, stream_top_level
 from datagen.context import render_context
 from datagen.errors import VisinstructError
+from engine_support import datagen_here  # the CLI in this process
 
 
 def reference_contexts(root: Path, split: str) -> dict[int, tuple[str, str]]:
@@ -163,3 +164,39 @@ def test_malformed_annotation_files_are_one_line_user_errors(tmp_path, payload, 
     with pytest.raises(VisinstructError, match=message):
         CocoIndex(tmp_path, "val2017", with_instances=False, index_dir=tmp_path / "idx")
     assert not (tmp_path / "idx").exists() or not list((tmp_path / "idx").iterdir())
+
+
+def test_coco_index_command_builds_reports_and_rebuilds_a_stale_index(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for name in ("captions_val2017.json", "instances_val2017.json"):
+        (root / "annotations" / name).write_bytes((coco_root / "annotations" / name).read_bytes())
+    env = {"VISINSTRUCT_INDEX_DIR": str(tmp_path / "idx")}
+    args = ("coco", "index", "--coco-root", str(root), "--coco-split", "val2017")
+    built = datagen_here(*args, env=env)
+    assert built.returncode == 0, built.stderr
+    assert "index built in" in built.stdout and "79 captioned images, captions and boxes" in built.stdout
+    (index_file,) = (tmp_path / "idx").iterdir()
+    assert str(index_file) in built.stdout.replace("\n", "")
+    stamp = index_file.stat().st_mtime_ns
+    again = datagen_here(*args, env=env)
+    assert "index up to date" in again.stdout and index_file.stat().st_mtime_ns == stamp
+    # What the command built is what a run opens: same file, not rebuilt.
+    assert ensure_index(root, "val2017", index_dir=tmp_path / "idx") == index_file
+    assert index_file.stat().st_mtime_ns == stamp
+    # A changed annotation file makes it stale: the command rebuilds it in place.
+    caps = root / "annotations" / "captions_val2017.json"
+    data = json.loads(caps.read_text())
+    data["annotations"] = data["annotations"][1:]
+    caps.write_text(json.dumps(data))
+    rebuilt = datagen_here(*args, env=env)
+    assert "index built in" in rebuilt.stdout
+    assert [p.name for p in (tmp_path / "idx").iterdir()] == [index_file.name]
+    # Without an instances file it indexes the captions alone.
+    (root / "annotations" / "instances_val2017.json").unlink()
+    captions = datagen_here(*args, env=env)
+    assert "captions only" in captions.stdout, captions.stdout
+    missing = datagen_here("coco", "index", "--coco-root", str(tmp_path / "nowhere"), env=env)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: COCO root not found")
+    no_split = datagen_here("coco", "index", "--coco-root", str(root), "--coco-split", "train2014", env=env)
+    assert no_split.returncode == 2 and "annotation file not found" in no_split.stderr

@@ -1,15 +1,17 @@
-"""`datagen coco fetch`, `render` and `captions`: get COCO, show a context, write stage-1 caption pairs."""
+"""`datagen coco fetch`, `coco index`, `render` and `captions`: get COCO, index it, show a context, write stage-1 pairs."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from datagen.captions import write_caption_pairs
-from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CooccurrenceFromOpt, LimitOpt, PromptsDirOpt
-from datagen.coco import CocoIndex
+from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, LimitOpt, PromptsDirOpt
+from datagen.coco import CocoIndex, annotation_path, build_planned_index, open_index, plan_index
 from datagen.context import DEFAULT_ABSENT_OBJECTS, context_builder
+from datagen.errors import VisinstructError
 from datagen.escaping import terminal_text
 from datagen.fetch import fetch_coco
 from datagen.run_config import Split
@@ -41,6 +43,34 @@ def coco_fetch(
         coco_split = old_split
     root = fetch_coco(split=coco_split, images=images, dest=to, base_url=base_url, verify=verify)
     typer.echo(f"COCO {coco_split}: annotations and {images} images in {root}")
+
+
+@coco_app.command("index")
+def coco_index(
+    coco_root: CocoRootOpt,
+    coco_split: CocoSplitOpt = "val2017",
+    captions_only: Annotated[bool, typer.Option(
+        "--captions-only", help="Index the captions alone (enough for conversation and captions; no boxes).")] = False,
+) -> None:
+    """Build the split's compact index now (or report that it is up to date), e.g. before a Ray job.
+
+    The index goes to $VISINSTRUCT_INDEX_DIR (default ~/.cache/visinstruct/coco-index), where every later
+    command and worker finds it. With an instances file it holds boxes too, and serves every split.
+    """
+    if not coco_root.is_dir():
+        raise VisinstructError(f"COCO root not found: {coco_root}", "pass --coco-root DIR or fetch data with `datagen coco fetch`")
+    with_instances = not captions_only and annotation_path(coco_root, "instances", coco_split).is_file()
+    plan = plan_index(coco_root, coco_split, with_instances)
+    started = time.perf_counter()
+    if plan.fresh:
+        status = "up to date"
+    else:
+        build_planned_index(plan)
+        status = f"built in {time.perf_counter() - started:.1f}s"
+    index = open_index(plan.path)
+    what = "captions and boxes" if index.with_instances else "captions only"
+    typer.echo(f"{coco_split}: index {status}: {plan.path} ({plan.path.stat().st_size / 1e6:.1f} MB; "
+               f"{len(index.image_ids()):,} captioned images, {what})")
 
 
 def render(
