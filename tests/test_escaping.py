@@ -204,3 +204,22 @@ def test_error_line_quoting_a_hostile_file_name_stays_one_visible_line(capsys, t
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert "\\x1b[2J\\x0ab\\u202e.jsonl" in err and not UNSAFE.search(err.rstrip("\n"))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT, min_size=4, max_size=4))
+def test_no_reading_command_passes_a_control_character_from_the_file_to_the_terminal(capsys, tmp_path_factory, texts):
+    tid, split, value, reason = texts
+    folder = tmp_path_factory.mktemp("cli")
+    src = folder / "samples.jsonl"
+    recs = [
+        {"id": tid, "image": value, "split": split or "x",
+         "conversations": [{"from": "human", "value": "<image>\n" + value}, {"from": "gpt", "value": value}]},
+        {"id": tid + "2", "image": "a.jpg", "split": split or "x", "reject_reasons": [reason], "raw": value},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    for args in (["check", src], ["stats", src], ["review", src], ["export", src, "--out", folder / "o.json", "--mix", "none"]):
+        code, out, err = run(capsys, *args)
+        assert code in (0, 2), (args, err)
+        for stream in (out, err):
+            assert not UNSAFE.search(stream.replace("\n", "")), (args, stream)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from datagen.cli.options import SAMPLE_SPLIT_HELP, SampleSplit
 from datagen.errors import VisinstructError
-from datagen.escaping import terminal_markup
+from datagen.escaping import terminal_markup, terminal_text
 from datagen.hf_export import export_hf_command
 from datagen.parse import PARSE_REASON_CODES
 from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
@@ -248,7 +248,7 @@ def export(
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     parts = ", ".join(f"{s} {n}/{report.available[s]}" for s, n in sorted(report.per_split.items()))
-    typer.echo(f"{report.written} samples -> {out} ({parts})")
+    typer.echo(f"{report.written} samples -> {out} ({terminal_text(parts)})")  # split names come from the samples
     notes = []
     if report.skipped_rejected:
         notes.append(f"{report.skipped_rejected} rejected samples skipped")
