@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from datagen.errors import VisinstructError
-from datagen.hf_dataset import hf_files, is_hf_input, iter_parquet_records
+from datagen.hf_dataset import hf_files, hub_repo_id, is_hf_input, iter_parquet_records
 from datagen.jsonl import iter_jsonl, repair_tail
 from datagen.splits import SPLITS
 
@@ -233,13 +233,21 @@ def sample_split(rec: dict[str, Any], fallback: str | None) -> str | None:
     return value if isinstance(value, str) and value else fallback
 
 
-class SampleWriter:
-    """Writes samples to a new file: a JSON array if the name ends in .json, else JSONL."""
+def writes_json_array(path: Path | str) -> bool:
+    """The one rule for every sample file the tool writes: a name ending in .json gets a JSON array, others JSONL."""
+    return Path(path).suffix.lower() == ".json"
 
-    def __init__(self, path: Path) -> None:
+
+class SampleWriter:
+    """Writes samples to a new file: a JSON array if the name ends in .json, else JSONL.
+
+    format_of: the name that decides the format, when `path` is a temporary file renamed to it later.
+    """
+
+    def __init__(self, path: Path, format_of: Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.as_array = self.path.suffix == ".json"
+        self.as_array = writes_json_array(format_of or self.path)
         self._fh = open(self.path, "w", encoding="utf-8")
         self.count = 0
         if self.as_array:
@@ -343,3 +351,93 @@ class OutputLayout:
                 repair_tail(path)
                 seen.update(str(r.get("id")) for r in iter_jsonl(path))
         return seen
+
+
+# --- the files the tool writes beside an output, as inputs --------------------------------------------
+
+REJECTS_KIND = "rejects"
+# What each OutputLayout file is called when an input is skipped; the suffixes come from OutputLayout itself.
+_KIND_OF_PROPERTY = {"runs": "run manifest", "failures": "failures list", "batch_state": "Batch API state",
+                     "rejects": REJECTS_KIND, "judge_rejects": REJECTS_KIND}
+
+
+def _suffixes() -> dict[str, str]:
+    probe = OutputLayout(Path("x.jsonl"))
+    return {getattr(probe, name).name.removeprefix(probe.stem): kind for name, kind in _KIND_OF_PROPERTY.items()}
+
+
+_BESIDE_SUFFIXES = _suffixes()
+_BATCH_DIR_SUFFIX = OutputLayout(Path("x.jsonl")).batch_dir.name.removeprefix("x")
+
+
+def _beside_match(path: Path | str) -> tuple[str, Path] | None:
+    """(kind, the samples file it sits beside) when the tool wrote `path` beside an output, else None."""
+    if hub_repo_id(path) is not None:
+        return None
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.name.endswith(_BATCH_DIR_SUFFIX) and len(part.name) > len(_BATCH_DIR_SUFFIX):
+            return "Batch API files", part.with_name(part.name.removesuffix(_BATCH_DIR_SUFFIX) + ".jsonl")
+    name = path.name
+    for suffix, kind in _BESIDE_SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return kind, path.with_name(name.removesuffix(suffix) + ".jsonl")
+    return None
+
+
+def written_beside_kind(path: Path | str) -> str | None:
+    """What a file is when the tool wrote it beside an output (OutputLayout's names), else None (a sample file).
+
+    data/detail.runs.jsonl -> "run manifest"; data/detail.rejects.jsonl -> "rejects"; anything in or named
+    data/detail.batch/ -> "Batch API files". A hub id (hf://...) is never one.
+    """
+    match = _beside_match(path)
+    return match[0] if match else None
+
+
+def samples_beside(path: Path | str) -> Path | None:
+    """The samples file a file the tool wrote sits beside: data/detail.runs.jsonl -> data/detail.jsonl."""
+    match = _beside_match(path)
+    return match[1] if match else None
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    """A command's input paths split into the sample files to read and the tool's own files it skips."""
+
+    read: list[Path]
+    skipped: list[tuple[Path, str]]  # (path, kind)
+
+    def note(self, rejects_flag: str | None = "--with-rejects") -> str | None:
+        """One line saying what was skipped and why, or None when nothing was."""
+        if not self.skipped:
+            return None
+        listed = ", ".join(f"{p} ({kind})" for p, kind in self.skipped)
+        hint = ""
+        if rejects_flag and any(kind == REJECTS_KIND for _, kind in self.skipped):
+            hint = f"; pass {rejects_flag} to read rejects files too"
+        return f"note: skipped {len(self.skipped)} file(s) datagen writes beside its outputs: {listed}{hint}"
+
+
+def sample_inputs(paths: list[Path], with_rejects: bool = False, rejects_readable: bool = True) -> SampleInputs:
+    """Sort a command's inputs: sample files are read; manifests, failures and Batch API state are skipped;
+    rejects files are read when asked (with_rejects, or when every input given is a rejects file, as in
+    `datagen stats data/*.rejects.jsonl`). A glob like data/*.jsonl therefore reads only the samples.
+
+    rejects_readable: False for a command that finds the rejects beside each input itself (`merge`).
+    Raises a user error when nothing is left to read.
+    """
+    kinds = [(p, written_beside_kind(p)) for p in paths]
+    only_rejects = rejects_readable and bool(kinds) and all(kind == REJECTS_KIND for _, kind in kinds)
+    with_rejects = with_rejects and rejects_readable
+    read, skipped = [], []
+    for path, kind in kinds:
+        if kind is None or (kind == REJECTS_KIND and (with_rejects or only_rejects)):
+            read.append(path)
+        else:
+            skipped.append((path, kind))
+    if not read:
+        listed = ", ".join(f"{p} ({kind})" for p, kind in skipped)
+        raise VisinstructError(f"no sample file among the inputs, only files datagen writes beside its outputs: {listed}",
+                               f"pass the samples file itself, e.g. {samples_beside(skipped[0][0])}")
+    return SampleInputs(read, skipped)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,7 +15,7 @@ from datagen.engine.shard import ShardSpec
 from datagen.engine.work import RunStats
 from datagen.escaping import terminal_text
 from datagen.run_config import DEFAULT_OPENAI_MODEL
-from datagen.sample import OutputLayout
+from datagen.sample import OutputLayout, sample_inputs
 
 
 def select_ids(index: CocoIndex, image_ids: Optional[list[int]], limit: Optional[int], shard: Optional[ShardSpec]) -> list[int]:
@@ -31,6 +32,16 @@ def select_ids(index: CocoIndex, image_ids: Optional[list[int]], limit: Optional
     if shard is not None:
         ids = [i for i in ids if shard.contains(i)]
     return ids
+
+
+def sample_files(paths: list[Path], with_rejects: bool = False, rejects_readable: bool = True) -> list[Path]:
+    """The inputs a command reads: the files datagen writes beside its outputs (manifests, failures, Batch API
+    state, rejects unless asked) are skipped, and one note on stderr says which (datagen.sample.sample_inputs)."""
+    inputs = sample_inputs(paths, with_rejects, rejects_readable)
+    note = inputs.note("--with-rejects" if rejects_readable else None)
+    if note:
+        typer.echo(terminal_text(note), err=True)
+    return inputs.read
 
 
 def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch_size: int = 8,

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from datagen.cli.common import sample_files
 from datagen.engine.shard import merge_shards
 
 
@@ -15,6 +16,8 @@ def merge(
     allow_missing: Annotated[bool, typer.Option(help="Write the merge even if some shard or image is not done.")] = False,
 ) -> None:
     """Join shard outputs, checking that no id is doubled and no shard or image is missing."""
+    # Each shard's rejects, manifest and failures are found beside it: given among the inputs (a glob), they are skipped.
+    inputs = sample_files(list(inputs), rejects_readable=False)
     report = merge_shards(list(inputs), out, allow_missing=allow_missing)
     typer.echo(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'n/a'}: "
                f"{report.samples} samples -> {out}, {report.rejects} rejects")

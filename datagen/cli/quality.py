@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datagen.cli.common import sample_files
 from datagen.cli.options import SAMPLE_SPLIT_HELP, SampleSplit
 from datagen.errors import VisinstructError
 from datagen.escaping import terminal_markup, terminal_text
@@ -34,6 +35,12 @@ FlagCode = Enum("FlagCode", {code: code for code in dict.fromkeys(("any", *REASO
 
 def _value(choice: Optional[Enum]) -> Optional[str]:
     return None if choice is None else choice.value
+
+
+WITH_REJECTS_HELP = ("Also read rejects files among the inputs (by default they are skipped unless every input is one, "
+                     "as in data/*.rejects.jsonl).")
+
+
 
 
 class ExportFormat(str, Enum):
@@ -86,8 +93,10 @@ def check(
         None, metavar="CODE", help="Reason code to skip (repeatable): " + ", ".join(c.value for c in CheckCode)
         + ". The table `check` prints says what each one checks."),
     allow_trailing_image: bool = typer.Option(False, help="Accept <image> at the end of the first turn too (LLaVA's files)."),
+    with_rejects: bool = typer.Option(False, help=WITH_REJECTS_HELP),
 ) -> None:
     """Check every sample; write accepted and rejected files; print counts per reject reason."""
+    in_file = sample_files([in_file], with_rejects)[0]
     cfg = _config(config, near_dup_threshold, max_hallucinated, disable, allow_trailing_image)
     lookup = open_lookup(coco_root, coco_split)
     summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=_value(split))
@@ -127,8 +136,10 @@ def stats(
     split: Optional[SampleSplit] = typer.Option(None, help=SAMPLE_SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP + " Here: count_hedged_mentions (for CHAIR)."),
+    with_rejects: bool = typer.Option(False, help=WITH_REJECTS_HELP),
 ) -> None:
     """Per split: samples, turns, question/answer lengths, question types, objects, CHAIR, reject reasons."""
+    files = sample_files(files, with_rejects)
     cfg = _config(config)
     result = compute_stats(files, open_lookup(coco_root, coco_split), split=_value(split),
                            count_hedged=cfg.count_hedged_mentions)
@@ -178,8 +189,10 @@ def review(
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many samples."),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
     title: Optional[str] = typer.Option(None, help="HTML page title (default: the file name)."),
+    with_rejects: bool = typer.Option(False, help=WITH_REJECTS_HELP),
 ) -> None:
     """Read samples beside their context and check results: a terminal pager, or one HTML page with images and boxes."""
+    files = sample_files(files, with_rejects)
     cfg = _config(config)
     lookup = open_lookup(coco_root, coco_split)
     wanted_split, wanted_reason = _value(split), _value(reason)
@@ -207,7 +220,8 @@ def review(
 
 def export(
     files: list[Path] = typer.Argument(..., help="Accepted sample files (JSONL or JSON arrays, HF dataset folders or hf://org/name), any splits."),
-    out: Path = typer.Option(..., help="Output JSON array for LLaVA's trainer (--data_path); with --format hf, a folder."),
+    out: Path = typer.Option(..., help="Output for LLaVA's trainer (--data_path): .json a JSON array, other names JSONL; "
+                             "with --format hf, a folder."),
     mix: Optional[str] = typer.Option(
         None, help="split=weight,...; default LLaVA-Instruct-158K's 58:23:77 conversation:detail:reasoning "
         "(--format hf: all samples); 'none' keeps all."
@@ -228,8 +242,10 @@ def export(
     private: bool = typer.Option(False, help="hf: create the Hub repo as private."),
     coco_root: Optional[Path] = typer.Option(None, help="hf: COCO folder, for CHAIR in the dataset card."),
     coco_split: str = typer.Option("val2017", help="hf: COCO split the images belong to."),
+    with_rejects: bool = typer.Option(False, help=WITH_REJECTS_HELP + " Their rejected samples are still not exported."),
 ) -> None:
-    """Mix splits in set proportions, shuffle deterministically, make ids unique, write LLaVA's JSON array (or --format hf)."""
+    """Mix splits in set proportions, shuffle deterministically, make ids unique; write LLaVA's JSON array (.json), JSONL or --format hf."""
+    files = sample_files(files, with_rejects)
     if output_format is ExportFormat.hf:
         export_hf_command(files, out, mix, seed, total, image_root, images_dir, keep_missing, _value(split), embed_images,
                           push_to_hub, private, coco_root, coco_split, json_output)

@@ -1,7 +1,6 @@
 """Export: mix splits in set proportions into the JSON array LLaVA's trainer reads."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -12,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import VisinstructError
-from datagen.sample import (ImagePathError, image_path_problem, read_samples, resolve_image, sample_split,
-                            split_from_filename)
+from datagen.sample import (ImagePathError, SampleWriter, image_path_problem, read_samples, resolve_image,
+                            sample_split, split_from_filename)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ def export_samples(
     keep_meta: bool = False,
     split: str | None = None,
 ) -> ExportReport:
-    """Read the files, keep accepted samples, mix, shuffle deterministically and write one JSON array."""
+    """Read the files, keep accepted samples, mix, shuffle deterministically and write them (.json: one array, else JSONL)."""
     report = ExportReport()
     by_split: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
@@ -180,16 +179,14 @@ def export_samples(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("[")
+    with SampleWriter(tmp, format_of=out) as writer:  # out's extension decides: .json an array, else JSONL
         for i, (name, rec) in enumerate(chosen):
             entry = dict(rec) if keep_meta else {k: rec[k] for k in LLAVA_KEYS if k in rec}
             entry["id"] = _unique_id(str(rec.get("id", i)), name, seen)
             if entry["id"] != str(rec.get("id", i)):
                 report.renamed_ids += 1
-            fh.write(("," if i else "") + "\n" + json.dumps(entry, ensure_ascii=False))
+            writer.write(entry)
             report.per_split[name] += 1
-        fh.write("\n]\n")
     tmp.replace(out)
     report.written = len(chosen)
     return report
