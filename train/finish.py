@@ -31,17 +31,28 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str) -> None:
     rows = read_metrics(metrics_path)
     if not rows:
         return
+    fig = loss_figure(rows, title)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def loss_figure(rows: list[dict[str, Any]], title: str):
+    """The loss curve on the left axis, the learning rate on the right, one legend naming both."""
+    import matplotlib.pyplot as plt  # start-up speed: only the end of a stage plots
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    steps = [r["step"] for r in rows]
+    (loss_line,) = ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="training loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.set_title(title)
     ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.5, label="lr")
-    ax2.set_ylabel("lr")
+    (lr_line,) = ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.5, label="learning rate (right axis)")
+    ax2.set_ylabel("learning rate")
+    # Two axes, two artists lists: one legend with both, drawn on the top axis so the lr line does not cover it.
+    ax2.legend([loss_line, lr_line], [loss_line.get_label(), lr_line.get_label()], loc="upper right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def loss_fall(rows: list[dict[str, Any]]) -> dict[str, float] | None:
