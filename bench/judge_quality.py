@@ -1,8 +1,11 @@
 """How good is `datagen judge` as a filter? False rejects on good samples, catches on planted defects.
 
 Run: python bench/judge_quality.py --coco-root ../shared/coco-mini [--model M --base-url URL] [--min-score 6] [--per-split 4]
+     [--scoring auto|reply|logprobs]
 The defects are the incoherent kinds the rule checks cannot see (answers that answer another question,
-questions that go in circles) plus a planted object absent from the image.
+questions that go in circles) plus a planted object absent from the image. Besides the table at --min-score,
+it prints the rates at other thresholds from the same scores (no new judge calls) and the mean score gap
+between each good sample and its defective variants.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from datagen.coco import CocoIndex  # noqa: E402
 from datagen.cli.common import make_backend  # noqa: E402
 from datagen.context import render_context  # noqa: E402
-from datagen.judge import run_judge  # noqa: E402
+from datagen.judge import Scoring, run_judge  # noqa: E402
 from datagen.quality.evaluate import PHRASES, hallucination  # noqa: E402
 from datagen.quality.objects import default_matcher, ground_truth  # noqa: E402
 from datagen.sample import IMAGE_TOKEN  # noqa: E402
@@ -92,26 +95,32 @@ def main() -> int:
     p.add_argument("--min-score", type=float, default=6.0)
     p.add_argument("--per-split", type=int, default=4)
     p.add_argument("--cache", type=Path, default=REPO / "bench" / ".cache" / "judge.sqlite")
+    p.add_argument("--scoring", type=Scoring, choices=list(Scoring), default=Scoring.auto)
+    p.add_argument("--max-tokens", type=int, default=96, help="judge reply tokens (logprobs: reason tokens, at most 40)")
+    p.add_argument("--batch-size", type=int, default=8, help="local backend: prompts per forward pass")
     args = p.parse_args()
 
     cases, kinds = build_cases(args.coco_root, args.per_split)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "cases.jsonl"
         src.write_text("".join(json.dumps(c) + "\n" for c in cases))
-        backend = make_backend("openai" if args.base_url else "local", args.model, args.base_url, 8, None)
+        backend = make_backend("openai" if args.base_url else "local", args.model, args.base_url, args.batch_size, None)
         t0 = time.perf_counter()
-        summary = run_judge(src, backend, args.min_score, out_dir=Path(tmp), cache_path=args.cache)
+        summary = run_judge(src, backend, args.min_score, out_dir=Path(tmp), cache_path=args.cache,
+                            max_tokens=args.max_tokens, scoring=args.scoring)
         elapsed = time.perf_counter() - t0
-        verdicts = {}
+        verdicts, method = {}, "?"
         for name in ("cases.judged.jsonl", "cases.judge-rejects.jsonl"):
             for line in (Path(tmp) / name).read_text().splitlines():
                 r = json.loads(line)
                 verdicts[r["id"]] = (name.endswith("judged.jsonl"), r["judge"]["score"])
+                method = r["judge"].get("method", "reply")
     table: dict[str, list[tuple[bool, float | None]]] = defaultdict(list)
     for case_id, kind in kinds.items():
         table[kind].append(verdicts[case_id])
     print(summary)
-    print(f"judge {backend.name}:{backend.model}, min score {args.min_score}, {len(cases)} cases, {elapsed:.0f} s\n")
+    print(f"judge {backend.name}:{backend.model} (scoring {method}), min score {args.min_score}, {len(cases)} cases, "
+          f"{elapsed:.0f} s\n")
     print("| kind | cases | rejected | rate | no score | mean score |")
     print("|---|---:|---:|---:|---:|---:|")
     for kind in ("good", "hallucination", "mismatched", "circling"):
@@ -121,7 +130,35 @@ def main() -> int:
         label = "good (false rejects)" if kind == "good" else f"{kind} (catches)"
         mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
         print(f"| {label} | {len(rows)} | {rejected} | {rejected / len(rows):.0%} | {len(rows) - len(scores)} | {mean} |")
+    print_sweep(kinds, verdicts)
     return 0
+
+
+KINDS = ("good", "hallucination", "mismatched", "circling")
+
+
+def print_sweep(kinds: dict[str, str], verdicts: dict[str, tuple[bool, float | None]]) -> None:
+    """Rejection rate per kind at other thresholds (a reply without a score is a rejection at every one), and how
+    often a defective variant scored below its own good sample."""
+    scores = {case_id: verdicts[case_id][1] for case_id in kinds}
+    print("\n| min score | " + " | ".join(f"{k} rejected" for k in KINDS) + " |")
+    print("|---:|" + "---:|" * len(KINDS))
+    for threshold in (3, 4, 5, 6, 7, 8, 9):
+        cells = []
+        for kind in KINDS:
+            ids = [i for i, k in kinds.items() if k == kind]
+            rejected = sum(scores[i] is None or scores[i] < threshold for i in ids)
+            cells.append(f"{rejected}/{len(ids)}")
+        print(f"| {threshold} | " + " | ".join(cells) + " |")
+    print("\n| defect | scored below its good sample | tie | mean gap (good - defect) |")
+    print("|---|---:|---:|---:|")
+    for kind in KINDS[1:]:
+        pairs = [(scores[i.replace(f"~{kind}", "~good")], scores[i]) for i, k in kinds.items() if k == kind]
+        pairs = [(g, d) for g, d in pairs if g is not None and d is not None]
+        below = sum(d < g for g, d in pairs)
+        ties = sum(d == g for g, d in pairs)
+        gap = f"{sum(g - d for g, d in pairs) / len(pairs):+.2f}" if pairs else "n/a"
+        print(f"| {kind} | {below}/{len(pairs)} | {ties} | {gap} |")
 
 
 if __name__ == "__main__":

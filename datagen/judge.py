@@ -4,13 +4,22 @@ Used two ways: `datagen judge` filters generated data into accepted/rejected fil
 benchmark of `train.eval` compares a model's answers with reference answers (LLaVA-Bench style).
 Judge calls go through the same backends and response cache as `datagen generate`, so a rerun pays
 nothing for calls already made, and a killed run resumes where it stopped.
+
+Two ways to get a filter score (`Scoring`): `reply` parses the score the judge writes (an endpoint's model);
+`logprobs` (a local model: the backend offers `next_token_logprobs`) prefills the reply with "Score: " and
+reads the model's next-token probabilities of the digits, the score being their expectation over 1-10
+(G-Eval's probability-weighted score, Liu et al. 2023). A small model that would not write a number in
+free text still has a distribution over the digits after that prefix; one forward pass, no sampling.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,55 @@ REASON_CHARS = 240  # the one-line reason kept with each verdict
 _NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w])")
 _SCORE_LINE = re.compile(r"score\s*(?:\(1-10\))?\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)(?:\s*/\s*10)?", re.IGNORECASE)
 _REASON_LINE = re.compile(r"^\W*reason\w*\W*\s*[:=-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+SCORE_PREFIX = "Score: "  # the filter prompt's reply format; prefilled so the next token is the score
+DIGITS = tuple(str(d) for d in range(10))
+# Asked for after "Score: " and after "Score: 1": digits (and "10", for tokenizers that keep it one token).
+SCALE_CANDIDATES = DIGITS + ("10",)
+MIN_SCALE_MASS = 0.05  # below this the model was not about to write a score at all: no verdict
+REASON_TOKENS = 40  # logprobs scoring: the one-line reason the model writes after its score
+
+
+class Scoring(str, Enum):
+    """How a filter score is read: auto = logprobs where the backend offers them (local), else reply."""
+
+    auto = "auto"
+    reply = "reply"
+    logprobs = "logprobs"
+
+
+def resolve_scoring(scoring: Scoring, backend: Backend) -> Scoring:
+    """The method a backend can do: logprobs need a backend with `next_token_logprobs` (the local one)."""
+    has_logprobs = callable(getattr(backend, "next_token_logprobs", None))
+    if scoring is Scoring.auto:
+        return Scoring.logprobs if has_logprobs else Scoring.reply
+    if scoring is Scoring.logprobs and not has_logprobs:
+        raise VisinstructError(f"the {backend.name} backend gives no next-token log-probabilities",
+                               "use --scoring reply (the judge writes its score) or the local backend")
+    return scoring
+
+
+def scale_distribution(first: dict[str, float], after_one: dict[str, float]) -> tuple[list[float], float]:
+    """P(score = k), k = 1..10, from next-token log-probs after "Score: " (`first`) and after "Score: 1"
+    (`after_one`), normalised over the scale; and the probability mass the scale had before normalising.
+
+    "1" followed by "0" is 10, "1" followed by another digit is off the scale (11-19), "1" followed by
+    anything else is 1; "0" first is off the scale. A tokenizer with "10" as one token adds that too."""
+    p = {d: math.exp(v) for d, v in first.items()}
+    q = {d: math.exp(v) for d, v in after_one.items()}
+    missing = [d for d in DIGITS if d not in p or d not in q]
+    if missing:
+        raise VisinstructError(f"no log-probabilities for the digits {missing}", "use --scoring reply with this model")
+    one_then_digit = min(1.0, sum(q[d] for d in DIGITS))
+    mass = [p["1"] * (1.0 - one_then_digit)] + [p[str(k)] for k in range(2, 10)] + [p["1"] * q["0"] + p.get("10", 0.0)]
+    total = sum(mass)
+    if total <= 0.0:
+        return [0.0] * 10, 0.0
+    return [m / total for m in mass], total
+
+
+def expected_score(probs: list[float]) -> float:
+    """The probability-weighted score over 1..10."""
+    return sum(k * pk for k, pk in zip(range(1, 11), probs))
 
 
 @dataclass(frozen=True)
@@ -186,6 +244,38 @@ class JudgeEngine:
             if cache is not None:
                 cache.close()
 
+    async def run_logprobs(self, requests: list[ChatRequest], on_result: Callable[[int, dict[str, Any]], None]) -> None:
+        """Score-digit log-probabilities after each request's prefilled assistant turn, in the backend's batches;
+        cached like completions (under the backend name + ":logprobs", so never mistaken for a reply)."""
+        cache = ResponseCache(self.cache_path) if self.cache_path else None
+        tag = f"{self.backend.name}:logprobs"
+        keys = [cache_key(tag, self.backend.model, r) for r in requests]
+        todo = []
+        try:
+            for i, key in enumerate(keys):
+                cached = cache.get(key) if cache is not None else None
+                if cached is None:
+                    todo.append(i)
+                    continue
+                self.cache_hits += 1
+                on_result(i, json.loads(cached.text))
+            size = max(1, int(getattr(self.backend, "batch_size", 8)))
+            for start in range(0, len(todo), size):
+                chunk = todo[start:start + size]
+                self.calls += len(chunk)
+                results = await asyncio.to_thread(self.backend.next_token_logprobs,  # type: ignore[attr-defined]
+                                                  [requests[i].messages for i in chunk], SCALE_CANDIDATES, "1")
+                payloads = [{"positions": r.positions} for r in results]
+                if cache is not None:  # stored before it is used, so a crash never computes it twice
+                    cache.put_many([(keys[i], tag, self.backend.model, requests[i].key,
+                                     Completion(json.dumps(payload), "logprobs", r.prompt_tokens, 0, self.backend.model))
+                                    for i, payload, r in zip(chunk, payloads, results)])
+                for i, payload in zip(chunk, payloads):
+                    on_result(i, payload)
+        finally:
+            if cache is not None:
+                cache.close()
+
 
 def judged_paths(source: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """data/detail.jsonl -> data/detail.judged.jsonl and data/detail.judge-rejects.jsonl (or in out_dir)."""
@@ -207,8 +297,8 @@ class JudgeStats:
     scores: list[float] = field(default_factory=list)
 
 
-def _done_ids(paths: Iterable[Path], min_score: float, model: str) -> set[str]:
-    """Ids judged by earlier runs; refuses to mix verdicts of another threshold or judge model in one file."""
+def _done_ids(paths: Iterable[Path], min_score: float, model: str, method: Scoring) -> set[str]:
+    """Ids judged by earlier runs; refuses to mix verdicts of another threshold, judge model or scoring in one file."""
     done: set[str] = set()
     for path in paths:
         if not path.exists():
@@ -216,17 +306,19 @@ def _done_ids(paths: Iterable[Path], min_score: float, model: str) -> set[str]:
         repair_tail(path)
         for record in iter_jsonl(path):
             judge = record.get("judge") or {}
-            if judge.get("min_score") != min_score or judge.get("model") != model:
+            earlier = judge.get("method", Scoring.reply.value)
+            if judge.get("min_score") != min_score or judge.get("model") != model or earlier != method.value:
                 raise VisinstructError(
-                    f"{path} holds verdicts made with --min-score {judge.get('min_score')} by {judge.get('model')!r}",
-                    "rerun with those settings to resume, or pass another --out-dir")
+                    f"{path} holds verdicts made with --min-score {judge.get('min_score')} by {judge.get('model')!r} "
+                    f"(--scoring {earlier})", "rerun with those settings to resume, or pass another --out-dir")
             done.add(str(record.get("id")))
     return done
 
 
 def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context_of: Callable[[dict[str, Any]], str],
                min_score: float, params: SamplingParams, out_dir: Path | None = None,
-               on_progress: Callable[[JudgeStats], None] | None = None) -> tuple[JudgeStats, Path, Path]:
+               on_progress: Callable[[JudgeStats], None] | None = None,
+               scoring: Scoring = Scoring.auto) -> tuple[JudgeStats, Path, Path]:
     """Judge every sample of a LLaVA-format JSONL file into accepted (score >= min_score) and rejected files."""
     if not source.is_file():
         raise VisinstructError(f"input file not found: {source}", "pass a JSONL file written by `datagen generate`")
@@ -234,7 +326,8 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
     if source.resolve() in (accepted_path.resolve(), rejected_path.resolve()):
         raise VisinstructError(f"{source} is a judge output file", "judge the generated file, not its judged copy")
     model = engine.backend.model
-    done = _done_ids([accepted_path, rejected_path], min_score, model)
+    method = resolve_scoring(scoring, engine.backend)
+    done = _done_ids([accepted_path, rejected_path], min_score, model, method)
     stats = JudgeStats()
     records: list[dict[str, Any]] = []
     for record in read_samples(source):
@@ -242,33 +335,29 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
             stats.skipped += 1
         else:
             records.append(record)
-    requests = [ChatRequest(key=f"judge:{r.get('id')}",
-                            messages=prompts.filter_messages(context_of(r), render_conversation(r)), params=params)
-                for r in records]
+    messages = [prompts.filter_messages(context_of(r), render_conversation(r)) for r in records]
     accepted, rejected = JsonlWriter(accepted_path), JsonlWriter(rejected_path)
 
-    def store(i: int, completion: Completion | None, failure: str) -> None:
-        if completion is None:
-            stats.failed += 1
+    def write(i: int, score: float | None, reason: str, extra: dict[str, Any]) -> None:
+        keep = score is not None and score >= min_score
+        stats.unparsed += score is None
+        if score is not None:
+            stats.scores.append(score)
+        judge = {"score": score, "reason": reason, "min_score": min_score, "model": model,
+                 "prompt_hash": prompts.hash, "method": method.value, **extra}
+        (accepted if keep else rejected).write({**records[i], "judge": judge})
+        if keep:
+            stats.accepted += 1
         else:
-            verdict = parse_verdict(completion.text)
-            keep = verdict.score is not None and verdict.score >= min_score
-            stats.unparsed += verdict.score is None
-            if verdict.score is not None:
-                stats.scores.append(verdict.score)
-            judge = {"score": verdict.score, "reason": verdict.reason if verdict.score is not None else
-                     f"judge reply held no score: {_one_line(completion.text)[:120]!r}",
-                     "min_score": min_score, "model": model, "prompt_hash": prompts.hash}
-            (accepted if keep else rejected).write({**records[i], "judge": judge})
-            if keep:
-                stats.accepted += 1
-            else:
-                stats.rejected += 1
+            stats.rejected += 1
         if on_progress:
             on_progress(stats)
 
     try:
-        asyncio.run(_run_and_close(engine, requests, store))
+        if method is Scoring.logprobs:
+            asyncio.run(_judge_by_logprobs(engine, records, messages, params, write))
+        else:
+            asyncio.run(_judge_by_reply(engine, records, messages, params, write, stats, on_progress))
     finally:
         accepted.close()
         rejected.close()
@@ -276,10 +365,75 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
     return stats, accepted_path, rejected_path
 
 
-async def _run_and_close(engine: JudgeEngine, requests: list[ChatRequest],
-                         on_result: Callable[[int, Completion | None, str], None]) -> None:
+Writer = Callable[[int, float | None, str, dict[str, Any]], None]
+
+
+async def _judge_by_reply(engine: JudgeEngine, records: list[dict[str, Any]], messages: list[list[dict[str, str]]],
+                          params: SamplingParams, write: Writer, stats: JudgeStats,
+                          on_progress: Callable[[JudgeStats], None] | None) -> None:
+    """The judge writes `Score: N` / `Reason: ...`; a backend that continues a prefilled reply starts at "Score: "."""
+    prefill = bool(getattr(engine.backend, "continues_assistant_prefix", False))
+    if prefill:
+        messages = [m + [{"role": "assistant", "content": SCORE_PREFIX}] for m in messages]
+    requests = [ChatRequest(key=f"judge:{r.get('id')}", messages=m, params=params) for r, m in zip(records, messages)]
+
+    def store(i: int, completion: Completion | None, failure: str) -> None:
+        if completion is None:
+            stats.failed += 1
+            if on_progress:
+                on_progress(stats)
+            return
+        text = SCORE_PREFIX + completion.text if prefill else completion.text
+        verdict = parse_verdict(text)
+        reason = verdict.reason if verdict.score is not None else f"judge reply held no score: {_one_line(text)[:120]!r}"
+        write(i, verdict.score, reason, {})
+
     try:
-        await engine.run(requests, on_result)
+        await engine.run(requests, store)
+    finally:
+        await engine.backend.aclose()
+
+
+async def _judge_by_logprobs(engine: JudgeEngine, records: list[dict[str, Any]], messages: list[list[dict[str, str]]],
+                             params: SamplingParams, write: Writer) -> None:
+    """Score = expectation of the digit distribution after "Score: "; then the model writes its reason for that
+    score (prefilled `Score: <rounded>\nReason:`, greedy, `params.max_tokens`)."""
+    score_params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, seed=0)
+    score_requests = [ChatRequest(key=f"judge-score:{r.get('id')}",
+                                  messages=m + [{"role": "assistant", "content": SCORE_PREFIX}], params=score_params)
+                      for r, m in zip(records, messages)]
+    reason_params = replace(params, max_tokens=min(params.max_tokens, REASON_TOKENS))
+    verdicts: dict[int, tuple[float | None, dict[str, Any]]] = {}
+
+    def scored(i: int, payload: dict[str, Any]) -> None:
+        first, after_one = payload["positions"][0], payload["positions"][1]
+        probs, mass = scale_distribution(first, after_one)
+        extra = {"scale_mass": round(mass, 4), "p": [round(x, 4) for x in probs]}
+        verdicts[i] = (round(expected_score(probs), 2) if mass >= MIN_SCALE_MASS else None, extra)
+
+    try:
+        await engine.run_logprobs(score_requests, scored)
+        reason_requests, order = [], []
+        for i in range(len(records)):
+            score, extra = verdicts[i]
+            if score is None:
+                write(i, None, f"judge put only {extra['scale_mass']:.3f} of its probability on a score 1-10", extra)
+                continue
+            prefix = f"{SCORE_PREFIX}{int(score + 0.5)}\nReason:"
+            reason_requests.append(ChatRequest(key=f"judge:{records[i].get('id')}",
+                                               messages=messages[i] + [{"role": "assistant", "content": prefix}],
+                                               params=reason_params))
+            order.append(i)
+
+        def reasoned(j: int, completion: Completion | None, failure: str) -> None:
+            i = order[j]
+            score, extra = verdicts[i]
+            text = completion.text if completion is not None else ""
+            line = next((line for line in text.splitlines() if line.strip(" .:-*")), "")
+            reason = _one_line(line.strip(" -:*")) or (f"(no reason: {failure})" if failure else "(no reason given)")
+            write(i, score, reason, extra)
+
+        await engine.run(reason_requests, reasoned)
     finally:
         await engine.backend.aclose()
 
@@ -317,7 +471,8 @@ def coco_context_lookup(coco_root: Path | None, coco_split: str) -> Callable[[di
 
 def run_judge(source: Path, backend: Backend, min_score: float, coco_root: Path | None = None,
               coco_split: str = "val2017", out_dir: Path | None = None, cache_path: Path | None = None,
-              concurrency: int | None = None, max_tokens: int = 96, prompts_dir: Path | None = None) -> str:
+              concurrency: int | None = None, max_tokens: int = 96, prompts_dir: Path | None = None,
+              scoring: Scoring = Scoring.auto) -> str:
     """`datagen judge`: judge a file and return the summary line to print."""
     if not SCORE_MIN <= min_score <= SCORE_MAX:
         raise VisinstructError(f"--min-score {min_score} is outside the judge's scale", "pass a score from 1 to 10")
@@ -325,7 +480,8 @@ def run_judge(source: Path, backend: Backend, min_score: float, coco_root: Path 
     # Greedy, so a verdict is a function of the sample and the prompt (and the cache key stays stable).
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
     stats, accepted, rejected = judge_file(source, engine, load_judge_prompts(prompts_dir),
-                                           coco_context_lookup(coco_root, coco_split), min_score, params, out_dir)
+                                           coco_context_lookup(coco_root, coco_split), min_score, params, out_dir,
+                                           scoring=scoring)
     mean = f"{sum(stats.scores) / len(stats.scores):.2f}" if stats.scores else "n/a"
     return (f"judged {stats.accepted + stats.rejected} samples ({stats.skipped} already done, {stats.cache_hits} from cache): "
             f"{stats.accepted} accepted -> {accepted}, {stats.rejected} rejected -> {rejected} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def load_model(model: str | None):
     return tokenizer, lm
 
 
+@dataclass(frozen=True)
+class NextTokenLogprobs:
+    """Log-probabilities of candidate tokens at the end of one prompt and after each token of a forced follow-up."""
+
+    positions: list[dict[str, float]]  # [0]: right after the prompt; [i]: after the follow-up's first i tokens
+    prompt_tokens: int
+
+
 @dataclass
 class _Pending:
     request: ChatRequest
@@ -73,6 +82,8 @@ class LocalBackend:
 
     name = "local"
     observe_headers = None  # no rate-limit headers: the engine's limiter is never told anything
+    # A chat ending in an assistant message is continued from that text (a prefill), not answered anew.
+    continues_assistant_prefix = True
 
     def __init__(self, model: str | None = None, batch_size: int = 8, max_wait_s: float = 0.05) -> None:
         self.model = model or EMBEDDED_MODEL
@@ -125,9 +136,8 @@ class LocalBackend:
         import torch
 
         tok, lm = self._tokenizer, self._lm
-        inputs = tok.apply_chat_template(
-            conversations, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
-        )
+        texts = [self.prompt_text(c) for c in conversations]
+        inputs = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
         torch.manual_seed(params.seed)
         sample = params.temperature > 0
         with torch.inference_mode():
@@ -158,6 +168,48 @@ class LocalBackend:
                 )
             )
         return results
+
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        """The chat rendered by the model's template, open for the reply, or continuing a final assistant message."""
+        tok = self._tokenizer
+        if not messages or messages[-1].get("role") != "assistant":
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prefix = messages[-1]["content"]
+        text = tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        # The template drops the prefix's trailing whitespace; it matters ("Score: " is followed by a digit token).
+        kept = prefix.rstrip()
+        if text.endswith(kept) and not text.endswith(prefix):
+            text += prefix[len(kept):]
+        return text
+
+    def next_token_logprobs(self, conversations: list[list[dict[str, str]]], candidates: Sequence[str],
+                            follow: str = "") -> list[NextTokenLogprobs]:
+        """For each chat, the log-probability of each candidate that is one token as the next token, at the prompt's
+        end and after each token of `follow` (forced): one forward pass per batch, no sampling (blocking)."""
+        import torch
+
+        tok, lm = self._tokenizer, self._lm
+        ids: dict[str, int] = {}
+        for candidate in candidates:  # one that the tokenizer writes as several tokens is left out of the result
+            encoded = tok.encode(candidate, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids[candidate] = encoded[0]
+        follow_ids = tok.encode(follow, add_special_tokens=False) if follow else []
+        prompts = [tok.encode(self.prompt_text(c), add_special_tokens=False) for c in conversations]
+        rows = [p + follow_ids for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        keep = len(follow_ids) + 1
+        with torch.inference_mode():
+            logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+        order = list(ids)
+        picked = logprobs[:, :, [ids[c] for c in order]].tolist()
+        return [NextTokenLogprobs([dict(zip(order, at)) for at in row], len(prompt))
+                for row, prompt in zip(picked, prompts)]
 
     async def aclose(self) -> None:
         if self._worker is not None:

@@ -9,7 +9,7 @@ import typer
 from datagen.cli.common import make_backend
 from datagen.cli.options import BackendOpt, BaseUrlOpt, CocoSplitOpt
 from datagen.errors import VisinstructError
-from datagen.judge import run_judge
+from datagen.judge import Scoring, run_judge
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
 
@@ -29,6 +29,9 @@ def judge(
     cache: Annotated[Optional[Path], typer.Option(help="Response cache file (default: generation's, beside IN).")] = None,
     concurrency: Annotated[Optional[int], typer.Option(min=1, help="Judge calls in flight.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Local backend: prompts per forward pass.")] = 8,
+    scoring: Annotated[Scoring, typer.Option(
+        help="reply: parse the score the judge writes; logprobs: expected score from the digits' next-token "
+             "probabilities after a prefilled 'Score: ' (local backend); auto: logprobs if the backend has them.")] = Scoring.auto,
 ) -> None:
     """Score each sample with an LLM judge against its image context; write accepted and rejected files (resumable)."""
     if backend is BackendName.vllm:
@@ -37,7 +40,7 @@ def judge(
     name = ModelOptions(backend=backend, base_url=base_url).backend_name()
     engine = make_backend(name, model, base_url, batch_size, concurrency)
     typer.echo(run_judge(input, engine, min_score, coco_root, coco_split, out_dir,
-                         cache or default_cache_path(input.parent), concurrency))
+                         cache or default_cache_path(input.parent), concurrency, scoring=scoring))
 
 
 def register(app: typer.Typer) -> None:
