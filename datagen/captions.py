@@ -33,25 +33,29 @@ def write_caption_pairs(
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     count = 0
-    with JsonlWriter(tmp) as writer:
-        for record in index.records(limit=limit):
-            rng = random.Random(f"{seed}:{record.id}")  # per image: independent of order and limit
-            captions = [c for c in (clean_caption(c) for c in record.captions) if c]
-            if not captions:
-                continue
-            chosen = captions if all_captions else [rng.choice(captions)]
-            for k, caption in enumerate(chosen):
-                sid = sample_id(record.id) + (f"-{k}" if all_captions else "")
-                sample = Sample(
-                    id=sid,
-                    image=record.file_name,
-                    conversations=[
-                        {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(instructions)}"},
-                        {"from": "gpt", "value": caption},
-                    ],
-                    split="captions",
-                )
-                writer.write(sample.to_record())
-                count += 1
-    tmp.replace(out)
+    try:
+        with JsonlWriter(tmp) as writer:
+            for record in index.records(limit=limit):
+                rng = random.Random(f"{seed}:{record.id}")  # per image: independent of order and limit
+                captions = [c for c in (clean_caption(c) for c in record.captions) if c]
+                if not captions:
+                    continue
+                chosen = captions if all_captions else [rng.choice(captions)]
+                for k, caption in enumerate(chosen):
+                    sid = sample_id(record.id) + (f"-{k}" if all_captions else "")
+                    sample = Sample(
+                        id=sid,
+                        image=record.file_name,
+                        conversations=[
+                            {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(instructions)}"},
+                            {"from": "gpt", "value": caption},
+                        ],
+                        split="captions",
+                    )
+                    writer.write(sample.to_record())
+                    count += 1
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed run leaves no temporary file behind
+        raise
     return count

@@ -23,7 +23,9 @@ from datagen.coco_index import (
     index_file_name,
     read_annotations,
 )
+from datagen.coco_stream import StreamDecodeError
 from datagen.errors import VisinstructError
+from datagen.inputs import InputError
 
 
 class ObjectBox(BaseModel):
@@ -60,15 +62,20 @@ def _require_file(path: Path) -> Path:
 
 
 def _read_or_explain(path: Path, reader: Any) -> None:
-    """Stream one annotation file; decoding and format problems become one-line user errors."""
+    """Stream one annotation file; decoding and format problems become one-line user errors naming the line."""
     try:
         read_annotations(path, reader)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VisinstructError(f"malformed COCO JSON in {path}: {exc}", "re-download the annotation file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"malformed COCO JSON ({exc.msg})", "re-download the annotation file", exc.lineno or None) from None
+    except StreamDecodeError as exc:
+        raise InputError(path, f"malformed COCO JSON: {exc}", "re-download the annotation file", exc.line) from None
     except AnnotationFormatError as exc:
-        raise VisinstructError(
-            f"{path} is not a COCO annotation file ({exc})", "check that the file is COCO's official format"
-        ) from None
+        raise InputError(path, f"not a COCO annotation file: {exc}", "check that the file is COCO's official format",
+                         exc.line) from None
+    except IsADirectoryError:
+        raise InputError(path, "is a folder, not a COCO annotation file", "point --coco-root at COCO's layout") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read the annotation file ({exc.strerror or exc})", "check its permissions") from None
 
 
 def _fresh(index_path: Path, sources: list[SourceStamp]) -> bool:

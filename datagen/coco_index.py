@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -23,16 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from datagen.coco_stream import NotAnObjectError, stream_top_level
+from datagen.coco_stream import ElementError, NotAnObjectError, stream_top_level
 
 MAGIC = b"VICOCOIX"
-FORMAT_VERSION = 1
+# 2: sizes must be positive numbers and the files must have their lists (indexes of version 1 may hold width 0).
+FORMAT_VERSION = 2
 _ALIGN = 64
 INDEX_SUFFIX = ".cocoidx"
 
 
-class AnnotationFormatError(ValueError):
-    """The file is JSON but not a COCO annotation file; the message names what is wrong."""
+class AnnotationFormatError(ElementError):
+    """The file is JSON but not a COCO annotation file; the message names what is wrong (`line`: where, if known)."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,25 @@ def _require(mapping: Any, key: str) -> Any:
 
 
 def _as_id(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AnnotationFormatError(f"{what} {value!r} is not an integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise AnnotationFormatError(f"{what} {_shown(value)} is not an integer")
     return value
 
 
-def _as_int(value: Any, what: str) -> int:
-    """int() as the old reader applied it to width and height (640.0 -> 640)."""
+def _as_size(value: Any, what: str) -> int:
+    """A width or height: a positive whole number (640 or 640.0); boxes are divided by it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 2**31 or value != int(value):
+        raise AnnotationFormatError(f"{what} is {_shown(value)}, not a positive whole number")
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    """A short rendering of a bad value for a message."""
     try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise AnnotationFormatError(f"{what} {value!r} is not a number") from None
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _StringColumn:
@@ -121,11 +131,14 @@ class _StringColumn:
 class _CaptionsReader:
     """Collects images and caption annotations of a captions file, in file order."""
 
+    required = ("images", "annotations")
+
     def __init__(self) -> None:
         self.reset_images()
         self.reset_annotations()
         self.has_categories = False
         self.bad: dict[str, str] = {}
+        self.seen: set[str] = set()
 
     def reset_images(self) -> None:
         self.image_ids = array.array("q")
@@ -140,6 +153,7 @@ class _CaptionsReader:
 
     def start(self, key: str, is_array: bool) -> None:
         self.bad.pop(key, None)
+        self.seen.add(key)
         if key == "images":
             self.reset_images()
         elif key == "annotations":
@@ -159,14 +173,14 @@ class _CaptionsReader:
             if not isinstance(name, str):
                 raise AnnotationFormatError(f"file_name of image {image_id} is not a string")
             self.file_names.append(name)
-            self.widths.append(_as_int(_require(item, "width"), f"width of image {image_id}"))
-            self.heights.append(_as_int(_require(item, "height"), f"height of image {image_id}"))
+            self.widths.append(_as_size(_require(item, "width"), f"width of image {image_id}"))
+            self.heights.append(_as_size(_require(item, "height"), f"height of image {image_id}"))
         elif key == "annotations":
             image_id = _as_id(_require(item, "image_id"), "image_id")
             _require(item, "id")
             caption = _require(item, "caption")
             if not isinstance(caption, str):
-                raise AnnotationFormatError(f"caption of annotation {item['id']!r} is not a string")
+                raise AnnotationFormatError(f"caption of annotation {_shown(item['id'])} is {_shown(caption)}, not a string")
             if "category_id" not in item:
                 self.category_checks.append(item["id"])
             self.caption_image_ids.append(image_id)
@@ -175,8 +189,7 @@ class _CaptionsReader:
             _require(item, "id")
 
     def finish(self) -> None:
-        if self.bad:
-            raise AnnotationFormatError(next(iter(self.bad.values())))
+        _require_lists(self)
         if self.has_categories and self.category_checks:
             raise AnnotationFormatError("missing 'category_id'")
 
@@ -184,11 +197,14 @@ class _CaptionsReader:
 class _InstancesReader:
     """Collects instance annotations (image, id, category, box, crowd) and category names."""
 
+    required = ("annotations", "categories")
+
     def __init__(self) -> None:
         self.reset_annotations()
         self.categories: dict[int, str] = {}
         self.has_categories = False
         self.bad: dict[str, str] = {}
+        self.seen: set[str] = set()
 
     def reset_annotations(self) -> None:
         self.image_ids = array.array("q")
@@ -199,6 +215,7 @@ class _InstancesReader:
 
     def start(self, key: str, is_array: bool) -> None:
         self.bad.pop(key, None)
+        self.seen.add(key)
         if key == "annotations":
             self.reset_annotations()
         elif key == "categories":
@@ -219,9 +236,9 @@ class _InstancesReader:
             self.category_ids.append(_as_id(_require(item, "category_id"), f"category_id of annotation {ann_id}"))
             box = _require(item, "bbox")
             if not isinstance(box, list) or len(box) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box
             ):
-                raise AnnotationFormatError(f"bbox of annotation {ann_id} is not four numbers")
+                raise AnnotationFormatError(f"bbox of annotation {ann_id} is {_shown(box)}, not four numbers")
             self.boxes.extend(float(v) for v in box)
             self.crowd.append(1 if item.get("iscrowd", 0) else 0)
         elif key == "categories":
@@ -232,13 +249,22 @@ class _InstancesReader:
             self.categories[cat_id] = name
 
     def finish(self) -> None:
-        if self.bad:
-            raise AnnotationFormatError(next(iter(self.bad.values())))
+        _require_lists(self)
+
+
+def _require_lists(reader: _CaptionsReader | _InstancesReader) -> None:
+    """The file's top-level lists are there and are lists (pycocotools would index an absent one as empty)."""
+    if reader.bad:
+        raise AnnotationFormatError(next(iter(reader.bad.values())))
+    for key in reader.required:
+        if key not in reader.seen:
+            raise AnnotationFormatError(f"no '{key}' list at the top level")
 
 
 def read_annotations(path: Path, reader: _CaptionsReader | _InstancesReader) -> None:
-    """Stream one annotation file into `reader`; JSON errors propagate as json.JSONDecodeError."""
-    with open(path, encoding="utf-8") as stream:
+    """Stream one annotation file into `reader`; JSON errors propagate as json.JSONDecodeError (lineno set),
+    bytes that are not UTF-8 as coco_stream.StreamDecodeError, format errors as AnnotationFormatError."""
+    with open(path, "rb") as stream:
         try:
             stream_top_level(stream, reader.start, reader.element)
         except NotAnObjectError as exc:

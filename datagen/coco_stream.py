@@ -8,9 +8,10 @@ element. It accepts and rejects exactly the documents `json.load` does.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import IO, Any
 
 # Characters read per refill; elements longer than this grow the buffer as needed.
 CHUNK_CHARS = 1 << 22
@@ -23,29 +24,61 @@ class NotAnObjectError(ValueError):
     """The document is valid JSON so far but its top level is not an object."""
 
 
-class _Buffer:
-    """A sliding window over a text stream with absolute positions for error messages."""
+class ElementError(ValueError):
+    """A handler's complaint about one element; `stream_top_level` fills in the line the element starts on."""
 
-    def __init__(self, stream: TextIO, chunk_chars: int) -> None:
+    line: int | None = None
+
+
+class StreamDecodeError(ValueError):
+    """The bytes are not UTF-8; `line` is the line of the first bad byte."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _Buffer:
+    """A sliding window over a text or binary (UTF-8) stream, with absolute positions and lines for errors."""
+
+    def __init__(self, stream: IO[Any], chunk_chars: int) -> None:
         self.stream = stream
         self.chunk_chars = chunk_chars
         self.text = ""
         self.pos = 0
         self.base = 0  # absolute offset of text[0] in the document
+        self.lines_before = 0  # newlines in the document before text[0]
         self.eof = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
 
     def fill(self) -> bool:
         """Drop what was consumed and read one more chunk; False at end of stream."""
         if self.eof:
             return False
-        more = self.stream.read(self.chunk_chars)
+        more = self._read()
         if not more:
             self.eof = True
             return False
         self.base += self.pos
+        self.lines_before += self.text.count("\n", 0, self.pos)
         self.text = self.text[self.pos:] + more
         self.pos = 0
         return True
+
+    def _read(self) -> str:
+        raw = self.stream.read(self.chunk_chars)
+        if isinstance(raw, str):
+            return raw
+        try:
+            return self._decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            line = self.lines_before + self.text.count("\n") + raw.count(b"\n", 0, max(exc.start, 0)) + 1
+            bad = raw[exc.start:exc.start + 1].hex() or "end of file"
+            raise StreamDecodeError(f"not UTF-8 text (byte 0x{bad})", line) from None
+
+    def line(self, absolute: int) -> int:
+        """The 1-based line of an absolute offset that is still inside the window."""
+        return self.lines_before + self.text.count("\n", 0, max(absolute - self.base, 0)) + 1
 
     def peek(self) -> str:
         """The next character that is not whitespace ('' at end of stream), not consumed."""
@@ -87,6 +120,8 @@ class _Walker:
         while True:
             try:
                 obj, end = self.decoder.raw_decode(buf.text, buf.pos)
+            except RecursionError:
+                raise _PositionedError("JSON nested too deeply", buf.base + buf.pos, buf.line(buf.base + buf.pos)) from None
             except json.JSONDecodeError as exc:
                 cut = exc.pos >= len(buf.text) - _TRUNCATION_SLACK or exc.msg.startswith("Unterminated string")
                 if cut and buf.fill():
@@ -108,19 +143,20 @@ class _Walker:
         return char
 
     def _absolute(self, exc: json.JSONDecodeError) -> json.JSONDecodeError:
-        """The error with its position counted from the start of the document."""
-        return _PositionedError(exc.msg, self.buffer.base + exc.pos)
+        """The error with its position counted from the start of the document, and its line."""
+        where = self.buffer.base + exc.pos
+        return _PositionedError(exc.msg, where, self.buffer.line(where))
 
 
 class _PositionedError(json.JSONDecodeError):
-    """A JSONDecodeError whose message carries the absolute character offset."""
+    """A JSONDecodeError whose message carries the absolute character offset; lineno is the line."""
 
-    def __init__(self, msg: str, where: int) -> None:
+    def __init__(self, msg: str, where: int, line: int = 0) -> None:
         ValueError.__init__(self, f"{msg}: char {where}")
-        self.msg, self.doc, self.pos, self.lineno, self.colno = msg, "", where, 0, 0
+        self.msg, self.doc, self.pos, self.lineno, self.colno = msg, "", where, line, 0
 
     def __reduce__(self):
-        return self.__class__, (self.msg, self.pos)
+        return self.__class__, (self.msg, self.pos, self.lineno)
 
 
 ElementHandler = Callable[[str, Any], None]
@@ -128,7 +164,7 @@ ArrayStart = Callable[[str, bool], None]
 
 
 def stream_top_level(
-    stream: TextIO,
+    stream: IO[Any],
     on_array_start: ArrayStart,
     on_element: ElementHandler,
     chunk_chars: int = CHUNK_CHARS,
@@ -137,7 +173,9 @@ def stream_top_level(
 
     `on_array_start(key, is_array)` is called whenever a key is met, so a repeated key can drop what
     an earlier occurrence delivered (json.load keeps the last one); a non-array value is reported
-    with `is_array=False` and then delivered whole through `on_element(key, value)`.
+    with `is_array=False` and then delivered whole through `on_element(key, value)`. An ElementError
+    from `on_element` leaves with the line its element starts on; a binary stream is decoded as UTF-8
+    (StreamDecodeError names the line of a bad byte).
     """
     walker = _Walker(_Buffer(stream, chunk_chars))
     buf = walker.buffer
@@ -163,13 +201,26 @@ def stream_top_level(
                     buf.pos += 1
                 else:
                     while True:
-                        on_element(key, walker.value())
+                        _deliver(buf, on_element, key, walker.value)
                         if walker.expect(",]", "',' delimiter") == "]":
                             break
             else:
                 on_array_start(key, False)
-                on_element(key, walker.value())
+                _deliver(buf, on_element, key, walker.value)
             if walker.expect(",}", "',' delimiter") == "}":
                 break
     if buf.peek():
         raise walker._absolute(buf.error("Extra data"))
+
+
+def _deliver(buf: _Buffer, on_element: ElementHandler, key: str, parse: Callable[[], Any]) -> None:
+    """Parse one element and hand it over; a handler's ElementError gets the element's first line."""
+    buf.peek()
+    start = buf.base + buf.pos  # stays inside the window until the element is handed over
+    item = parse()
+    try:
+        on_element(key, item)
+    except ElementError as exc:
+        if exc.line is None:
+            exc.line = buf.line(start)
+        raise

@@ -12,6 +12,7 @@ import yaml
 from datagen.hf_dataset import DATA_FOLDER, HF_SPLIT, META_COLUMNS, USAGE_FIELDS, HfExportReport
 from datagen.jsonl import iter_jsonl
 from datagen.sample import OutputLayout
+from datagen.urls import redact_value
 
 CARD_KEY = "visinstruct"  # our figures in the YAML header, under one key the Hub ignores
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -51,7 +52,8 @@ def collect_provenance(inputs: list[Path]) -> Provenance:
             prov.rejects_files.append(layout.rejects)
         if layout.runs.is_file() and layout.runs != path:
             for entry in iter_jsonl(layout.runs):
-                prov.runs.append({"manifest": layout.runs.name, **run_settings(entry)})
+                # Manifests written before redaction may hold endpoint credentials: never publish them.
+                prov.runs.append(redact_value({"manifest": layout.runs.name, **run_settings(entry)}))
     return prov
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datagen.errors import VisinstructError
+from datagen.inputs import iter_jsonl_records
 
 
 def repair_tail(path: Path) -> int:
@@ -35,21 +35,10 @@ def repair_tail(path: Path) -> int:
         return size
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; a malformed line is a user error naming the line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise VisinstructError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg})", "fix or remove that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise VisinstructError(f"{path}:{lineno} is not a JSON object", "each line must be one sample object")
-            yield record
+def iter_jsonl(path: Path, skip_partial_tail: bool = False) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file, through the input layer (a bad line is a user error naming file and line)."""
+    for _, record in iter_jsonl_records(path, skip_partial_tail=skip_partial_tail):
+        yield record
 
 
 class JsonlWriter:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datagen.errors import VisinstructError
+from datagen.inputs import read_text
 
 from datagen.splits import SPLIT_SPECS, SPLITS, SPLITS_WITH_BOXES  # noqa: F401  (re-exported: older imports)
 
@@ -19,10 +20,9 @@ def default_prompts_dir() -> Path:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise VisinstructError(f"prompt file missing: {path}", "restore it or pass --prompts-dir") from None
+    if not path.exists():
+        raise VisinstructError(f"prompt file missing: {path}", "restore it or pass --prompts-dir")
+    return read_text(path, "prompt file").strip()
 
 
 def files_hash(paths: list[Path], root: Path) -> str:

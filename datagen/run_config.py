@@ -14,6 +14,7 @@ from datagen.engine.shard import ShardSpec
 from datagen.errors import VisinstructError
 from datagen.sample import OutputLayout
 from datagen.splits import SPLITS
+from datagen.urls import check_base_url
 
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
@@ -39,7 +40,7 @@ class ExecutorName(str, Enum):
 class ExecutorOptions(BaseModel):
     """Who runs the engine: this machine, or a Ray cluster."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     executor: ExecutorName = ExecutorName.local
     ray_address: str | None = None
@@ -54,7 +55,7 @@ class ExecutorOptions(BaseModel):
 class SourceOptions(BaseModel):
     """Which images: the COCO split, and which of its images (ids, limit, shard)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     split: Split
     coco_root: Path
@@ -93,11 +94,17 @@ class SourceOptions(BaseModel):
 class ModelOptions(BaseModel):
     """Who answers: the backend, its model and endpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     backend: BackendName = BackendName.auto
     model: str | None = None
     base_url: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        """Refused up front: a malformed endpoint would otherwise fail only after retries."""
+        return check_base_url(value)
 
     def backend_name(self) -> str:
         """`auto` means openai when an endpoint is configured, else the embedded local model."""
@@ -113,7 +120,7 @@ class ModelOptions(BaseModel):
 class SamplingOptions(BaseModel):
     """Sampling settings, sent with every request (and part of the cache key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.95, ge=0.0, le=1.0)
@@ -129,7 +136,7 @@ class SamplingOptions(BaseModel):
 class CacheOptions(BaseModel):
     """The response cache: where, or none."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cache: Path | None = None
     no_cache: bool = False
@@ -142,7 +149,7 @@ class LiveOptions(BaseModel):
     """How the live engine paces, retries and spends."""
 
     # The transport is checked against its choices, then kept as its plain name (what the backends compare).
-    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, allow_inf_nan=False)
 
     batch_size: int = Field(8, ge=1)
     concurrency: int | None = Field(None, ge=1)
@@ -158,7 +165,7 @@ class LiveOptions(BaseModel):
 class GenerateConfig(BaseModel):
     """Everything `datagen generate` was asked to do; the run manifest is this, dumped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: SourceOptions
     model: ModelOptions = ModelOptions()
@@ -188,7 +195,7 @@ class GenerateConfig(BaseModel):
 class BatchSubmitConfig(BaseModel):
     """Everything `datagen batch submit` was asked to do: the same source, model, sampling and cache groups."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: SourceOptions
     model: ModelOptions = ModelOptions(backend=BackendName.openai)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from datagen.errors import VisinstructError
 from datagen.hf_dataset import hf_files, hub_repo_id, is_hf_input, iter_parquet_records
+from datagen.inputs import first_char, iter_jsonl_records, json_type, load_json
 from datagen.jsonl import iter_jsonl, repair_tail
 from datagen.splits import SPLITS
 
@@ -83,14 +84,20 @@ class Sample(BaseModel):
 
 
 def require_llava(rec: Any, where: str) -> dict[str, Any]:
-    """The record if it has LLaVA's shape (a conversations list of from/value strings), else a user error."""
+    """The record if it has LLaVA's shape (a conversations list of from/value strings, a string image), else a user error.
+
+    where: "<file>:<line>" or "<file> item <i>", the start of the message.
+    """
     if not isinstance(rec, dict):
-        raise VisinstructError(f"{where} is not a JSON object", LLAVA_HINT)
+        raise VisinstructError(f"{where}: a JSON {json_type(rec)}, not a sample object", LLAVA_HINT)
+    image = rec.get("image")
+    if image is not None and not isinstance(image, str):
+        raise VisinstructError(f'{where}: "image" is a JSON {json_type(image)}, not a file name', 'write "image": "<file name>"')
     turns = rec.get("conversations")
     if turns is None and isinstance(rec.get("reject_reasons"), list):
         return rec  # a generation reject that never parsed (raw text only): kept for stats and review
     if not isinstance(turns, list):
-        raise VisinstructError(f'{where} is not a LLaVA-format sample (no "conversations" list)', LLAVA_HINT)
+        raise VisinstructError(f'{where}: not a LLaVA-format sample (no "conversations" list)', LLAVA_HINT)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
             raise VisinstructError(f'{where}: turn {i} is not an object with string "from" and "value"', LLAVA_HINT)
@@ -164,20 +171,9 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8") as fh:
-        while True:
-            chunk = fh.read(4096)
-            if not chunk:
-                return ""
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0]
-
-
 def read_samples(path: Path | str, extract_images_to: Path | None = None) -> Iterator[dict[str, Any]]:
     """Samples of a JSONL file, a JSON array file, an exported HF dataset folder or hf://org/name, each
-    shape-checked: the one reader of sample files.
+    shape-checked: the one reader of sample files (bytes and JSON go through datagen.inputs).
 
     extract_images_to: an HF dataset's embedded images are written there once and the samples name those
     files (the trainer); without it the image bytes are not read and the stored path is the image.
@@ -186,25 +182,17 @@ def read_samples(path: Path | str, extract_images_to: Path | None = None) -> Ite
         yield from _read_hf_dataset(path, extract_images_to)
         return
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VisinstructError(f"file not found: {path}", "pass an existing JSONL or JSON file of samples")
-    try:
-        first = _first_char(path)
-    except UnicodeDecodeError:
-        raise VisinstructError(f"{path} is not a UTF-8 text file", "pass a JSONL or JSON file of samples") from None
+    first = first_char(path, "sample file")
     if first == "[":
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise VisinstructError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "fix the file") from None
-        for i, rec in enumerate(data):
+        for i, rec in enumerate(load_json(path, "sample file")):
             yield require_llava(rec, f"{path} item {i}")
     elif first in ("{", ""):
-        for lineno, rec in enumerate(iter_jsonl(path), 1):
-            yield require_llava(rec, f"{path} record {lineno}")
+        for lineno, rec in iter_jsonl_records(path, "sample file"):
+            yield require_llava(rec, f"{path}:{lineno}")
     else:
-        raise VisinstructError(f"{path} is neither JSONL nor a JSON array", "pass LLaVA-format samples as JSONL or a JSON list")
+        raise VisinstructError(f"{path}: neither JSONL nor a JSON array", "pass LLaVA-format samples as JSONL or a JSON list")
 
 
 def _read_hf_dataset(path: Path | str, extract_images_to: Path | None) -> Iterator[dict[str, Any]]:

@@ -25,6 +25,7 @@ from datagen.engine.work import RunStats
 from datagen.jsonl import JsonlWriter
 from datagen.sample import OutputLayout
 from datagen.task import Accepted, NearDuplicateGate, Rejected, Verdict
+from datagen.urls import redact_text, redact_value
 
 
 class OutputSink:
@@ -86,6 +87,7 @@ class OutputSink:
         """An item that exhausted its retries: listed in the failures file; a rerun retries it."""
         stats = self.stats
         stats.failed += 1
+        reason = redact_text(reason)  # an error text may quote the endpoint URL
         stats.failures.append(f"{int(item_id) if item_id.isdigit() else item_id}: {reason}")
         if self.failures_fh is None:
             self.failures_file.parent.mkdir(parents=True, exist_ok=True)
@@ -129,5 +131,7 @@ class OutputSink:
 def write_manifest(layout: OutputLayout, config: dict[str, Any], stats: RunStats) -> None:
     """Append this run's config (as given) and results to the manifest log beside the output."""
     entry = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **config, "stats": asdict(stats)}
+    # Credentials in an endpoint URL never reach the file; NaN/Infinity are refused (not JSON), never written.
+    line = json.dumps(redact_value(json.loads(json.dumps(entry, default=str))), allow_nan=False)
     with open(layout.runs, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry, default=str) + "\n")
+        fh.write(line + "\n")

@@ -79,5 +79,5 @@ def test_malformed_output_file_is_a_user_error_and_stays_untouched(coco_root, tm
         proc = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--limit", "3",
                        "--backend", "openai", "--base-url", server.base_url, "--out", str(out))
         assert server.state.count == 0
-    assert_user_error(proc, "c.jsonl:2 is not valid JSON")
+    assert_user_error(proc, "c.jsonl:2: not valid JSON")
     assert out.read_bytes() == before

@@ -113,11 +113,11 @@ def test_check_flags_override_config(capsys, tmp_path):
     ("content", "fragment"),
     [
         (None, "file not found"),
-        ('{"id": 1, "conversations": []}\n{"id": 2,\n', "is not valid JSON"),
-        ('[{"id": 1, "conversations": [', "is not valid JSON"),
+        ('{"id": 1, "conversations": []}\n{"id": 2,\n', "not valid JSON"),
+        ('[{"id": 1, "conversations": [', "not valid JSON"),
         ('{"id": 1, "text": "hello"}\n', "not a LLaVA-format sample"),
         ('[{"id": 1, "conversations": [{"role": "user", "content": "hi"}]}]', "turn 0 is not an object"),
-        ('["just a string"]', "is not a JSON object"),
+        ('["just a string"]', "not a sample object"),
         ("id,image\n1,x.jpg\n", "neither JSONL nor a JSON array"),
     ],
 )

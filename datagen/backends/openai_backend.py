@@ -15,6 +15,7 @@ from datagen.backends.base import TRANSPORTS, ChatRequest, Completion
 from datagen.engine.errors import EndpointUnreachableError, MalformedResponseError, RateLimitedError, TransientError
 from datagen.engine.ratelimit import parse_retry_after
 from datagen.errors import VisinstructError
+from datagen.urls import check_base_url, endpoint_parts
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +138,29 @@ class OpenAIBackend:
         concurrency: int = DEFAULT_CONCURRENCY,
         transport: str = "direct",
     ) -> None:
+        base_url = check_base_url(base_url, "the endpoint URL (--base-url or OPENAI_BASE_URL)")
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
             if base_url is None:
                 raise VisinstructError("OPENAI_API_KEY is not set", "export OPENAI_API_KEY or pass --base-url for a local server")
             key = "EMPTY"  # local servers (vLLM, Ollama, llama.cpp) accept any key
         self.model = model
-        self.base_url = base_url
+        self.base_url = base_url  # as given (messages redact it); the clients get it split below
         self.preferred_concurrency = concurrency
         self.observe_headers: Callable[[Mapping[str, str]], None] | None = None
         self.transport = transport
         self.timeout = timeout
         self._session = None  # the direct transport's aiohttp session, made inside the running loop
+        # Credentials inside the URL (user:password, ?key=...) travel as a header and query parameters.
+        url, self._query, basic = endpoint_parts(base_url) if base_url else (None, {}, None)
+        self._auth_override = {"Authorization": basic} if basic else {}
         self._client = openai.AsyncOpenAI(
             api_key=key,
-            base_url=base_url,
+            base_url=url,
             timeout=timeout,
             max_retries=0,
+            default_headers=self._auth_override or None,
+            default_query=self._query or None,
             http_client=make_http_client(transport, concurrency, timeout),
         )
 
@@ -196,11 +203,11 @@ class OpenAIBackend:
                 connector=aiohttp.TCPConnector(limit=max(self.preferred_concurrency, 1)),
                 timeout=aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 10.0)),
                 headers={**{k: v for k, v in self._client.auth_headers.items() if isinstance(v, str)},
-                         "Content-Type": "application/json", "Accept": "application/json"},
+                         **self._auth_override, "Content-Type": "application/json", "Accept": "application/json"},
             )
             self._url = str(self._client.base_url).rstrip("/") + "/chat/completions"
         try:
-            async with self._session.post(self._url, data=body) as response:
+            async with self._session.post(self._url, data=body, params=self._query or None) as response:
                 content = await response.read()
                 status, headers = response.status, response.headers
         except asyncio.TimeoutError:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from datagen.engine.cache import ResponseCache
+from datagen.engine.cache import ResponseCache, remove_cache
 from datagen.errors import VisinstructError
 from datagen.escaping import terminal_text
 from datagen.sample import default_cache_path
@@ -23,7 +23,7 @@ def cache_stats(cache: CacheFileOpt = None) -> None:
     path = cache or default_cache_path()
     if not path.exists():
         raise VisinstructError(f"no cache at {path}", "run `datagen generate` first or pass --cache FILE")
-    store = ResponseCache(path)
+    store = ResponseCache(path, read_only=True)
     stats = store.stats()
     store.close()
     typer.echo(f"{stats.path}: {stats.entries} responses, {stats.size_bytes / 1e6:.1f} MB, "
@@ -36,9 +36,19 @@ def cache_stats(cache: CacheFileOpt = None) -> None:
 def cache_clear(
     cache: CacheFileOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Only this model's responses.")] = None,
+    all_files: Annotated[bool, typer.Option(
+        "--all", help="Remove the cache file itself (and its -wal/-shm files), even when it is damaged.")] = False,
 ) -> None:
     """Delete cached responses (the next run pays for them again)."""
     path = cache or default_cache_path()
+    if all_files:
+        if model:
+            raise VisinstructError("--all removes every model's responses", "drop --model, or drop --all")
+        removed = remove_cache(path)
+        if not removed:
+            raise VisinstructError(f"no cache at {path}", "nothing to clear; pass --cache FILE if it lives elsewhere")
+        typer.echo(f"removed {', '.join(str(p) for p in removed)}")
+        return
     if not path.exists():
         raise VisinstructError(f"no cache at {path}", "nothing to clear; pass --cache FILE if it lives elsewhere")
     store = ResponseCache(path)

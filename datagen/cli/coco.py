@@ -16,6 +16,7 @@ from datagen.escaping import terminal_text
 from datagen.fetch import fetch_coco
 from datagen.run_config import Split
 from datagen.task import LlavaTask
+from datagen.urls import check_base_url
 
 coco_app = typer.Typer(help="Get COCO annotations and images.", no_args_is_help=True)
 
@@ -41,7 +42,7 @@ def coco_fetch(
         typer.echo("warning: `coco fetch --split` is now `--coco-split` (--split names the kind of sample in every "
                    "other command); the old name still works for now", err=True)
         coco_split = old_split
-    root = fetch_coco(split=coco_split, images=images, dest=to, base_url=base_url, verify=verify)
+    root = fetch_coco(split=coco_split, images=images, dest=to, base_url=check_base_url(base_url), verify=verify)
     typer.echo(f"COCO {coco_split}: annotations and {images} images in {root}")
 
 

@@ -5,6 +5,8 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,29 +48,75 @@ class CacheStats:
     completion_tokens: int
 
 
-class ResponseCache:
-    """One connection to the cache file; use one instance per thread (SQLite connections are thread-bound)."""
+def cache_files(path: Path) -> list[Path]:
+    """The cache file and SQLite's companions beside it (-wal, -shm, -journal) that exist."""
+    path = Path(path)
+    return [p for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))) if p.exists()]
 
-    def __init__(self, path: Path) -> None:
+
+def cache_error(path: Path, exc: BaseException) -> VisinstructError:
+    """What a failing SQLite call on the cache means to the user, and how to get going again."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return VisinstructError(f"the response cache {path} is busy ({text})",
+                                "another process holds it; wait for it, or pass --cache elsewhere or --no-cache")
+    if isinstance(exc, OSError) or "unable to open" in text or "readonly" in text or "disk I/O" in text:
+        return VisinstructError(f"cannot use the response cache {path} ({text})",
+                                "check the folder's space and permissions, or pass --cache elsewhere or --no-cache")
+    return VisinstructError(
+        f"the response cache {path} is damaged ({text})",
+        f"remove it with `datagen cache clear --all --cache {path}` (its responses are paid for again), "
+        "or pass --cache elsewhere or --no-cache",
+    )
+
+
+@contextmanager
+def _guarded(path: Path) -> Iterator[None]:
+    """SQLite errors on the cache (a damaged file, a locked one) become one user error naming the file."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise cache_error(path, exc) from None
+
+
+class ResponseCache:
+    """One connection to the cache file; use one instance per thread (SQLite connections are thread-bound).
+
+    Every SQLite failure, at open or in any later call, is a VisinstructError naming the file.
+    """
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """read_only: open an existing cache without changing it (`cache stats`); it must hold the responses table."""
         self.path = Path(path)
+        if self.path.is_dir():
+            raise VisinstructError(f"the response cache {self.path} is a folder", "pass --cache FILE, or --no-cache")
+        if read_only:
+            with _guarded(self.path):
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+                tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            if ("responses",) not in tables:
+                self._db.close()
+                raise VisinstructError(f"{self.path} is not a response cache (it has no responses table)",
+                                       "pass the cache file with --cache")
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise cache_error(self.path, exc) from None
+        with _guarded(self.path):
             # WAL lets the feeder read while the sink writes; a killed process loses no committed row.
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise VisinstructError(
-                f"cannot open the response cache {self.path}: {exc}", "delete the file or pass --cache elsewhere (or --no-cache)"
-            ) from None
 
     def get(self, key: str) -> Completion | None:
         """The stored completion for this key, if any."""
-        row = self._db.execute(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens, response_model FROM responses WHERE key = ?",
-            (key,),
-        ).fetchone()
+        with _guarded(self.path):
+            row = self._db.execute(
+                "SELECT text, finish_reason, prompt_tokens, completion_tokens, response_model FROM responses WHERE key = ?",
+                (key,),
+            ).fetchone()
         if row is None:
             return None
         return Completion(text=row[0], finish_reason=row[1], prompt_tokens=row[2], completion_tokens=row[3], model=row[4])
@@ -78,33 +126,56 @@ class ResponseCache:
         if not rows:
             return
         now = time.time()
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (key, backend, model, item, now, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.model)
-                for key, backend, model, item, c in rows
-            ],
-        )
-        self._db.execute("COMMIT")
+        with _guarded(self.path):
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (key, backend, model, item, now, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.model)
+                        for key, backend, model, item, c in rows
+                    ],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def stats(self) -> CacheStats:
         """Entry count, file size and token totals, per model."""
-        by_model = dict(self._db.execute("SELECT backend || ':' || model, COUNT(*) FROM responses GROUP BY 1").fetchall())
-        entries, prompt, completion = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM responses"
-        ).fetchone()
-        size = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+        with _guarded(self.path):
+            by_model = dict(self._db.execute("SELECT backend || ':' || model, COUNT(*) FROM responses GROUP BY 1").fetchall())
+            entries, prompt, completion = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM responses"
+            ).fetchone()
+        size = sum(p.stat().st_size for p in cache_files(self.path))
         return CacheStats(self.path, entries, size, by_model, prompt, completion)
 
     def clear(self, model: str | None = None) -> int:
         """Delete all entries (or one model's); return how many went."""
-        if model:
-            cur = self._db.execute("DELETE FROM responses WHERE model = ?", (model,))
-        else:
-            cur = self._db.execute("DELETE FROM responses")
-        self._db.execute("VACUUM")
+        with _guarded(self.path):
+            if model:
+                cur = self._db.execute("DELETE FROM responses WHERE model = ?", (model,))
+            else:
+                cur = self._db.execute("DELETE FROM responses")
+            self._db.execute("VACUUM")
         return cur.rowcount
 
     def close(self) -> None:
-        self._db.close()
+        with _guarded(self.path):
+            self._db.close()
+
+
+def remove_cache(path: Path) -> list[Path]:
+    """Delete the cache file and its companions, whatever state they are in; return what was removed."""
+    removed = []
+    for file in cache_files(path):
+        try:
+            file.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise VisinstructError(f"cannot remove {file} ({exc.strerror or exc})", "check its permissions") from None
+        removed.append(file)
+    return removed

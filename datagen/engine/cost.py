@@ -1,6 +1,7 @@
 """Token prices, run cost and the spending guard behind --budget."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from datagen.errors import VisinstructError
+from datagen.inputs import load_yaml
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,29 @@ def _parse_table(data: object, source: str) -> PriceTable:
     models = {}
     for name, entry in (data.get("models") or {}).items():
         try:
-            models[str(name)] = Price(float(entry["input"]), float(entry["output"]))
+            models[str(name)] = Price(_usd(entry["input"]), _usd(entry["output"]))
         except (KeyError, TypeError, ValueError):
             raise VisinstructError(
-                f"{source}: price of {name!r} must be {{input: USD, output: USD}} per 1M tokens", "fix that entry"
+                f"{source}: price of {name!r} must be {{input: USD, output: USD}} per 1M tokens, each a number >= 0",
+                "fix that entry",
             ) from None
-    return PriceTable(models, float(data.get("batch_discount", 0.5)))
+    try:
+        discount = float(data.get("batch_discount", 0.5))
+    except (TypeError, ValueError):
+        discount = math.nan
+    if not 0 <= discount <= 1:
+        raise VisinstructError(f"{source}: batch_discount must be a number from 0 to 1", "e.g. batch_discount: 0.5")
+    return PriceTable(models, discount)
+
+
+def _usd(value: object) -> float:
+    """A price: a finite number >= 0 (a negative price would let --budget spend without limit)."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a price")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{value!r} is not a price")
+    return number
 
 
 def load_prices(override: Path | None = None) -> PriceTable:
@@ -58,12 +77,7 @@ def load_prices(override: Path | None = None) -> PriceTable:
     table = _parse_table(shipped, "prices.yaml")
     if override is None:
         return table
-    try:
-        raw = yaml.safe_load(Path(override).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VisinstructError(f"price file not found: {override}", "check the --prices path") from None
-    except yaml.YAMLError as exc:
-        raise VisinstructError(f"{override} is not valid YAML/JSON: {exc}", "fix the price file") from None
+    raw = load_yaml(override, "price file", "fix the price file")
     extra = _parse_table(raw, str(override))
     discount = extra.batch_discount if "batch_discount" in raw else table.batch_discount
     return PriceTable({**table.models, **extra.models}, discount)

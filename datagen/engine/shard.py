@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datagen.errors import VisinstructError
-from datagen.jsonl import iter_jsonl, repair_tail
+from datagen.inputs import InputError, iter_jsonl_records, json_type, parse_json
+from datagen.jsonl import iter_jsonl
 from datagen.sample import OutputLayout
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -57,19 +58,41 @@ class MergeReport:
 
 
 def _shard_of_file(path: Path) -> tuple[ShardSpec | None, int | None]:
-    """The shard spec and assigned-image count from the last run manifest beside a shard output."""
+    """The shard spec and assigned-image count from the last run manifest beside a shard output.
+
+    The manifest is read through the input layer (a killed run's half-written last line is skipped); a
+    field of the wrong type is a user error naming the manifest's line.
+    """
     manifest = OutputLayout(path).runs
     if not manifest.exists():
         return None, None
-    last = None
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        try:
-            last = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    if not last or not last.get("shard"):
+    last: tuple[int, dict] | None = None
+    for lineno, entry in iter_jsonl_records(manifest, "run manifest", skip_partial_tail=True):
+        last = (lineno, entry)
+    if last is None:
         return None, None
-    return ShardSpec.parse(last["shard"]), last.get("images")
+    lineno, entry = last
+    hint = f"fix that line of the run manifest, or delete {manifest.name} to merge {path.name} without its shard check"
+    shard, images = entry.get("shard"), entry.get("images")
+    if shard is None or shard == "":
+        return None, None
+    if not isinstance(shard, str):
+        raise InputError(manifest, f'"shard" is a JSON {json_type(shard)}, not "K/N"', hint, lineno)
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 0):
+        raise InputError(manifest, f'"images" is {json.dumps(images)[:40]}, not a count', hint, lineno)
+    try:
+        spec = ShardSpec.parse(shard)
+    except VisinstructError:
+        raise InputError(manifest, f'"shard" is {json.dumps(shard)[:40]}, not "K/N"', hint, lineno) from None
+    return spec, images
+
+
+def _complete_record(line: str) -> bool:
+    """A last line without its newline: kept only if it is a whole record (else a killed writer's half line)."""
+    try:
+        return isinstance(parse_json(line, "-"), dict)
+    except InputError:
+        return False
 
 
 def _rejects(path: Path) -> Path:
@@ -96,8 +119,8 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
         for source in (path, _rejects(path)):
             if not source.exists():
                 continue
-            repair_tail(source)
-            for record in iter_jsonl(source):
+            # Inputs are only read: a killed run's half-written last line is skipped, not cut from the file.
+            for record in iter_jsonl(source, skip_partial_tail=True):
                 sid = str(record.get("id"))
                 ids_here += 1
                 if sid in seen:
@@ -134,7 +157,7 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
                 if source.exists():
                     with open(source, encoding="utf-8") as src:
                         for line in src:
-                            if line.strip():
+                            if line.strip() and (line.endswith("\n") or _complete_record(line)):
                                 fh.write(line if line.endswith("\n") else line + "\n")
                                 if fh is fo:
                                     samples += 1

@@ -1,20 +1,19 @@
 """Quality thresholds: one typed model with defaults, loadable from YAML or JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datagen.errors import VisinstructError
+from datagen.inputs import load_yaml
 
 
 class LengthBounds(BaseModel):
     """Word-count limits for every answer (and question) of one split."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min_answer_words: int = Field(1, ge=0)
     max_answer_words: int = Field(1000, ge=1)
@@ -36,7 +35,7 @@ def _default_lengths() -> dict[str, LengthBounds]:
 class QualityConfig(BaseModel):
     """Every threshold the checks use; a YAML/JSON file overrides any subset of these."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     disabled_checks: list[str] = Field(default_factory=list, description="Reason codes not to check.")
     image_token_position: Literal["start", "start_or_end"] = Field(
@@ -93,15 +92,7 @@ def load_config(path: Path | None) -> QualityConfig:
     if path is None:
         return QualityConfig()
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise VisinstructError(f"cannot read quality config {path}: {exc.strerror}", "pass an existing YAML or JSON file") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise VisinstructError(f"quality config {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}".replace("\n", " "),
-                               "fix the syntax") from None
+    data = load_yaml(path, "quality config", "fix the syntax")
     if data is None:
         data = {}
     if not isinstance(data, dict):
