@@ -84,15 +84,15 @@ class Sample(BaseModel):
 
 
 def require_llava(rec: Any, where: str) -> dict[str, Any]:
-    """The record if it has LLaVA's shape (a conversations list of from/value strings, a string image), else a user error.
+    """The record if it has LLaVA's shape (a conversations list of from/value strings), else a user error.
+
+    A bad `image` (not a string, or a path out of its folder) is not a shape error: the image path rule
+    (`image_path_problem`) makes it the reason code bad_image_path, and export drops such samples.
 
     where: "<file>:<line>" or "<file> item <i>", the start of the message.
     """
     if not isinstance(rec, dict):
         raise VisinstructError(f"{where}: a JSON {json_type(rec)}, not a sample object", LLAVA_HINT)
-    image = rec.get("image")
-    if image is not None and not isinstance(image, str):
-        raise VisinstructError(f'{where}: "image" is a JSON {json_type(image)}, not a file name', 'write "image": "<file name>"')
     turns = rec.get("conversations")
     if turns is None and isinstance(rec.get("reject_reasons"), list):
         return rec  # a generation reject that never parsed (raw text only): kept for stats and review

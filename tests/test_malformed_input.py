@@ -243,12 +243,13 @@ def test_folders_missing_files_and_bom(tmp_path):
     assert_one_line_error(code, err, "folder")
 
 
-def test_export_refuses_a_non_string_image(tmp_path):
+def test_export_drops_a_non_string_image_without_a_traceback(tmp_path):
     path = tmp_path / "detail.jsonl"
     for image in (7, ["a.jpg"], {"path": "a.jpg"}, True):
-        path.write_text(json.dumps({**json.loads(GOOD_LINE), "image": image}) + "\n")
-        code, _, err = invoke("export", path, "--out", tmp_path / "o.json")
-        assert_one_line_error(code, err, f'{path}:1: "image" is a JSON')
+        path.write_text(GOOD_LINE + "\n" + json.dumps({**json.loads(GOOD_LINE), "id": "other", "image": image}) + "\n")
+        code, out, err = invoke("export", path, "--out", tmp_path / "o.json", "--mix", "none")
+        assert code == 0 and "Traceback" not in err, err
+        assert [r["id"] for r in json.loads((tmp_path / "o.json").read_text())] == [json.loads(GOOD_LINE)["id"]]
 
 
 # --- COCO -----------------------------------------------------------------------------------------------------
