@@ -5,6 +5,7 @@ endpoint's completion text -> parsed Sample), then times `make_checker("conversa
 rounds, each with a fresh checker (the near-duplicate index starts empty, as in a run). Prints one JSON line.
 
 Run: .venv/bin/python bench/checks_bench.py [--count 2000] [--rounds 5] [--profile]
+     [--without CODE ...]  (also time the gate with these checks off, rounds interleaved: the cost of those checks)
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from datagen.coco import ImageRecord  # noqa: E402
 from datagen.parse import build_sample  # noqa: E402
 from datagen.prompts import load_prompt_set  # noqa: E402
 from datagen.quality import make_checker  # noqa: E402
+from datagen.quality.config import QualityConfig  # noqa: E402
 from datagen.sample import Sample, sample_id  # noqa: E402
 from datagen.task import LlavaTask  # noqa: E402
 
@@ -48,9 +50,9 @@ def bench_samples(count: int) -> list[tuple[Sample, ImageRecord, Completion]]:
     return out
 
 
-def run_once(items: list[tuple[Sample, ImageRecord, Completion]]) -> tuple[float, Counter]:
+def run_once(items: list[tuple[Sample, ImageRecord, Completion]], disabled: tuple[str, ...] = ()) -> tuple[float, Counter]:
     """CPU seconds for one fresh checker over all items, and the reject reasons it gave."""
-    check = make_checker("conversation")
+    check = make_checker("conversation", QualityConfig(disabled_checks=list(disabled)))
     reasons: Counter = Counter()
     started = time.process_time()
     for sample, record, completion in items:
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one round instead")
+    parser.add_argument("--without", nargs="*", default=[], metavar="CODE",
+                        help="also time the gate with these checks disabled, rounds interleaved")
     args = parser.parse_args()
     items = bench_samples(args.count)
     run_once(items[:50])  # warm caches (synonym table, compiled patterns)
@@ -75,14 +79,22 @@ def main() -> None:
         profiler.runcall(run_once, items)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
-    times, reasons = [], Counter()
+    times, reasons, without_times = [], Counter(), []
     for _ in range(args.rounds):
         cpu, reasons = run_once(items)
         times.append(cpu)
+        if args.without:
+            without_times.append(run_once(items, tuple(args.without))[0])
     per_sample = [1e6 * t / len(items) for t in times]
-    print(json.dumps({"samples": len(items), "rounds": args.rounds, "cpu_us_per_sample_median": round(statistics.median(per_sample), 1),
-                      "cpu_us_per_sample_best": round(min(per_sample), 1), "outcomes": dict(sorted(reasons.items()))}))
-
+    result = {"samples": len(items), "rounds": args.rounds, "cpu_us_per_sample_median": round(statistics.median(per_sample), 1),
+              "cpu_us_per_sample_best": round(min(per_sample), 1), "outcomes": dict(sorted(reasons.items()))}
+    if args.without:
+        off = [1e6 * t / len(items) for t in without_times]
+        result["without"] = {"checks": args.without, "cpu_us_per_sample_median": round(statistics.median(off), 1),
+                             "cpu_us_per_sample_best": round(min(off), 1)}
+        result["cost_of_those_checks_us_per_sample_best"] = round(min(per_sample) - min(off), 1)
+        result["ratio_best"] = round(min(per_sample) / min(off), 3)
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from datagen.errors import VisinstructError
+from datagen.quality.coherence import check_paraphrased_question, check_self_reference, check_subject_mismatch
 from datagen.quality.config import QualityConfig
 from datagen.quality.counting import check_wrong_count, check_wrong_position
 from datagen.quality.generic import asserted_categories
@@ -395,6 +396,12 @@ CHECKS: tuple[Check, ...] = (
     Check("too_short", "answers at least the split's minimum length", check_too_short),
     Check("too_long", "answers and questions within the split's maximum length", check_too_long),
     Check("repeated_question", "no question asked twice in a conversation", check_repeated_question),
+    Check("paraphrased_question", "no question restates an earlier one (a modifier added, or the same words reworded)",
+          check_paraphrased_question),
+    Check("subject_mismatch", "an answer is about its question's subject (asked about the woman, not about the man)",
+          check_subject_mismatch),
+    Check("self_reference", "no answer refers to its own writing ('as I mentioned', 'the description above')",
+          check_self_reference),
     Check("hallucinated_object", "answers name only objects boxed or captioned for the image", check_hallucinated_object),
     Check("wrong_count", "a number attached to a boxed object agrees with its boxes (crowds, captions tolerated)",
           check_wrong_count),

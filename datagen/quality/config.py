@@ -50,6 +50,12 @@ class QualityConfig(BaseModel):
         default_factory=lambda: ["captions"], description="Splits whose answers may end without punctuation."
     )
     repeated_question_similarity: float = Field(0.8, ge=0, le=1, description="Word-set Jaccard counted as repeat.")
+    paraphrase_max_inserted_words: int = Field(
+        6, ge=1, description="paraphrased_question: a question that is an earlier one with at most this many words "
+                             "added in one place restates it.")
+    paraphrase_min_shared_words: int = Field(
+        2, ge=1, description="paraphrased_question: two questions of the same kind with the same topic words (at least "
+                             "this many) restate each other.")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated shingle Jaccard of answers.")
     near_duplicate_skip_splits: list[str] = Field(
         default_factory=lambda: ["captions"], description="Splits where repeated text is expected (COCO captions)."

@@ -301,8 +301,8 @@ class FamilyResult:
                 "false_rejects": self.false_rejects[:10], "missed": self.missed[:10]}
 
 
-def evaluate_families(records: list[Rec], lookups: dict[str, ImageLookup], config: QualityConfig | None = None
-                      ) -> dict[str, dict[str, Any]]:
+def evaluate_families(records: list[Rec], lookups: dict[str, ImageLookup], config: QualityConfig | None = None,
+                      family_codes: dict[str, tuple[str, ...]] = FAMILY_CODES) -> dict[str, dict[str, Any]]:
     """Per family (meta.family): false rejects of its checks on good records, catches of planted ones (meta.planted).
 
     Near-duplicates are off: template-written samples resemble each other by construction.
@@ -316,7 +316,7 @@ def evaluate_families(records: list[Rec], lookups: dict[str, ImageLookup], confi
         record = lookup.find(rec["image"]) if lookup else None
         report = checker.check(SampleView.from_record(rec, record=record))
         result = results.setdefault(meta["family"], FamilyResult())
-        codes = FAMILY_CODES[meta["family"]]
+        codes = family_codes[meta["family"]]
         if meta["planted"] is None:
             result.good += 1
             by_family = [r for r in report.reasons if r in codes]
