@@ -96,7 +96,8 @@ def main() -> int:
     p.add_argument("--per-split", type=int, default=4)
     p.add_argument("--cache", type=Path, default=REPO / "bench" / ".cache" / "judge.sqlite")
     p.add_argument("--scoring", type=Scoring, choices=list(Scoring), default=Scoring.auto)
-    p.add_argument("--max-tokens", type=int, default=96, help="judge reply tokens (logprobs: reason tokens, at most 40)")
+    p.add_argument("--max-tokens", type=int, default=96, help="judge reply tokens (--scoring reply)")
+    p.add_argument("--reason-tokens", type=int, default=40, help="--scoring logprobs: reason tokens (0 = score only)")
     p.add_argument("--batch-size", type=int, default=8, help="local backend: prompts per forward pass")
     args = p.parse_args()
 
@@ -107,7 +108,8 @@ def main() -> int:
         backend = make_backend("openai" if args.base_url else "local", args.model, args.base_url, args.batch_size, None)
         t0 = time.perf_counter()
         summary = run_judge(src, backend, args.min_score, out_dir=Path(tmp), cache_path=args.cache,
-                            max_tokens=args.max_tokens, scoring=args.scoring)
+                            max_tokens=args.max_tokens, scoring=args.scoring,
+                            reason_tokens=args.reason_tokens)
         elapsed = time.perf_counter() - t0
         verdicts, method = {}, "?"
         for name in ("cases.judged.jsonl", "cases.judge-rejects.jsonl"):
@@ -143,7 +145,10 @@ def print_sweep(kinds: dict[str, str], verdicts: dict[str, tuple[bool, float | N
     scores = {case_id: verdicts[case_id][1] for case_id in kinds}
     print("\n| min score | " + " | ".join(f"{k} rejected" for k in KINDS) + " |")
     print("|---:|" + "---:|" * len(KINDS))
-    for threshold in (3, 4, 5, 6, 7, 8, 9):
+    known = sorted(v for v in scores.values() if v is not None)
+    # The whole numbers, and the median score: where a judge whose scores bunch up would have to cut.
+    median = [round(known[len(known) // 2], 2)] if known else []
+    for threshold in sorted({3, 4, 5, 6, 7, 8, 9, *median}):
         cells = []
         for kind in KINDS:
             ids = [i for i, k in kinds.items() if k == kind]

@@ -43,7 +43,7 @@ DIGITS = tuple(str(d) for d in range(10))
 # Asked for after "Score: " and after "Score: 1": digits (and "10", for tokenizers that keep it one token).
 SCALE_CANDIDATES = DIGITS + ("10",)
 MIN_SCALE_MASS = 0.05  # below this the model was not about to write a score at all: no verdict
-REASON_TOKENS = 40  # logprobs scoring: the one-line reason the model writes after its score
+REASON_TOKENS = 40  # logprobs scoring: default length of the one-line reason the model writes after its score
 
 
 class Scoring(str, Enum):
@@ -138,6 +138,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:REASON_CHARS]
 
 
+def _reason(text: str) -> str:
+    """The reason as one line; empty when it only echoes a placeholder of the reply format (`<one sentence>`)."""
+    line = _one_line(text.strip(" -:*"))
+    return "" if re.fullmatch(r"<[^<>]*>\.?", line) else line
+
+
 def parse_verdict(text: str) -> Verdict:
     """`Score: 7` / `Reason: ...` replies, and the looser shapes small models write (`7/10 because ...`)."""
     match = _SCORE_LINE.search(text)
@@ -153,7 +159,7 @@ def parse_verdict(text: str) -> Verdict:
     else:
         rest = text[match.end():] if match else text
         reason = next((line for line in rest.splitlines() if line.strip(" .:-*")), "")
-    return Verdict(score, _one_line(reason.strip(" -:*")) or "(no reason given)")
+    return Verdict(score, _reason(reason) or "(no reason given)")
 
 
 def parse_pair_scores(text: str) -> tuple[float, float] | None:
@@ -318,7 +324,7 @@ def _done_ids(paths: Iterable[Path], min_score: float, model: str, method: Scori
 def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context_of: Callable[[dict[str, Any]], str],
                min_score: float, params: SamplingParams, out_dir: Path | None = None,
                on_progress: Callable[[JudgeStats], None] | None = None,
-               scoring: Scoring = Scoring.auto) -> tuple[JudgeStats, Path, Path]:
+               scoring: Scoring = Scoring.auto, reason_tokens: int = REASON_TOKENS) -> tuple[JudgeStats, Path, Path]:
     """Judge every sample of a LLaVA-format JSONL file into accepted (score >= min_score) and rejected files."""
     if not source.is_file():
         raise VisinstructError(f"input file not found: {source}", "pass a JSONL file written by `datagen generate`")
@@ -355,7 +361,7 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
 
     try:
         if method is Scoring.logprobs:
-            asyncio.run(_judge_by_logprobs(engine, records, messages, params, write))
+            asyncio.run(_judge_by_logprobs(engine, records, messages, params, write, reason_tokens))
         else:
             asyncio.run(_judge_by_reply(engine, records, messages, params, write, stats, on_progress))
     finally:
@@ -395,14 +401,14 @@ async def _judge_by_reply(engine: JudgeEngine, records: list[dict[str, Any]], me
 
 
 async def _judge_by_logprobs(engine: JudgeEngine, records: list[dict[str, Any]], messages: list[list[dict[str, str]]],
-                             params: SamplingParams, write: Writer) -> None:
+                             params: SamplingParams, write: Writer, reason_tokens: int) -> None:
     """Score = expectation of the digit distribution after "Score: "; then the model writes its reason for that
-    score (prefilled `Score: <rounded>\nReason:`, greedy, `params.max_tokens`)."""
+    score (prefilled `Score: <rounded>\nReason:`, greedy, `reason_tokens`; 0 = no reason call, half the work)."""
     score_params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, seed=0)
     score_requests = [ChatRequest(key=f"judge-score:{r.get('id')}",
                                   messages=m + [{"role": "assistant", "content": SCORE_PREFIX}], params=score_params)
                       for r, m in zip(records, messages)]
-    reason_params = replace(params, max_tokens=min(params.max_tokens, REASON_TOKENS))
+    reason_params = replace(params, max_tokens=max(1, reason_tokens))
     verdicts: dict[int, tuple[float | None, dict[str, Any]]] = {}
 
     def scored(i: int, payload: dict[str, Any]) -> None:
@@ -419,6 +425,9 @@ async def _judge_by_logprobs(engine: JudgeEngine, records: list[dict[str, Any]],
             if score is None:
                 write(i, None, f"judge put only {extra['scale_mass']:.3f} of its probability on a score 1-10", extra)
                 continue
+            if reason_tokens == 0:
+                write(i, score, "(no reason asked: --reason-tokens 0)", extra)
+                continue
             prefix = f"{SCORE_PREFIX}{int(score + 0.5)}\nReason:"
             reason_requests.append(ChatRequest(key=f"judge:{records[i].get('id')}",
                                                messages=messages[i] + [{"role": "assistant", "content": prefix}],
@@ -430,7 +439,7 @@ async def _judge_by_logprobs(engine: JudgeEngine, records: list[dict[str, Any]],
             score, extra = verdicts[i]
             text = completion.text if completion is not None else ""
             line = next((line for line in text.splitlines() if line.strip(" .:-*")), "")
-            reason = _one_line(line.strip(" -:*")) or (f"(no reason: {failure})" if failure else "(no reason given)")
+            reason = _reason(line) or (f"(no reason: {failure})" if failure else "(no reason given)")
             write(i, score, reason, extra)
 
         await engine.run(reason_requests, reasoned)
@@ -472,7 +481,7 @@ def coco_context_lookup(coco_root: Path | None, coco_split: str) -> Callable[[di
 def run_judge(source: Path, backend: Backend, min_score: float, coco_root: Path | None = None,
               coco_split: str = "val2017", out_dir: Path | None = None, cache_path: Path | None = None,
               concurrency: int | None = None, max_tokens: int = 96, prompts_dir: Path | None = None,
-              scoring: Scoring = Scoring.auto) -> str:
+              scoring: Scoring = Scoring.auto, reason_tokens: int = REASON_TOKENS) -> str:
     """`datagen judge`: judge a file and return the summary line to print."""
     if not SCORE_MIN <= min_score <= SCORE_MAX:
         raise VisinstructError(f"--min-score {min_score} is outside the judge's scale", "pass a score from 1 to 10")
@@ -481,7 +490,7 @@ def run_judge(source: Path, backend: Backend, min_score: float, coco_root: Path 
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
     stats, accepted, rejected = judge_file(source, engine, load_judge_prompts(prompts_dir),
                                            coco_context_lookup(coco_root, coco_split), min_score, params, out_dir,
-                                           scoring=scoring)
+                                           scoring=scoring, reason_tokens=reason_tokens)
     mean = f"{sum(stats.scores) / len(stats.scores):.2f}" if stats.scores else "n/a"
     return (f"judged {stats.accepted + stats.rejected} samples ({stats.skipped} already done, {stats.cache_hits} from cache): "
             f"{stats.accepted} accepted -> {accepted}, {stats.rejected} rejected -> {rejected} "

@@ -24,6 +24,7 @@ from train.eval.bench import BenchItem, Judged, bench_items, relative_scores
     ("Score: 11\nReason: off the scale", None, "off the scale"),
     ("I think the answers are good.", None, "I think the answers are good."),
     ("", None, "(no reason given)"),
+    ("Score: 4\nReason: <one sentence>", 4.0, "(no reason given)"),  # the format's placeholder echoed back
 ])
 def test_parse_verdict(reply: str, score, reason: str) -> None:
     verdict = parse_verdict(reply)

@@ -257,3 +257,14 @@ def test_real_local_backend_through_the_judge(tmp_path: Path) -> None:
     assert len(verdicts) == 3 and all(v["method"] == "logprobs" for v in verdicts)
     # A random model puts little weight on digits: either a score in range, or an honest "no score".
     assert all((v["score"] is None and v["scale_mass"] < 0.05) or 1 <= v["score"] <= 10 for v in verdicts)
+
+
+def test_score_only_makes_no_reason_calls(tmp_path: Path) -> None:
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(sample(i, "A cat.")) + "\n" for i in range(3)))
+    backend = DigitJudge()
+    stats, accepted, _ = judge_file(src, JudgeEngine(backend, None, 2), load_judge_prompts(), lambda r: r["context"], 5,
+                                    SamplingParams(temperature=0.0), reason_tokens=0)
+    verdicts = [json.loads(l)["judge"] for l in accepted.read_text().splitlines()]
+    assert (stats.accepted, backend.scored, backend.completed) == (3, 3, [])
+    assert all(v["reason"].startswith("(no reason asked") and v["score"] > 7 for v in verdicts)

@@ -9,7 +9,7 @@ import typer
 from datagen.cli.common import make_backend
 from datagen.cli.options import BackendOpt, BaseUrlOpt, CocoSplitOpt
 from datagen.errors import VisinstructError
-from datagen.judge import Scoring, run_judge
+from datagen.judge import REASON_TOKENS, Scoring, run_judge
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
 
@@ -32,6 +32,8 @@ def judge(
     scoring: Annotated[Scoring, typer.Option(
         help="reply: parse the score the judge writes; logprobs: expected score from the digits' next-token "
              "probabilities after a prefilled 'Score: ' (local backend); auto: logprobs if the backend has them.")] = Scoring.auto,
+    reason_tokens: Annotated[int, typer.Option(
+        min=0, help="logprobs scoring: tokens for the judge's one-line reason after its score (0 = score only).")] = REASON_TOKENS,
 ) -> None:
     """Score each sample with an LLM judge against its image context; write accepted and rejected files (resumable)."""
     if backend is BackendName.vllm:
@@ -40,7 +42,8 @@ def judge(
     name = ModelOptions(backend=backend, base_url=base_url).backend_name()
     engine = make_backend(name, model, base_url, batch_size, concurrency)
     typer.echo(run_judge(input, engine, min_score, coco_root, coco_split, out_dir,
-                         cache or default_cache_path(input.parent), concurrency, scoring=scoring))
+                         cache or default_cache_path(input.parent), concurrency,
+                         scoring=scoring, reason_tokens=reason_tokens))
 
 
 def register(app: typer.Typer) -> None:
