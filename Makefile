@@ -10,8 +10,12 @@ LIMIT     ?= 4
 SPLITS    ?= conversation detail reasoning
 # Caps each local batch's decode steps (a batch runs as long as its longest answer).
 MAX_TOKENS ?= 384
+# Further `datagen generate` flags for `make data` (batching and decoding chosen from bench/make_data_sweep.py).
+GEN_FLAGS ?= --batch-size 12
 DATA_DIR  ?= data
 FETCH_DIR ?= data/coco
+# Where `make data` fetches COCO from when it finds no COCO root.
+COCO_MIRROR ?= http://images.cocodataset.org
 
 export TOKENIZERS_PARALLELISM = false
 
@@ -28,16 +32,20 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # COCO_ROOT if set, else ../shared/coco-mini if present, else fetch val2017 from the official site.
+# One `datagen generate` for every split in SPLITS: the model loads once and the local batches mix the splits.
 data: $(STAMP)
 	@root="$(COCO_ROOT)"; \
 	if [ -z "$$root" ] && [ -d "$(SHARED_COCO)/annotations" ]; then root="$(SHARED_COCO)"; fi; \
+	if [ -z "$$root" ] && [ -f "$(FETCH_DIR)/annotations/captions_$(COCO_SPLIT).json" ]; then root="$(FETCH_DIR)"; fi; \
 	if [ -z "$$root" ]; then \
-	  $(BIN)/datagen coco fetch --split $(COCO_SPLIT) --images 50 --to $(FETCH_DIR) || exit $$?; root="$(FETCH_DIR)"; \
+	  echo "no COCO root found: COCO_ROOT is unset and there is no $(SHARED_COCO) (nor an earlier fetch in $(FETCH_DIR))"; \
+	  echo "fetching from $(COCO_MIRROR) into $(FETCH_DIR): the annotations archive (about 241 MB, kept for reruns) and the first 50 $(COCO_SPLIT) images"; \
+	  $(BIN)/datagen coco fetch --coco-split $(COCO_SPLIT) --images 50 --to $(FETCH_DIR) --base-url $(COCO_MIRROR) || { \
+	    echo "hint: no network? point COCO_ROOT= at a COCO folder (annotations/, $(COCO_SPLIT)/ images): make data COCO_ROOT=/path/to/coco" >&2; exit 2; }; \
+	  root="$(FETCH_DIR)"; \
 	fi; \
-	for split in $(SPLITS); do \
-	  $(BIN)/datagen generate --split $$split --coco-root "$$root" --coco-split $(COCO_SPLIT) \
-	    --limit $(LIMIT) --max-tokens $(MAX_TOKENS) --backend local --out $(DATA_DIR)/$$split.jsonl || exit $$?; \
-	done; \
+	$(BIN)/datagen generate $(foreach s,$(SPLITS),--split $(s)) --coco-root "$$root" --coco-split $(COCO_SPLIT) \
+	  --limit $(LIMIT) --max-tokens $(MAX_TOKENS) --backend local $(GEN_FLAGS) --out-dir $(DATA_DIR) || exit $$?; \
 	echo "samples: $(foreach s,$(SPLITS),$(DATA_DIR)/$(s).jsonl) (rejects beside them)"
 
 test: $(STAMP)

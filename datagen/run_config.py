@@ -174,6 +174,7 @@ class GenerateConfig(BaseModel):
     live: LiveOptions = LiveOptions()
     executor: ExecutorOptions = ExecutorOptions()
     out: Path | None = None
+    out_dir: Path = Path("data")
     dry_run: bool = False
 
     @model_validator(mode="after")
@@ -183,8 +184,14 @@ class GenerateConfig(BaseModel):
         return self
 
     def layout(self) -> OutputLayout:
-        """--out, else data/<split>.jsonl (data/<split>.shard-K-of-N.jsonl for a shard)."""
-        return OutputLayout(self.out) if self.out else OutputLayout.default(self.source.split.value, self.source.shard)
+        """--out, else <out-dir>/<split>.jsonl (<out-dir>/<split>.shard-K-of-N.jsonl for a shard)."""
+        if self.out:
+            return OutputLayout(self.out)
+        return OutputLayout.default(self.source.split.value, self.source.shard, self.out_dir)
+
+    def for_split(self, split: str) -> "GenerateConfig":
+        """The same run for another split (one config, and one manifest entry, per split of a multi-split run)."""
+        return self.model_copy(update={"source": self.source.model_copy(update={"split": Split(split)})})
 
     def engine_config(self) -> EngineConfig:
         live = self.live

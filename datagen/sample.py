@@ -274,10 +274,10 @@ class OutputLayout:
     samples: Path
 
     @classmethod
-    def default(cls, split: str, shard: str | None = None) -> "OutputLayout":
-        """data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl for shard "K/N"."""
+    def default(cls, split: str, shard: str | None = None, directory: Path | str = "data") -> "OutputLayout":
+        """<directory>/<split>.jsonl, or <directory>/<split>.shard-K-of-N.jsonl for shard "K/N" (directory: data/)."""
         suffix = ".shard-{}-of-{}".format(*shard.split("/")) if shard else ""
-        return cls(Path("data") / f"{split}{suffix}.jsonl")
+        return cls(Path(directory) / f"{split}{suffix}.jsonl")
 
     def _beside(self, suffix: str) -> Path:
         return self.samples.with_name(self.samples.name.removesuffix(".jsonl") + suffix)

@@ -1,15 +1,14 @@
-"""What several commands share: picking image ids, making a backend, money and progress display."""
+"""What several commands share: picking image ids, making a backend, and the end-of-run summary."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from datagen.backends.base import Backend
+from datagen.cli.progress import format_usd
 from datagen.coco import CocoIndex
 from datagen.engine.shard import ShardSpec
 from datagen.engine.work import RunStats
@@ -60,32 +59,6 @@ def make_backend(name: str, model: Optional[str], base_url: Optional[str], batch
         timeout=timeout,
         transport=transport,
     )
-
-
-def format_usd(value: Optional[float]) -> str:
-    return "n/a" if value is None else (f"${value:.4f}" if value < 1 else f"${value:,.2f}")
-
-
-def progress_bar(split: str, total: int):
-    """A rich progress bar (done/total, rate, ETA, tokens, cost, failures) and the callback that feeds it."""
-    progress = Progress(
-        TextColumn(f"[bold]{split}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        TextColumn("tok {task.fields[tok]} cost {task.fields[cost]} ok {task.fields[ok]} rej {task.fields[rej]} "
-                   "fail {task.fields[fail]} cached {task.fields[cached]}"),
-        transient=False,
-    )
-    task = progress.add_task(split, total=total, ok=0, rej=0, fail=0, tok=0, cost="$0", rate="0.0", cached=0)
-    started = time.monotonic()
-
-    def on_progress(stats: RunStats) -> None:
-        worked = stats.processed - stats.skipped
-        rate = worked / max(time.monotonic() - started, 1e-6)
-        progress.update(task, completed=stats.processed, ok=stats.accepted, rej=stats.rejected, fail=stats.failed,
-                        tok=stats.prompt_tokens + stats.completion_tokens, cost=format_usd(stats.cost_usd),
-                        rate=f"{rate:.1f}", cached=stats.cache_hits)
-
-    return progress, on_progress
 
 
 def print_summary(split: str, layout: OutputLayout, stats: RunStats, budget: Optional[float]) -> None:

@@ -1,26 +1,31 @@
-"""`datagen generate`: the local executor (live engine) over one split, or a dry run of the same preparation."""
+"""`datagen generate`: the local executor (live engine) over one or more splits, or a dry run of the same preparation."""
 from __future__ import annotations
 
 import asyncio
 import os
 import shlex
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from datagen.cli.common import format_usd, make_backend, print_summary, progress_bar, select_ids
+from datagen.cli.common import make_backend, print_summary, select_ids
+from datagen.cli.progress import format_usd, run_progress
 from datagen.cli.options import (
     COST, ENGINE, EXECUTOR, AbsentObjectsOpt, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
-    ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitOpt, TemperatureOpt, TopPOpt,
+    ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitsOpt, TemperatureOpt, TopPOpt,
     TransportOpt, build,
 )
+from datagen.backends.base import Backend
 from datagen.coco import CocoIndex
 from datagen.context import DEFAULT_ABSENT_OBJECTS, ContextBuilder, context_builder
 from datagen.engine.cost import load_prices
 from datagen.engine.tokens import PromptTokenCounter
-from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner
+from datagen.engine.judging import Judge
+from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner, RunStats
 from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
 from datagen.prompts import load_prompt_set
@@ -31,11 +36,13 @@ from datagen.task import LlavaTask
 
 
 def generate(
-    split: SplitOpt,
+    split: SplitsOpt,
     coco_root: CocoRootOpt,
     coco_split: CocoSplitOpt = "val2017",
     out: Annotated[Optional[Path], typer.Option(
-        help="Output JSONL (appended; default data/<split>.jsonl, or data/<split>.shard-K-of-N.jsonl).")] = None,
+        help="Output JSONL of a single --split (appended); default <out-dir>/<split>.jsonl.")] = None,
+    out_dir: Annotated[Path, typer.Option(
+        help="Folder of the outputs: <split>.jsonl per split (<split>.shard-K-of-N.jsonl for --shard).")] = Path("data"),
     limit: LimitOpt = None,
     image_ids: ImageIdsOpt = None,
     backend: BackendOpt = BackendName.auto,
@@ -46,11 +53,12 @@ def generate(
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     seed: SeedOpt = 0,
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Local backend: prompts per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Local backend: prompts per forward pass (shared by every --split of the run).")] = 8,
     prompts_dir: PromptsDirOpt = None,
     concurrency: Annotated[Optional[int], typer.Option(
         min=1, rich_help_panel=ENGINE,
-        help="Requests in flight (default 64 for openai; 256+ suits vLLM; local: --batch-size).")] = None,
+        help="Requests in flight per split (default 64 for openai; 256+ suits vLLM; local: --batch-size).")] = None,
     rpm: Annotated[Optional[float], typer.Option(
         min=1, rich_help_panel=ENGINE, help="Requests-per-minute budget (tightened by x-ratelimit headers).")] = None,
     tpm: Annotated[Optional[float], typer.Option(
@@ -76,10 +84,17 @@ def generate(
     absent_objects: AbsentObjectsOpt = DEFAULT_ABSENT_OBJECTS,
     cooccurrence_from: CooccurrenceFromOpt = None,
 ) -> None:
-    """Generate samples of one split and append them to a JSONL file (resumable: rerun the same command)."""
+    """Generate samples of one or more splits, each appended to its JSONL file (resumable: rerun the same command).
+
+    Several --split options share one model load; the local model batches their requests together.
+    """
+    splits = list(dict.fromkeys(split))
+    if out is not None and len(splits) > 1:
+        raise VisinstructError(f"--out names one file but {len(splits)} splits were given",
+                               "drop --out to write <out-dir>/<split>.jsonl per split, or pass a single --split")
     config = build(
         GenerateConfig,
-        source=dict(split=split, coco_root=coco_root, coco_split=coco_split, limit=limit, image_ids=image_ids,
+        source=dict(split=splits[0], coco_root=coco_root, coco_split=coco_split, limit=limit, image_ids=image_ids,
                     shard=shard, prompts_dir=prompts_dir, absent_objects=absent_objects,
                     cooccurrence_from=cooccurrence_from),
         model=dict(backend=backend, model=model, base_url=base_url),
@@ -89,9 +104,9 @@ def generate(
         live=dict(batch_size=batch_size, concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries,
                   timeout=timeout, transport=transport, budget=budget, prices=prices),
         executor=dict(executor=executor, ray_address=ray_address),
-        out=out, dry_run=dry_run,
+        out=out, out_dir=out_dir, dry_run=dry_run,
     )
-    run_generate(config, command="datagen " + shlex.join(sys.argv[1:]))
+    run_generate_splits([config.for_split(s.value) for s in splits], command="datagen " + shlex.join(sys.argv[1:]))
 
 
 def open_source(config: GenerateConfig) -> tuple[CocoIndex, list[int]]:
@@ -106,54 +121,124 @@ def split_context(source: SourceOptions, index: CocoIndex, seed: int) -> Context
     return context_builder(source.split.value, index, source.cooccurrence_from, seed, source.absent_objects)
 
 
-def run_generate(config: GenerateConfig, command: str | None = None) -> None:
-    """Run (or dry-run) one configured generation and write its manifest.
+@dataclass
+class SplitRun:
+    """One split of a run: its config, task, images and what earlier runs already wrote."""
 
-    command: the exact command line, recorded in the manifest (the dataset card of `export --format hf` shows it).
-    """
+    config: GenerateConfig
+    task: LlavaTask
+    index: CocoIndex
+    ids: list[int]
+    prompt_hash: str
+    done: set[str] = field(default_factory=set)
+
+    @property
+    def split(self) -> str:
+        return self.task.split
+
+    @property
+    def finished(self) -> bool:
+        return all(sample_id(i) in self.done for i in self.ids)
+
+
+def prepare_split(config: GenerateConfig) -> SplitRun:
+    """Prompts, COCO index, image ids and task of one split (every user error surfaces here, before a model loads)."""
     split = config.source.split.value
-    layout = config.layout()
     prompts = load_prompt_set(config.source.prompts_dir, split)
     index, ids = open_source(config)
-    backend_name = config.model.backend_name()
-    engine_config = config.engine_config()
-    task = LlavaTask(split, prompts, config.sampling.params(), provenance={"backend": backend_name},
+    task = LlavaTask(split, prompts, config.sampling.params(), provenance={"backend": config.model.backend_name()},
                      context=split_context(config.source, index, config.sampling.seed))
-    if config.dry_run:
-        print_dry_run(config, task, index, ids)
-        return
-    done = layout.done_ids()
-    if all(sample_id(i) in done for i in ids):
-        # A finished run's rerun: say so without loading a model or opening a connection.
-        typer.echo(f"{split}: all {len(ids)} images already done in {layout.samples} (and its rejects file); nothing to generate")
-        return
-    live = config.live
-    if config.executor.executor is ExecutorName.ray:
-        stats = run_on_ray(config, task, index, ids, done)
-        write_manifest(layout, manifest(config, images=len(ids), prompt_hash=prompts.hash, backend=backend_name,
-                                        model=config.model.model_name(), concurrency=live.concurrency,
-                                        cache=engine_config.cache_path), stats)
-        print_summary(split, layout, stats, live.budget)
-        return
-    backend = make_backend(backend_name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
-                           live.timeout, live.transport)
-    concurrency = live.concurrency or backend.preferred_concurrency
-    judge = make_judge(task, concurrency)  # before the progress bar's thread: its worker process forks now
-    progress, on_progress = progress_bar(split, len(ids))
+    return SplitRun(config, task, index, ids, prompts.hash)
 
-    async def run():
+
+def run_generate(config: GenerateConfig, command: str | None = None) -> None:
+    """Run (or dry-run) one configured split and write its manifest."""
+    run_generate_splits([config], command)
+
+
+def run_generate_splits(configs: list[GenerateConfig], command: str | None = None) -> None:
+    """Run (or dry-run) one or more splits that differ only in their split, with one backend (one model load).
+
+    With the local executor the splits run side by side on one event loop, so the local model's batches
+    mix them; each split keeps its own output files, near-duplicate gate and manifest entry, written when
+    that split finishes. command: the exact command line, recorded in each manifest entry.
+    """
+    runs = [prepare_split(config) for config in configs]
+    if configs[0].dry_run:
+        for run in runs:
+            print_dry_run(run.config, run.task, run.index, run.ids)
+        return
+    pending = []
+    for run in runs:
+        run.done = run.config.layout().done_ids()
+        if run.finished:
+            # A finished run's rerun: say so without loading a model or opening a connection.
+            typer.echo(f"{run.split}: all {len(run.ids)} images already done in {run.config.layout().samples} "
+                       "(and its rejects file); nothing to generate")
+        else:
+            pending.append(run)
+    if not pending:
+        return
+    config = configs[0]
+    if config.executor.executor is ExecutorName.ray:
+        for run in pending:  # one Ray run per split (the workers load the model per run)
+            stats = run_on_ray(run.config, run.task, run.index, run.ids, run.done)
+            write_manifest(run.config.layout(), manifest(
+                run.config, images=len(run.ids), prompt_hash=run.prompt_hash, backend=config.model.backend_name(),
+                model=config.model.model_name(), concurrency=config.live.concurrency,
+                cache=run.config.engine_config().cache_path, command=command), stats)
+            print_summary(run.split, run.config.layout(), stats, config.live.budget)
+        return
+    run_local_splits(pending, command)
+
+
+def open_backend(config: GenerateConfig, splits: list[str]) -> Backend:
+    """The run's one backend; loading a local model is said on stderr (it takes a while, and happens once per run)."""
+    name, live = config.model.backend_name(), config.live
+    if name != "local":
+        return make_backend(name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
+                            live.timeout, live.transport)
+    typer.echo(f"model: loading local {config.model.model_name()} once for {', '.join(splits)}")
+    started = time.perf_counter()
+    backend = make_backend(name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
+                           live.timeout, live.transport)
+    typer.echo(f"model: loaded in {time.perf_counter() - started:.1f} s")
+    return backend
+
+
+def run_local_splits(runs: list[SplitRun], command: str | None) -> None:
+    """The local executor over every split at once: one backend, one event loop, a manifest entry per split."""
+    config = runs[0].config
+    backend = open_backend(config, [run.split for run in runs])
+    concurrency = config.live.concurrency or backend.preferred_concurrency
+    # Judges before the progress display's thread: a worker-process judge forks when it is made.
+    judges = [make_judge(run.task, concurrency) for run in runs]
+    progress = run_progress({run.split: len(run.ids) for run in runs})
+    finished: list[tuple[SplitRun, RunStats]] = []
+
+    async def one(run: SplitRun, judge: Judge) -> None:
+        layout, engine_config = run.config.layout(), run.config.engine_config()
+        stats = await run_local(run.task, layout, backend, run.index.records(run.ids), engine_config, concurrency,
+                                progress.callback(run.split), run.done, judge)
+        write_manifest(layout, manifest(run.config, images=len(run.ids), prompt_hash=run.prompt_hash,
+                                        backend=backend.name, model=backend.model, concurrency=concurrency,
+                                        cache=engine_config.cache_path, command=command), stats)
+        finished.append((run, stats))
+
+    async def run_all() -> None:
         try:
-            return await run_local(task, layout, backend, index.records(ids), engine_config, concurrency, on_progress,
-                                   done, judge)
+            await asyncio.gather(*(one(run, judge) for run, judge in zip(runs, judges)))
         finally:
             await backend.aclose()
 
-    with progress:
-        stats = asyncio.run(run())
-    write_manifest(layout, manifest(config, images=len(ids), prompt_hash=prompts.hash, backend=backend.name,
-                                    model=backend.model, concurrency=concurrency, cache=engine_config.cache_path,
-                                    command=command), stats)
-    print_summary(split, layout, stats, live.budget)
+    try:
+        with progress:
+            asyncio.run(run_all())
+    finally:
+        # Summaries after the bars are gone (they share the terminal); in the order the splits were given.
+        order = {run.split: k for k, run in enumerate(runs)}
+        for run, stats in sorted(finished, key=lambda pair: order[pair[0].split]):
+            print_summary(run.split, run.config.layout(), stats, config.live.budget)
 
 
 def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: list[int], done: set[str]):
@@ -168,10 +253,10 @@ def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: l
     spec = BackendSpec(backend_name, config.model.model_name(), config.model.base_url or os.environ.get("OPENAI_BASE_URL"),
                        live.batch_size, live.timeout, live.transport)
     concurrency = live.concurrency or (live.batch_size if backend_name == "local" else DEFAULT_CONCURRENCY)
-    progress, on_progress = progress_bar(task.split, len(ids))
+    progress = run_progress({task.split: len(ids)})
     with progress:
-        run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency, on_progress,
-                      done, config.executor.ray_address)
+        run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency,
+                      progress.callback(task.split), done, config.executor.ray_address)
     timings = run.timings
     typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
                f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work")

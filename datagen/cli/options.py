@@ -29,6 +29,8 @@ SAMPLE_SPLIT_HELP = "Treat every sample as this split (default: the sample's spl
 # Source: which images.
 SplitOpt = Annotated[Split, typer.Option(help="Kind of sample to write.")]
 SampleSplitOpt = Annotated[Optional[SampleSplit], typer.Option("--split", help=SAMPLE_SPLIT_HELP)]
+SplitsOpt = Annotated[list[Split], typer.Option(
+    "--split", help="Kind of sample to write; repeat it for several (one model load and one run for all).")]
 CocoRootOpt = Annotated[Path, typer.Option(envvar="COCO_ROOT", help=COCO_ROOT_HELP)]
 CocoSplitOpt = Annotated[str, typer.Option(help="COCO annotation split, e.g. val2017, train2017, train2014.")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="At most this many images.")]
