@@ -243,7 +243,8 @@ def test_logprobs_refused_for_a_backend_without_them(tmp_path: Path, monkeypatch
     monkeypatch.setattr(judge_cli, "make_backend", lambda *a, **k: Replying())
     result = CliRunner().invoke(cli.app, ["judge", str(src), "--min-score", "6", "--scoring", "logprobs",
                                           "--cache", str(tmp_path / "c.sqlite")])
-    assert isinstance(result.exception, VisinstructError) and "log-probabilities" in str(result.exception)
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "--scoring reply" in result.stderr
+    assert result.stderr.count("\n") == 1
     assert not judged_paths(src)[0].exists() or judged_paths(src)[0].read_text() == ""
 
 
