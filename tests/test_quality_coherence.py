@@ -95,6 +95,21 @@ def test_answers_about_the_asked_subject_pass(question, answer):
     assert "subject_mismatch" not in reasons("<image>\n" + question, answer)
 
 
+def test_the_issue_example_answer_contradicts_the_posture_its_question_takes_for_granted():
+    found = reasons("<image>\nWhat is the woman standing in?", "She is sitting in a living room with a television.")
+    assert found.get("subject_mismatch") == "answer 1 asked about standing, answered sitting"
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("Is the man standing?", "No, he is sitting on a bench."),  # a yes/no question asks
+    ("Where is the man standing?", "He is standing next to a woman who is sitting."),
+    ("What is the dog lying on?", "The dog is not sitting; it lies on a rug."),
+    ("What is the woman sitting on?", "A wooden bench by the lake."),
+])
+def test_answers_that_keep_or_discuss_the_posture_pass(question, answer):
+    assert "subject_mismatch" not in reasons("<image>\n" + question, answer)
+
+
 def test_negative_answers_are_left_to_the_negative_checks():
     assert "subject_mismatch" not in reasons("<image>\nWhat is the dog doing?", "The cat is the only animal here.",
                                              split="negative")
@@ -141,10 +156,10 @@ def test_words_that_are_not_about_the_writing_pass(answer):
 def test_heldout_rates(coco_root):
     """False rejects on > 100 held-out good samples per set (one sample < 1%), catches of held-out plants.
 
-    Measured 2026-11-28: 0 / 432 coherence conversations, 0 / 847 other checks' templates, 1 / 168 hand-written
+    Measured 2026-11-28: 0 / 481 coherence conversations, 0 / 847 other checks' templates, 1 / 168 hand-written
     fixtures (subject_mismatch: "Five vultures surround the bear" for "How many birds surround the bear?").
     Plants caught: restated questions 560/560 (238 by paraphrased_question itself, the rest by
-    repeated_question), self-reference 720/720, subject swaps 61/99.
+    repeated_question), self-reference 720/720, subject and posture swaps 109/147.
     """
     result = new_rule_rates("heldout", coco_root, Path(__file__).resolve().parent / "fixtures")
     good = result["good"]
@@ -157,4 +172,4 @@ def test_heldout_rates(coco_root):
     assert planted["paraphrase"]["caught"] == planted["paraphrase"]["planted"] > 100
     assert planted["paraphrase"]["caught_by_new_code"] >= 200
     assert planted["selfref"]["caught"] == planted["selfref"]["planted"] > 100
-    assert planted["subject"]["planted"] > 50 and planted["subject"]["caught"] >= 0.6 * planted["subject"]["planted"]
+    assert planted["subject"]["planted"] > 100 and planted["subject"]["caught"] >= 0.7 * planted["subject"]["planted"]

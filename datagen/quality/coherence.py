@@ -230,13 +230,45 @@ def subject_mismatch(question: str, answer: str, matcher) -> str | None:
     return f"asked about the {' '.join(words)}, answered about the {' '.join(said[1])}"
 
 
+# Postures: a question that takes one for granted ("What is the woman standing in?") is contradicted by an
+# answer that gives its subject one of the postures it excludes ("She is sitting in a living room.").
+POSTURES = {"standing": "standing", "stands": "standing", "stand": "standing", "sitting": "sitting", "sits": "sitting",
+            "seated": "sitting", "lying": "lying", "laying": "lying", "lies": "lying", "kneeling": "kneeling",
+            "walking": "walking", "walks": "walking", "running": "running", "runs": "running"}
+_EXCLUDES = {"standing": {"sitting", "lying", "kneeling"}, "sitting": {"standing", "lying", "walking", "running"},
+             "lying": {"standing", "sitting", "walking", "running", "kneeling"}, "kneeling": {"standing", "lying"},
+             "walking": {"sitting", "lying"}, "running": {"sitting", "lying"}}
+_DENIALS = frozenset("no not never neither nor".split())
+
+
+def posture_mismatch(question: str, answer: str) -> str | None:
+    """Why the answer's posture contradicts the one its question takes for granted, or None."""
+    q_words = question_words(question)
+    if not q_words or q_words[0] in _AUXILIARIES:
+        return None  # "Is the man standing?" asks; "No, he is sitting." answers
+    asked = next((POSTURES[w] for w in q_words if w in POSTURES), None)
+    if asked is None:
+        return None
+    a_words = question_words(answer)
+    if any(POSTURES.get(w) == asked for w in a_words) or any(w in _DENIALS for w in a_words):
+        return None
+    first = []
+    for word in _QUESTION_TOKEN.findall(re.split(r"[.!?;]", answer.lower(), maxsplit=1)[0]):
+        first.append(word)
+    said = next((POSTURES[w] for w in first if w in POSTURES), None)
+    if said in _EXCLUDES[asked]:
+        return f"asked about {asked}, answered {said}"
+    return None
+
+
 def check_subject_mismatch(view: SampleView, env: CheckEnv) -> str | None:
-    """Each answer is about its question's subject: asked about the woman, it does not open with the man."""
+    """Each answer is about its question's subject: asked about the woman, it does not open with the man;
+    asked what the standing woman does, it does not say she is sitting."""
     if view.split == "negative":
         return None  # a negative answer may well open with what is there instead of the absent object
     questions, answers = view.questions, view.answers
     for i, (question, answer) in enumerate(zip(questions, answers)):
-        why = subject_mismatch(question, answer, env.matcher)
+        why = subject_mismatch(question, answer, env.matcher) or posture_mismatch(question, answer)
         if why:
             return f"answer {i + 1} {why}"
     return None

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from datagen.coco import CocoIndex, ImageRecord
-from datagen.quality.coherence import FEMALE, MALE, SUPERCATEGORY_OF, SWAP_GROUPS
+from datagen.quality.coherence import FEMALE, MALE, POSTURES, SUPERCATEGORY_OF, SWAP_GROUPS
 from datagen.quality.eval_samples import TEMPLATE_SETS, article, conversation, number, plural
 from datagen.quality.objects import ObjectMatcher, default_matcher, tokenize
 
@@ -33,6 +33,7 @@ TEMPLATES = {
         "count_q": "How many {objs} are there?",
         "count_a": ("There is one {obj}.", "There are {n} {objs}."),
         "where_q": "Where is the {subj}?",
+        "posture_q": ("Where is the {subj} {posture}?", "What is the {subj} {posture} next to?"),
         # Restating the subject question: the question with words added at the end, or in the middle.
         "restate_end": (" in this picture", " right now", " {loc}"),
         "restate_mid": ("young", "tall", "smiling"),
@@ -46,6 +47,7 @@ TEMPLATES = {
         "count_q": "Can you count the {objs}?",
         "count_a": ("I count a single {obj}.", "I count {n} {objs}."),
         "where_q": "Where can the {subj} be found?",
+        "posture_q": ("Why is the {subj} {posture} there?", "What is the {subj} {posture} beside?"),
         "restate_end": (" at this moment", " over there", " {loc}"),
         "restate_mid": ("older", "nearby", "main"),
         "self_ref": ("Like I said before, the {subj} is what the picture is about.",
@@ -94,6 +96,28 @@ def _location(captions: list[str]) -> str | None:
             if tokens[i] in ("in", "on", "at") and tokens[i + 1] in ("a", "an", "the") and tokens[i + 2].isalpha():
                 return f"{tokens[i]} the {tokens[i + 2]}"
     return None
+
+
+# The posture a planted answer claims instead: one the question's posture excludes.
+POSTURE_SWAP = {"standing": "sitting", "sitting": "standing", "lying": "sitting", "kneeling": "standing",
+                "walking": "sitting", "running": "sitting"}
+POSTURE_FORMS = {"standing": ("standing", "stands"), "sitting": ("sitting", "sits", "seated"),
+                 "lying": ("lying", "laying", "lies"), "kneeling": ("kneeling",), "walking": ("walking", "walks"),
+                 "running": ("running", "runs")}
+
+
+def posture_of(caption: str) -> str | None:
+    """The posture a caption gives ("A woman standing in ..." -> standing), or None."""
+    return next((POSTURES[w] for w in tokenize(caption) if w in POSTURES), None)
+
+
+def swap_posture(answer: str, posture: str) -> str | None:
+    """The answer with each word of its posture replaced by one the posture excludes, or None if it has none."""
+    words = answer.split(" ")
+    forms = POSTURE_FORMS[posture]
+    changed = [POSTURE_SWAP[posture] + w[len(w.rstrip(".,;!?")):] if w.lower().rstrip(".,;!?") in forms else w
+               for w in words]
+    return " ".join(changed) if changed != words else None
 
 
 def _swap_opening(answer: str, word: str, swap: str) -> str | None:
@@ -169,6 +193,17 @@ class CoherenceWriter:
             restated = first_q.replace(f"the {word}", f"the {adjective} {word}", 1)
             self.add(record, family, pairs + [(restated, extra_answer)], "paraphrased_question", "mid")
         elif family == "subject":
+            # A question that takes the subject's posture for granted, answered by a caption that agrees.
+            posture = posture_of(used["main"])
+            if posture is not None:
+                agreeing = [c for c in [*used["others"], used["main"]] if posture_of(c) == posture]
+                question = rng.choice(t["posture_q"]).format(subj=word, posture=posture)
+                answer = sentence(agreeing[0])
+                with_posture = pairs + [(question, answer)]
+                self.add(record, family, with_posture, name="posture")
+                swapped = swap_posture(answer, posture)
+                if swapped is not None:
+                    self.add(record, family, pairs + [(question, swapped)], "subject_mismatch", "posture")
             swap = GENDER_SWAP.get(word) if used["category"] == "person" else SIBLING.get(word)
             if swap is None or (used["category"] != "person" and SUPERCATEGORY_OF.get(used["category"]) not in SWAP_GROUPS):
                 return
