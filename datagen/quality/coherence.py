@@ -197,8 +197,18 @@ def _first_sentence(tokens: list[str]) -> list[str]:
     return tokens
 
 
+# A question that ends on one of these asks for something beside its subject ("What is the woman standing near?",
+# "What is the man holding?"): its answer may well open with another person or animal.
+_ASKS_FOR_AN_OBJECT = _PREPOSITIONS | frozenset(
+    "about of holding carrying watching looking feeding petting eating riding using wearing chasing hugging "
+    "touching pulling pushing throwing catching drinking reading doing".split()) - {"doing"}
+
+
 def subject_mismatch(question: str, answer: str, matcher) -> str | None:
     """Why the answer's subject contradicts what the question asked about, or None."""
+    words = question_words(question)
+    if words and words[-1] in _ASKS_FOR_AN_OBJECT and words[-2:] != ["up", "to"]:  # "what is she up to" = doing
+        return None
     q_tokens, q_found = matcher.scan(question)
     asked = _opening_subject(q_tokens, q_found, _QUESTION_BLOCKERS, QUESTION_WINDOW)
     if asked is None:
@@ -231,33 +241,72 @@ def subject_mismatch(question: str, answer: str, matcher) -> str | None:
 
 
 # Postures: a question that takes one for granted ("What is the woman standing in?") is contradicted by an
-# answer that gives its subject one of the postures it excludes ("She is sitting in a living room.").
+# answer that gives the same subject one of the postures it excludes ("She is sitting in a living room.").
 POSTURES = {"standing": "standing", "stands": "standing", "stand": "standing", "sitting": "sitting", "sits": "sitting",
             "seated": "sitting", "lying": "lying", "laying": "lying", "lies": "lying", "kneeling": "kneeling",
             "walking": "walking", "walks": "walking", "running": "running", "runs": "running"}
+# A question states a posture with a participle after its subject ("the woman standing", "who is sitting"):
+# "What stands out?" and "Where does it stand?" state none.
+_QUESTION_POSTURES = frozenset({"standing", "sitting", "seated", "lying", "laying", "kneeling", "walking", "running"})
 _EXCLUDES = {"standing": {"sitting", "lying", "kneeling"}, "sitting": {"standing", "lying", "walking", "running"},
              "lying": {"standing", "sitting", "walking", "running", "kneeling"}, "kneeling": {"standing", "lying"},
              "walking": {"sitting", "lying"}, "running": {"sitting", "lying"}}
 _DENIALS = frozenset("no not never neither nor".split())
+_PRONOUNS = frozenset("he she they it".split())
+POSTURE_REACH = 6  # the posture's subject is among the words before it ("a man in a green shirt is sitting")
 
 
-def posture_mismatch(question: str, answer: str) -> str | None:
-    """Why the answer's posture contradicts the one its question takes for granted, or None."""
+def _category_of_word(word: str, matcher) -> str | None:
+    return matcher.phrases.get((word,))
+
+
+def _posture_subject(words: list[str], at: int, matcher) -> tuple[str, str] | None:
+    """(category or 'who' or the pronoun, the word) of the nearest subject before a posture word, else None."""
+    for word in reversed(words[max(0, at - POSTURE_REACH) : at]):
+        if word == "who" or word in _PRONOUNS:
+            return word, word
+        category = _category_of_word(word, matcher)
+        if category is not None:
+            return category, word
+    return None
+
+
+def _same_subject(asked: tuple[str, str], said: tuple[str, str]) -> bool:
+    """Whether the answer's posture belongs to the question's subject: 'who' or a pronoun, or the same
+    category (for people, not the other gender: "a man sitting" does not answer for "the woman standing")."""
+    if asked[0] == "who" or said[0] in _PRONOUNS:
+        return True
+    if asked[0] != said[0]:
+        return False
+    genders = {_gender([asked[1]]), _gender([said[1]])} - {None}
+    return len(genders) < 2
+
+
+def posture_mismatch(question: str, answer: str, matcher) -> str | None:
+    """Why the answer gives the question's subject a posture the question's own excludes, or None."""
     q_words = question_words(question)
     if not q_words or q_words[0] in _AUXILIARIES:
         return None  # "Is the man standing?" asks; "No, he is sitting." answers
-    asked = next((POSTURES[w] for w in q_words if w in POSTURES), None)
+    asked = subject = None
+    for i, word in enumerate(q_words):
+        if word in _QUESTION_POSTURES:
+            subject = _posture_subject(q_words, i, matcher)
+            if subject is not None:
+                asked = POSTURES[word]
+                break
     if asked is None:
         return None
     a_words = question_words(answer)
     if any(POSTURES.get(w) == asked for w in a_words) or any(w in _DENIALS for w in a_words):
         return None
-    first = []
-    for word in _QUESTION_TOKEN.findall(re.split(r"[.!?;]", answer.lower(), maxsplit=1)[0]):
-        first.append(word)
-    said = next((POSTURES[w] for w in first if w in POSTURES), None)
-    if said in _EXCLUDES[asked]:
-        return f"asked about {asked}, answered {said}"
+    first = question_words(re.split(r"[.!?;]", answer, maxsplit=1)[0])
+    for i, word in enumerate(first):
+        said = POSTURES.get(word)
+        if said is None:
+            continue
+        whose = _posture_subject(first, i, matcher)
+        if whose is not None and _same_subject(subject, whose) and said in _EXCLUDES[asked]:
+            return f"asked about {asked}, answered {said}"
     return None
 
 
@@ -268,7 +317,7 @@ def check_subject_mismatch(view: SampleView, env: CheckEnv) -> str | None:
         return None  # a negative answer may well open with what is there instead of the absent object
     questions, answers = view.questions, view.answers
     for i, (question, answer) in enumerate(zip(questions, answers)):
-        why = subject_mismatch(question, answer, env.matcher) or posture_mismatch(question, answer)
+        why = subject_mismatch(question, answer, env.matcher) or posture_mismatch(question, answer, env.matcher)
         if why:
             return f"answer {i + 1} {why}"
     return None
