@@ -105,13 +105,14 @@ def test_checks_in_a_worker_process_write_the_same_files(tmp_path, task, coco_ro
     ids = index.image_ids()[:12]
     texts = {i: [ORIGINAL, NEAR_COPY, OTHER, "Question: Why?\nAnswer:"][k % 4] for k, i in enumerate(ids)}
     outputs = []
-    for name, judge in (("inline", InlineJudge(task)), ("process", ProcessJudge(task))):
+    for name, judge in (("inline", InlineJudge(task)), ("process", ProcessJudge(task)),
+                        ("three-processes", ProcessJudge(task, workers=3))):
         layout = OutputLayout(tmp_path / f"{name}.jsonl")
         stats = asyncio.run(run_local(task, layout, ScriptedBackend(texts), index.records(ids), EngineConfig(), 4,
                                       judge=judge))
         assert stats.accepted + stats.rejected == len(ids)
         outputs.append((layout.samples.read_text(), layout.rejects.read_text()))
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 @given(base=st.floats(0.001, 5), cap=st.floats(0.01, 120), attempt=st.integers(1, 30),

@@ -60,23 +60,28 @@ def _ready() -> None:
 
 
 class ProcessJudge:
-    """Judges in one worker process; subjects go there without their chat messages (see Subject).
+    """Judges in worker processes; subjects go there without their chat messages (see Subject).
 
-    The worker is forked (it starts at once, with the task's modules already imported) when it is
+    The workers are forked (they start at once, with the task's modules already imported) when it is
     made, which callers do before starting threads, sockets or SQLite connections of their own
-    (see executors.local.run_local); it only ever runs `task.judge`.
+    (see executors.local.run_local); they only ever run `task.judge`. A batch is cut into one contiguous
+    part per worker and the verdicts come back in the batch's order.
     """
 
-    def __init__(self, task: JudgingTask) -> None:
+    def __init__(self, task: JudgingTask, workers: int = 1) -> None:
         context = multiprocessing.get_context("fork")
-        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=_install, initargs=(task,))
-        self.warm: Future = self.pool.submit(_ready)  # start the worker now, while the first requests are in flight
+        self.workers = max(1, workers)
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_install, initargs=(task,))
+        # Start the workers now, while the first requests are in flight.
+        self.warm: list[Future] = [self.pool.submit(_ready) for _ in range(self.workers)]
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]:
         if not pairs:
             return []
         slim = [(getattr(subject, "subject", subject), completion) for subject, completion in pairs]
-        return self.pool.submit(_judge_many, slim).result()
+        size = -(-len(slim) // self.workers)
+        parts = [self.pool.submit(_judge_many, slim[start:start + size]) for start in range(0, len(slim), size)]
+        return [verdict for part in parts for verdict in part.result()]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,6 +1,7 @@
 """The local executor (the default): the live engine over a stream of records, on this machine."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 from datagen.backends.base import Backend
@@ -19,13 +20,25 @@ LOCAL_PRICE = Price(0.0, 0.0)  # the embedded model costs nothing per token
 # From this many requests in flight, checks in a worker process pay for its start-up (about a second):
 # below it the backend, not the checks, is what a run waits for.
 PROCESS_JUDGE_MIN_CONCURRENCY = 64
+# Checks cost more CPU per sample than the request itself; past a few processes the event loop is the limit.
+MAX_JUDGE_WORKERS = 4
 
 
-def make_judge(task: LlavaTask, concurrency: int, in_process: bool | None = None) -> Judge:
-    """A worker-process judge for fast, concurrent runs with checks; judging in the store thread otherwise."""
+def make_judge(task: LlavaTask, concurrency: int, in_process: bool | None = None, workers: int | None = None) -> Judge:
+    """Worker-process judges for fast, concurrent runs with checks; judging in the store thread otherwise."""
     if in_process is None:
         in_process = task.gate and concurrency >= PROCESS_JUDGE_MIN_CONCURRENCY
-    return ProcessJudge(task) if in_process else InlineJudge(task)
+    if not in_process:
+        return InlineJudge(task)
+    return ProcessJudge(task, judge_workers() if workers is None else workers)
+
+
+def judge_workers() -> int:
+    """How many judge processes: `$DATAGEN_JUDGE_WORKERS`, else one per CPU this process may use (at most 4)."""
+    explicit = os.environ.get("DATAGEN_JUDGE_WORKERS")
+    if explicit:
+        return max(1, int(explicit))
+    return max(1, min(MAX_JUDGE_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def price_of(backend_name: str, model: str, config: EngineConfig) -> Price | None:
