@@ -58,7 +58,8 @@ class Rejected:
 
     `base` is the sample (or, when it did not parse, its id, image and split); `evidence` the context,
     raw text and meta the rejects file keeps; `signature` the answers' MinHash when near-duplicates are
-    checked (a rejected sample is still reported as a near-copy, but never kept as an original).
+    checked (a rejected sample is still reported as a near-copy, but never kept as an original), and `bands`
+    its LSH band keys (computed where the sample was judged, so the gate does not).
     """
 
     item_id: str
@@ -67,6 +68,7 @@ class Rejected:
     detail: str = ""
     evidence: dict[str, Any] = field(default_factory=dict, repr=False)
     signature: np.ndarray | None = field(default=None, repr=False)
+    bands: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def entry(self) -> dict[str, Any]:
@@ -74,7 +76,8 @@ class Rejected:
         return reject_entry(self.base, self.reasons, self.detail, self.evidence)
 
     def with_reason(self, code: str) -> "Rejected":
-        return Rejected(self.item_id, [*self.reasons, code], self.base, self.detail, self.evidence, self.signature)
+        return Rejected(self.item_id, [*self.reasons, code], self.base, self.detail, self.evidence, self.signature,
+                        self.bands)
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,15 @@ class Accepted:
     """A completion that passed every check that looks at one sample alone.
 
     `record` is the sample as written; `signature` its answers' MinHash for the near-duplicate gate
-    (None: the split is exempt or the gate is off); `evidence` goes into the rejects file if that gate
-    refuses it.
+    (None: the split is exempt or the gate is off) and `bands` its band keys; `evidence` goes into the
+    rejects file if that gate refuses it.
     """
 
     item_id: str
     record: dict[str, Any]
     signature: np.ndarray | None = field(default=None, repr=False)
     evidence: dict[str, Any] = field(default_factory=dict, repr=False)
+    bands: tuple[int, ...] | None = field(default=None, repr=False)
 
     def rejected(self, reasons: list[str], detail: str) -> Rejected:
         return Rejected(self.item_id, reasons, self.record, detail, self.evidence)
@@ -119,12 +123,12 @@ class NearDuplicateGate:
         reason added); an accepted original joins the index."""
         if verdict.signature is None:
             return verdict
-        match = self.index.match(verdict.signature)
+        match = self.index.match(verdict.signature, verdict.bands)
         if isinstance(verdict, Rejected):
             return verdict.with_reason(NEAR_DUPLICATE) if match is not None else verdict
         if match is not None:
             return verdict.rejected([NEAR_DUPLICATE], f"answers ~{match[1]:.2f} similar to sample {match[0]}")
-        self.index.insert(verdict.item_id, verdict.signature)
+        self.index.insert(verdict.item_id, verdict.signature, verdict.bands)
         return verdict
 
 
@@ -205,15 +209,17 @@ class LlavaTask:
                                       record=record if self.coco_available else None)
         report = self.checker.check(view) if self.checker is not None else None
         reasons = report.reasons if report is not None else []
-        signature = None
+        signature = bands = None
         if self.near_duplicates_on:
             text = "\n".join(view.answers)
-            signature = self.signer.signature(text) if text.strip() else None
+            if text.strip():
+                signature = self.signer.signature(text)
+                bands = self.signer.band_keys(signature)
         if reasons:
             # What failed, not only the code (the objects judged hallucinated, the repeated question, the box...).
             detail = "; ".join(f"{code}: {text}" for code, text in report.details.items())
-            return Rejected(prepared.item_id, reasons, sample.to_record(), detail, evidence, signature)
-        return Accepted(prepared.item_id, sample.to_record(), signature, evidence)
+            return Rejected(prepared.item_id, reasons, sample.to_record(), detail, evidence, signature, bands)
+        return Accepted(prepared.item_id, sample.to_record(), signature, evidence, bands)
 
     def near_duplicate_gate(self, accepted_file: Path | None = None) -> NearDuplicateGate | None:
         """The run's near-duplicate gate, remembering what `accepted_file` (an earlier run's output) holds."""

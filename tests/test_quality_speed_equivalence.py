@@ -189,13 +189,43 @@ def test_shingles_and_signatures_match_the_plain_computation():
         assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))  # second time from the cache
 
 
-def test_near_duplicate_bands_are_the_signature_slices():
+def test_near_duplicate_band_keys_agree_exactly_when_the_band_slices_do():
     index = NearDuplicateIndex(0.8, 2, 128)
-    for text in _texts(16, 200, max_words=40):
+    sigs = [index.signature(text) for text in _texts(16, 200, max_words=40)]
+    rng = random.Random(16)
+    for n in range(0, len(sigs) - 1, 2):  # pairs that share some bands by construction
+        shared = rng.sample(range(32), rng.randint(0, 32))
+        for b in shared:
+            sigs[n + 1][b * 4:(b + 1) * 4] = sigs[n][b * 4:(b + 1) * 4]
+    keys = [index.band_keys(sig) for sig in sigs]
+    for a in range(0, len(sigs), 7):
+        for c in range(len(sigs)):
+            for b in range(32):
+                same_slice = np.array_equal(sigs[a][b * 4:(b + 1) * 4], sigs[c][b * 4:(b + 1) * 4])
+                assert (keys[a][b] == keys[c][b]) == same_slice
+            assert set(keys[a]).isdisjoint(keys[c][b] for b in range(32) if keys[c][b] not in keys[a][b:b + 1])
+    assert index.band_keys(sigs[0].astype(np.uint64)) == keys[0]
+
+
+def test_near_duplicate_match_is_the_plain_best_of_all_remembered():
+    """match/insert (LSH candidates, optional precomputed bands) give the plain scan's answer: the most similar
+    remembered signature sharing a band, first on ties, if at or above the threshold."""
+    index = NearDuplicateIndex(0.5, 2, 128)
+    remembered: list[np.ndarray] = []
+    for n, text in enumerate(_texts(19, 400, max_words=12)):
         sig = index.signature(text)
-        expected = [(b, sig[b * 4 : (b + 1) * 4].tobytes()) for b in range(32)]
-        assert index._bands(sig) == expected
-        assert index._bands(sig.copy()) == expected
+        bands = index.band_keys(sig) if n % 2 else None
+        expected = None
+        sharing = [i for i, old in enumerate(remembered)
+                   if any(np.array_equal(old[b * 4:(b + 1) * 4], sig[b * 4:(b + 1) * 4]) for b in range(32))]
+        if sharing:
+            sims = [float(np.mean(remembered[i] == sig)) for i in sharing]
+            best = max(range(len(sharing)), key=lambda k: (sims[k], -k))
+            if sims[best] >= 0.5:
+                expected = (f"t{sharing[best]}", sims[best])
+        assert index.match(sig, bands) == expected
+        index.insert(f"t{len(remembered)}", sig, bands)
+        remembered.append(sig)
 
 
 # --- small helpers: sentence ends read from the end, views straight from a Sample ------------------------------

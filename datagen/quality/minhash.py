@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import defaultdict
 
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
 _PRIME = (1 << 31) - 1  # hashes are 32-bit and multipliers < 2^31, so a*h + b fits in uint64
+_P64 = np.uint64(_PRIME)
+_SHIFT = np.uint64(31)
 _HASH_CACHE_SIZE = 1 << 16  # shingle hashes kept per MinHasher
 
 
@@ -51,13 +52,22 @@ class MinHasher:
         return np.fromiter(map(cache.__getitem__, items), dtype=np.uint64, count=len(items))
 
     def signature(self, items: set[str]) -> np.ndarray:
-        """Per hash function, the minimum over the items (all-max for an empty set)."""
+        """Per hash function, the minimum over the items (all-max for an empty set); uint32 (values < 2^31)."""
         if not items:
-            return np.full(self.num_perm, _PRIME, dtype=np.uint64)
+            return np.full(self.num_perm, _PRIME, dtype=np.uint32)
         values = np.multiply.outer(self.hashes(items), self.a)
         values += self.b
-        np.remainder(values, _PRIME, out=values)
-        return values.min(axis=0)
+        # x mod (2^31 - 1) by folding the high bits onto the low ones (2^31 = 1 modulo the prime): the same
+        # residues as np.remainder, without a 64-bit division per element. Two folds leave x < 2^31 + 8.
+        high = np.right_shift(values, _SHIFT)
+        np.bitwise_and(values, _P64, out=values)
+        values += high
+        np.right_shift(values, _SHIFT, out=high)
+        np.bitwise_and(values, _P64, out=values)
+        values += high
+        np.subtract(values, _P64, out=high)  # wraps around (huge) where values < prime
+        np.minimum(values, high, out=values)
+        return values.min(axis=0).astype(np.uint32)
 
 
 class NearDuplicateIndex:
@@ -71,49 +81,55 @@ class NearDuplicateIndex:
         self.hasher = MinHasher(num_perm)
         self.rows = rows_per_band
         # Bands of 4 rows make pairs well below the threshold collide too; candidates are then verified.
-        self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+        self.buckets: dict[int, list[int]] = {}
         self.keys: list[str] = []
         # Signatures as rows of one growing matrix, so candidates are compared in one numpy step.
-        self.signatures = np.empty((64, num_perm), dtype=np.uint64)
-        self._last_bands: tuple[bytes, list[tuple[int, bytes]]] | None = None
+        self.signatures = np.empty((64, num_perm), dtype=np.uint32)
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
         return self.hasher.signature(shingles(text, self.shingle_size))
 
-    def _bands(self, sig: np.ndarray) -> list[tuple[int, bytes]]:
-        raw = np.ascontiguousarray(sig).tobytes()
-        last = self._last_bands
-        if last is not None and last[0] == raw:
-            return last[1]  # `insert` after `match` of the same signature
-        width = self.rows * sig.itemsize
-        bands = [(b, raw[b * width : (b + 1) * width]) for b in range(len(sig) // self.rows)]
-        self._last_bands = (raw, bands)
-        return bands
+    def band_keys(self, sig: np.ndarray) -> tuple[int, ...]:
+        """One int per band: the band's rows (their bytes as one number) and its position, so two signatures share
+        a key exactly when they agree on every row of that band. Cheap to send between processes."""
+        raw = np.ascontiguousarray(sig, dtype=np.uint32).tobytes()
+        width = self.rows * 4
+        count = len(sig) // self.rows
+        return tuple(int.from_bytes(raw[b * width:(b + 1) * width], "little") * count + b for b in range(count))
 
-    def match(self, sig: np.ndarray) -> tuple[str, float] | None:
-        """The most similar remembered text at or above the threshold: (key, estimated Jaccard)."""
-        candidates: set[int] = set()
-        for band in self._bands(sig):
-            candidates.update(self.buckets.get(band, ()))
-        if not candidates:
-            return None
-        rows = np.fromiter(sorted(candidates), dtype=np.int64, count=len(candidates))
-        similarity = (self.signatures[rows] == sig).mean(axis=1)
-        best = int(np.argmax(similarity))  # first of the most similar: the earliest sample wins ties
-        if similarity[best] < self.threshold:
-            return None
-        return self.keys[rows[best]], float(similarity[best])
+    def match(self, sig: np.ndarray, bands: tuple[int, ...] | None = None) -> tuple[str, float] | None:
+        """The most similar remembered text at or above the threshold: (key, estimated Jaccard).
 
-    def insert(self, key: str, sig: np.ndarray) -> None:
+        `bands`: the signature's `band_keys`, when the caller has them already (a worker process computed them).
+        """
+        hits = [bucket for bucket in map(self.buckets.get, self.band_keys(sig) if bands is None else bands) if bucket]
+        if not hits:
+            return None
+        candidates = set().union(*hits)
+        rows = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
+        agree = (self.signatures[rows] == sig).sum(axis=1)
+        most = agree.max()
+        similarity = float(most) / sig.shape[0]
+        if similarity < self.threshold:
+            return None
+        best = int(rows[agree == most].min())  # the earliest of the most similar wins ties
+        return self.keys[best], similarity
+
+    def insert(self, key: str, sig: np.ndarray, bands: tuple[int, ...] | None = None) -> None:
         """Remember a signature under a key."""
         index = len(self.keys)
         if index == len(self.signatures):
             self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
         self.signatures[index] = sig
         self.keys.append(key)
-        for band in self._bands(sig):
-            self.buckets[band].append(index)
+        buckets = self.buckets
+        for band in self.band_keys(sig) if bands is None else bands:
+            bucket = buckets.get(band)
+            if bucket is None:
+                buckets[band] = [index]
+            else:
+                bucket.append(index)
 
     def add(self, key: str, text: str) -> tuple[str, float] | None:
         """Check `text` against earlier ones, then remember it; returns (earlier key, similarity) or None."""
