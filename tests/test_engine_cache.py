@@ -1,11 +1,16 @@
 """The response cache: keyed by everything that shapes a completion, so reruns cost nothing."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
-from datagen.engine.cache import ResponseCache, cache_key
+from datagen.backends.openai_backend import OpenAIBackend, chat_body
+from datagen.engine.cache import CacheKeys, ResponseCache, cache_key
 from datagen.sample import OutputLayout
 from engine_support import REPO, datagen_here, ids_of, run_engine
 from fake_openai_server import FakeOpenAIServer
@@ -89,3 +94,32 @@ def test_no_cache_flag_and_cache_commands(coco_root, tmp_path):
     cleared = datagen_here("cache", "clear", "--cache", str(cache))
     assert cleared.returncode == 0 and "removed 3" in cleared.stdout
     assert "0 responses" in datagen_here("cache", "stats", "--cache", str(cache)).stdout
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_VALUE = st.one_of(_TEXT, st.integers(-3, 3), st.booleans(), st.floats(allow_nan=False, width=32), st.none(),
+                   st.lists(st.dictionaries(_TEXT, _TEXT, max_size=2), max_size=2))  # a list: content parts
+_MESSAGE = st.dictionaries(st.sampled_from(["role", "content", "name", "x"]), _VALUE, max_size=3)
+_PARAMS = st.builds(SamplingParams, temperature=st.floats(0, 2), top_p=st.floats(0, 1), max_tokens=st.integers(1, 9),
+                    seed=st.integers(-2, 2), repetition_penalty=st.sampled_from([1.0, 1.1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.lists(st.lists(_MESSAGE, max_size=4), min_size=1, max_size=3),
+       lasts=st.lists(_MESSAGE, min_size=1, max_size=6), params=st.lists(_PARAMS, min_size=1, max_size=2),
+       backend=_TEXT, model=_TEXT)
+def test_remembered_prompt_heads_give_the_exact_keys_and_bodies(heads, lasts, params, backend, model):
+    """CacheKeys and the backend's body encoder, which encode a shared prompt head once, give exactly cache_key's
+    digest and json.dumps(chat_body(...)), request after request (heads repeated, mixed, and empty)."""
+    keys = CacheKeys(backend, model)
+    backend_client = OpenAIBackend(model or "m", base_url="http://127.0.0.1:9/v1", api_key="k")
+    for n, last in enumerate(lasts):
+        messages = [*heads[n % len(heads)], last] if n % 5 != 4 else []
+        request = ChatRequest(f"{n}:x", messages, params[n % len(params)])
+        assert keys.key(request) == cache_key(backend, model, request)
+        assert backend_client.encode_body(request) == json.dumps(chat_body(model or "m", request)).encode()
+    # 1, 1.0 and True are equal as dict values but not as JSON: the memo must not mix them up.
+    for value in (1, 1.0, True):
+        request = ChatRequest("v", [{"role": "system", "content": value}, {"role": "user", "content": "u"}])
+        assert keys.key(request) == cache_key(backend, model, request)
+        assert backend_client.encode_body(request) == json.dumps(chat_body(model or "m", request)).encode()

@@ -11,7 +11,8 @@ from typing import Any
 import httpx2
 import openai
 
-from datagen.backends.base import TRANSPORTS, ChatRequest, Completion
+from datagen.backends.base import TRANSPORTS, ChatRequest, Completion, SamplingParams
+from datagen.engine.cache import MessagesJson
 from datagen.engine.errors import EndpointUnreachableError, MalformedResponseError, RateLimitedError, TransientError
 from datagen.engine.ratelimit import parse_retry_after
 from datagen.errors import VisinstructError
@@ -154,6 +155,10 @@ class OpenAIBackend:
         # Credentials inside the URL (user:password, ?key=...) travel as a header and query parameters.
         url, self._query, basic = endpoint_parts(base_url) if base_url else (None, {}, None)
         self._auth_override = {"Authorization": basic} if basic else {}
+        # chat_body's key order: model, messages, then the sampling fields.
+        self._body_start = '{"model": ' + json.dumps(model) + ', "messages": '
+        self._messages_json = MessagesJson()
+        self._body_tails: dict[SamplingParams, str] = {}
         self._client = openai.AsyncOpenAI(
             api_key=key,
             base_url=url,
@@ -169,8 +174,16 @@ class OpenAIBackend:
         """The SDK client (the Batch API commands share it)."""
         return self._client
 
+    def encode_body(self, request: ChatRequest) -> bytes:
+        """`json.dumps(chat_body(model, request))`, with the prompt head and the sampling fields encoded once."""
+        tail = self._body_tails.get(request.params)
+        if tail is None:
+            rest = {k: v for k, v in chat_body(self.model, request).items() if k not in ("model", "messages")}
+            tail = self._body_tails[request.params] = (", " + json.dumps(rest)[1:]) if rest else "}"
+        return (self._body_start + self._messages_json.encode(request.messages) + tail).encode()
+
     async def complete(self, request: ChatRequest) -> Completion:
-        body = json.dumps(chat_body(self.model, request)).encode()
+        body = self.encode_body(request)
         if self.transport == "direct":
             status, headers, content = await self._post_direct(body)
         else:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from datagen.backends.base import ChatRequest, Completion
 from datagen.errors import VisinstructError
@@ -29,11 +30,85 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+_KEY_JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
+
+
 def cache_key(backend: str, model: str, request: ChatRequest) -> str:
     """SHA-256 over everything that determines the completion; the prompt text is part of it."""
     payload = {"backend": backend, "model": model, "messages": request.messages, "params": asdict(request.params)}
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    blob = json.dumps(payload, **_KEY_JSON)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class MessagesJson:
+    """`json.dumps(messages, **options)`, remembering the encoding of every message but the last.
+
+    In a run the system prompt and few-shot examples open every request and only the image's own message
+    differs, so each request costs the encoding of one message instead of the whole prompt. The text is
+    exactly json.dumps's (a message list is "[" + the messages joined by the item separator + "]").
+    """
+
+    MEMO_SIZE = 16  # distinct prompt heads remembered (one per split and prompt set in practice)
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        if options.get("indent") is not None:
+            raise ValueError("indented JSON is not supported")
+        self.separator = (options.get("separators") or (", ", ": "))[0]
+        self.memo: dict[tuple, str] = {}
+
+    def head(self, messages: list[dict[str, Any]]) -> str | None:
+        """"[" and every message but the last, each followed by the separator; None if a message cannot be a key."""
+        try:
+            # The value's class is part of the key: 1, 1.0 and True are equal but encode differently.
+            key = tuple(tuple((k, v.__class__, v) for k, v in m.items()) for m in messages[:-1])
+            text = self.memo.get(key)
+        except (TypeError, AttributeError):  # unhashable content (a list of parts), or not a dict
+            return None
+        if text is None:
+            if len(self.memo) >= self.MEMO_SIZE:
+                self.memo.clear()
+            text = self.memo[key] = "[" + "".join(json.dumps(m, **self.options) + self.separator for m in messages[:-1])
+        return text
+
+    def encode(self, messages: list[dict[str, Any]]) -> str:
+        head = self.head(messages) if messages else None
+        if head is None:
+            return json.dumps(messages, **self.options)
+        return head + json.dumps(messages[-1], **self.options) + "]"
+
+
+class CacheKeys:
+    """`cache_key` for one backend and model, with the shared prompt head and the sampling settings encoded and
+    hashed once (the planner keys every request of a run; tests check it gives cache_key's exact digest)."""
+
+    def __init__(self, backend: str, model: str) -> None:
+        self.backend = backend
+        self.model = model
+        self.messages = MessagesJson(**_KEY_JSON)
+        # With sort_keys the payload reads backend, messages, model, params.
+        self._start = '{"backend":' + json.dumps(backend, **_KEY_JSON) + ',"messages":'
+        self._model = ',"model":' + json.dumps(model, **_KEY_JSON) + ',"params":'
+        self._params: dict[Any, str] = {}
+        self._heads: dict[str, Any] = {}  # encoded head -> sha256 state after it
+
+    def key(self, request: ChatRequest) -> str:
+        params = self._params.get(request.params)
+        if params is None:
+            params = self._params[request.params] = json.dumps(asdict(request.params), **_KEY_JSON) + "}"
+        messages = request.messages
+        head = self.messages.head(messages) if messages else None
+        if head is None:
+            blob = self._start + json.dumps(messages, **_KEY_JSON) + self._model + params
+            return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        state = self._heads.get(head)
+        if state is None:
+            if len(self._heads) >= MessagesJson.MEMO_SIZE:
+                self._heads.clear()
+            state = self._heads[head] = hashlib.sha256((self._start + head).encode("utf-8"))
+        digest = state.copy()
+        digest.update((json.dumps(messages[-1], **_KEY_JSON) + "]" + self._model + params).encode("utf-8"))
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from datagen.backends.base import ChatRequest, Completion
-from datagen.engine.cache import ResponseCache, cache_key
+from datagen.engine.cache import CacheKeys, ResponseCache
 
 
 class Prepared(Protocol):
@@ -35,9 +35,18 @@ class Endpoint:
 
     backend: str
     model: str
+    _keys: CacheKeys | None = field(default=None, compare=False, repr=False)
 
     def cache_key(self, request: ChatRequest) -> str:
-        return cache_key(self.backend, self.model, request)
+        keys = self._keys
+        if keys is None:  # made on first use (a frozen dataclass: set around __setattr__)
+            keys = CacheKeys(self.backend, self.model)
+            object.__setattr__(self, "_keys", keys)
+        return keys.key(request)
+
+    def __reduce__(self):
+        """Pickled as backend and model (Ray ships endpoints to workers): the key memo stays behind."""
+        return (type(self), (self.backend, self.model))
 
 
 @dataclass
