@@ -47,12 +47,16 @@ class ParseRules:
         default_factory=lambda: {s.name: s.max_pairs for s in SPLIT_SPECS.values() if s.max_pairs is not None})
 
 
+_TRAILING_BOLD = re.compile(r"[ \t]*(\*\*|__)[ \t]*$", re.MULTILINE)
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+
+
 def _clean(text: str) -> str:
     """Block content without separator lines, trailing bold markers or surrounding blank lines."""
     text = _SEPARATOR_LINE.sub("", text)
-    text = re.sub(r"[ \t]*(\*\*|__)[ \t]*$", "", text.strip(), flags=re.MULTILINE).strip()
+    text = _TRAILING_BOLD.sub("", text.strip()).strip()
     # Removing a separator between two paragraphs can leave three or more newlines: keep one blank line.
-    return re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", text)
+    return _BLANK_LINES.sub("\n\n", text)
 
 
 def split_qa(text: str) -> list[tuple[str, str]]:

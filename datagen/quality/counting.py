@@ -115,20 +115,25 @@ def check_wrong_count(view: "SampleView", env: "CheckEnv") -> str | None:
     if record is None or not record.objects:
         return None
     counts, crowd = box_counts(record)
-    key = ("caption_counts",)
-    if key not in env.memo:
-        env.memo[key] = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
-                         if c.count is not None}
-    caption_counts = env.memo[key]
     for i, answer in enumerate(view.answers):
         for claim in count_claims(answer, env.matcher):
             boxes = counts.get(claim.category, 0)
             if boxes == 0 and claim.category not in crowd:
                 continue  # not boxed: whether it is there at all is the object check's question
-            problem = count_problem(claim, boxes, claim.category in crowd, caption_counts)
+            problem = count_problem(claim, boxes, claim.category in crowd, _caption_counts(record, env))
             if problem:
                 return f"answer {i + 1}: {problem}"
     return None
+
+
+def _caption_counts(record: ImageRecord, env: "CheckEnv") -> set[tuple[str, int]]:
+    """(category, number) the captions state; read once per sample, and only when a claim about a boxed object
+    needs it (most samples make none)."""
+    key = ("caption_counts",)
+    if key not in env.memo:
+        env.memo[key] = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
+                         if c.count is not None}
+    return env.memo[key]
 
 
 # --- placement ---------------------------------------------------------------------------------

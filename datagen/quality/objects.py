@@ -173,9 +173,9 @@ class ObjectMatcher:
 
     def categories(self, text: str, include_hedged: bool = True) -> set[str]:
         """Categories named and not negated in the text (optionally also not hedged)."""
-        tokens = tokenize(text)
+        tokens, found = self.scan(text)  # the checks ask about the same answers more than once
         named: set[str] = set()
-        for i, _, category in self._found(tokens):
+        for i, _, category in found:
             # the same set as from `mentions`, without building them or re-testing a category already in
             if category not in named and not self._negated(tokens, i) and (include_hedged or not self._hedged(tokens, i)):
                 named.add(category)
