@@ -148,3 +148,12 @@ def test_rerun_of_a_finished_run_loads_no_model(coco_root, tmp_path):
                       "--model", str(tmp_path / "no-such-model.gguf"), "--out", str(out),
                       env={"COCO_ROOT": str(coco_root)})
     assert_user_error(missing, "GGUF file not found")
+
+
+def test_commands_that_need_no_model_do_not_import_transformers():
+    """Start-up: `generate --backend openai` and the other non-model commands must not pay transformers' import."""
+    probe = ("import sys\nsys.argv = ['datagen', 'generate', '--help']\nimport datagen.cli as cli\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint('transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"

@@ -146,13 +146,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers draws a tqdm bar while de-quantising GGUF weights; tqdm reads this at import time.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        import transformers  # optional here; only its logging switches are touched
-
+    # transformers reads these when (and if) a command imports it: importing it here to flip the same switches
+    # cost every command, `generate --backend openai` included, a second or more of start-up.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # already imported (an embedding caller): switch it directly
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def main() -> None:
