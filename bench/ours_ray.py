@@ -62,6 +62,7 @@ def main() -> None:
                       "startup_s": timings.connect_s + timings.first_request_after_s, "connect_s": timings.connect_s,
                       "total_s": time.perf_counter() - started_wall, "workers": timings.workers,
                       "cpu_s": cpu_seconds() - started_cpu,
+                      "worker_peak_rss_mb": sorted(timings.worker_peak_rss_mb.values()),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -258,8 +258,10 @@ def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: l
         run = run_ray(task, config.layout(), spec, index.records(ids), config.engine_config(), concurrency,
                       progress.callback(task.split), done, config.executor.ray_address)
     timings = run.timings
+    peaks = timings.worker_peak_rss_mb
+    memory = f"; peak RSS per worker up to {max(peaks.values()):.0f} MB" if peaks else ""
     typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
-               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work")
+               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work{memory}")
     return run.stats
 
 

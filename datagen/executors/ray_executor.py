@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import pickle
+import resource
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -105,6 +107,8 @@ class RayTimings:
     plan_s: float = 0.0  # the driver's planning: done ids skipped, requests prepared, keyed, looked up in the cache
     work_s: float = 0.0  # planning plus the time from the first worker call to the last result written
     workers: int = 0
+    worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # worker pid -> its peak RSS (MB)
+    driver_peak_rss_mb: float = 0.0
 
 
 @dataclass
@@ -240,7 +244,7 @@ class EngineStage:
     def _chunk_result(self, results: list[Result], started_at: float) -> ChunkResult:
         stats = self.engine.stats
         chunk = ChunkResult(results, stats.requests - self.reported_requests, stats.retries - self.reported_retries,
-                            started_at, self.fatal)
+                            started_at, self.fatal, os.getpid(), peak_rss_mb())
         self.reported_requests, self.reported_retries = stats.requests, stats.retries
         return chunk
 
@@ -285,6 +289,11 @@ class EngineStage:
     def _settle(self, reserved: float, cost: float) -> None:
         if self.limiter is not None:
             self.limiter.settle.remote(reserved, cost)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def spread_over_nodes() -> dict[str, Any]:
@@ -418,6 +427,9 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                     first_call = chunk.started_at if first_call is None else min(first_call, chunk.started_at)
                     stats.requests += chunk.requests
                     stats.retries += chunk.retries
+                    if chunk.worker_pid:
+                        peaks = timings.worker_peak_rss_mb
+                        peaks[chunk.worker_pid] = max(peaks.get(chunk.worker_pid, 0.0), chunk.worker_peak_rss_mb)
                     recorder.record(chunk.results)
                     fatal = fatal or chunk.fatal
                 if fatal is not None:
@@ -428,6 +440,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
             timings.work_s = timings.plan_s + time.time() - first_call
         if limiter is not None:
             stats.rate_limited_s = ray.get(limiter.waited_s.remote())
+        timings.driver_peak_rss_mb = peak_rss_mb()
     finally:
         planner.close()
         recorder.close()

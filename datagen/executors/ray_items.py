@@ -38,3 +38,5 @@ class ChunkResult:
     retries: int = 0
     started_at: float = 0.0  # wall clock of the call's start (the bench's "first request")
     fatal: VisinstructError | None = None
+    worker_pid: int = 0  # the worker process that ran the call, and its peak RSS so far (MB)
+    worker_peak_rss_mb: float = 0.0
