@@ -178,3 +178,14 @@ def test_review_takes_many_files(tmp_path):
     assert result.stdout.splitlines()[-1] == f"4 samples -> {page}"
     html = page.read_text()
     assert all(str(r["id"]) in html for r in records)
+
+
+def test_review_of_many_files_flags_a_near_duplicate_across_them(tmp_path):
+    record = json.loads(GOOD.read_text().splitlines()[0])
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(json.dumps(record) + "\n")
+    second.write_text(json.dumps({**record, "id": "copy"}) + "\n")
+    page = tmp_path / "page.html"
+    result = invoke("review", first, second, "--reason", "near_duplicate", "--html", page)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == f"1 samples -> {page}"

@@ -17,7 +17,7 @@ from datagen.errors import VisinstructError
 from datagen.escaping import terminal_markup, terminal_text
 from datagen.hf_export import export_hf_command
 from datagen.parse import PARSE_REASON_CODES
-from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS
+from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS, QualityChecker
 from datagen.quality.config import load_config
 from datagen.quality.export import export_samples, parse_mix
 from datagen.quality.gate import check_file, open_lookup
@@ -197,8 +197,9 @@ def review(
     lookup = open_lookup(coco_root, coco_split)
     wanted_split, wanted_reason = _value(split), _value(reason)
     items = []
+    checker = QualityChecker(cfg)  # one for all files: near-duplicates across them are flagged, as `check` would
     for file in files:
-        for item in review_items(file, lookup, cfg):
+        for item in review_items(file, lookup, cfg, checker=checker):
             if wanted_split and item.split != wanted_split:
                 continue
             if wanted_reason and not (item.flags if wanted_reason == "any" else wanted_reason in item.flags):

@@ -74,10 +74,14 @@ class ReviewItem:
 
 
 def review_items(
-    path: Path, lookup: ImageLookup | None, config: QualityConfig, split: str | None = None
+    path: Path, lookup: ImageLookup | None, config: QualityConfig, split: str | None = None,
+    checker: QualityChecker | None = None,
 ) -> Iterator[ReviewItem]:
-    """The samples of a file with their checks, and their context (stored, or re-rendered from COCO)."""
-    checker = QualityChecker(config)
+    """The samples of a file with their checks, and their context (stored, or re-rendered from COCO).
+
+    checker: shared by the files of one review, so a near-duplicate of a sample in an earlier file is flagged.
+    """
+    checker = checker or QualityChecker(config)
     fallback = split or split_from_filename(path)
     for index, rec in enumerate(read_samples(path)):
         name = split or sample_split(rec, fallback) or "unknown"
