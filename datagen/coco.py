@@ -18,6 +18,7 @@ from datagen.coco_index import (
     AnnotationFormatError,
     MappedIndex,
     SourceStamp,
+    _InstancesReader,
     build_index_file,
     default_index_dir,
     index_file_name,
@@ -76,6 +77,26 @@ def _read_or_explain(path: Path, reader: Any) -> None:
         raise InputError(path, "is a folder, not a COCO annotation file", "point --coco-root at COCO's layout") from None
     except OSError as exc:
         raise InputError(path, f"cannot read the annotation file ({exc.strerror or exc})", "check its permissions") from None
+
+
+def read_instance_categories(path: Path) -> tuple[list[str], list[set[str]]]:
+    """The category names of a COCO instances file and, per image with boxes, its boxed category names.
+
+    Streamed and checked like the files an index is built from (errors name the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "COCO instances file not found", "pass an instances JSON file, e.g. instances_train2017.json")
+    reader = _InstancesReader()
+    _read_or_explain(path, reader)
+    per_image: dict[int, set[str]] = {}
+    for image_id, category_id in zip(reader.image_ids.tolist(), reader.category_ids.tolist()):
+        name = reader.categories.get(category_id)
+        if name is None:
+            raise InputError(path, f"an annotation of image {image_id} names unknown category {category_id}",
+                             "check the file's categories list")
+        per_image.setdefault(image_id, set()).add(name)
+    return list(reader.categories.values()), list(per_image.values())
 
 
 def _fresh(index_path: Path, sources: list[SourceStamp]) -> bool:

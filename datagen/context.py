@@ -1,7 +1,6 @@
 """LLaVA's symbolic image context: captions, then normalised object boxes (and, for negatives, absent objects)."""
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -9,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datagen.coco import ImageRecord, normalised_box  # noqa: F401  (normalised_box re-exported)
+from datagen.coco import ImageRecord, normalised_box, read_instance_categories  # noqa: F401  (normalised_box re-exported)
 from datagen.errors import VisinstructError
 from datagen.splits import SPLIT_SPECS, SplitSpec
 
@@ -58,21 +57,9 @@ class CooccurrenceTable:
 
     @classmethod
     def from_file(cls, path: Path) -> "CooccurrenceTable":
-        """From an instances JSON file in COCO's format (without pycocotools: only the ids are needed)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            names = {c["id"]: c["name"] for c in data["categories"]}
-            per_image: dict[int, set[str]] = {}
-            for ann in data["annotations"]:
-                per_image.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
-        except OSError as exc:
-            raise VisinstructError(f"cannot read {path}: {exc.strerror}", "pass a COCO instances JSON file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VisinstructError(f"{path} is not valid JSON: {exc}", "pass a COCO instances JSON file") from None
-        except (KeyError, TypeError) as exc:
-            raise VisinstructError(f"{path} is not a COCO instances file (missing {exc})",
-                                   "pass a file with categories and annotations, e.g. instances_train2017.json") from None
-        return cls.from_image_categories(per_image.values(), names.values())
+        """From an instances JSON file in COCO's format, streamed and checked by the COCO reader."""
+        names, per_image = read_instance_categories(Path(path))
+        return cls.from_image_categories(per_image, names)
 
     def together(self, a: str, b: str) -> int:
         """Images holding both categories."""

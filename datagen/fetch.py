@@ -1,7 +1,6 @@
 """Download COCO annotations and the first N images of a split from the official site (or a mirror)."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import urllib.error
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from datagen.coco import CocoIndex
 from datagen.errors import VisinstructError
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def fetch_coco(split: str, images: int, dest: Path, base_url: str, verify: bool 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as progress:
         download(f"{base}/annotations/{ARCHIVES[year]}", archive, progress)
         extract_annotations(archive, split, dest)
-        captions = json.loads((dest / "annotations" / f"captions_{split}.json").read_text())
-        captioned = {a["image_id"] for a in captions["annotations"]}
-        infos = sorted((i for i in captions["images"] if i["id"] in captioned), key=lambda i: i["id"])[:images]
+        # The index checks the file as every reader does (and later commands reuse it).
+        index = CocoIndex(dest, split, with_instances=False)
+        infos = [index.captions.imgs[i] for i in index.image_ids() if i in index.captions.imgs][:images]
         task = progress.add_task(f"{split} images", total=len(infos))
         for info in infos:
             target = dest / split / info["file_name"]

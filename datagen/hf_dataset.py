@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from datagen.errors import VisinstructError
+from datagen.inputs import InputError, json_type, parse_json, read_text
 
 HF_SCHEME = "hf://"
 DATA_FOLDER = "data"
@@ -177,10 +178,15 @@ def to_row(rec: dict[str, Any], split: str, image: Any) -> dict[str, Any]:
     return row
 
 
-def from_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A sample record from a row (ours or any Parquet dataset with LLaVA's columns); inverse of to_row."""
+def from_row(row: dict[str, Any], where: str = "a Parquet row") -> dict[str, Any]:
+    """A sample record from a row (ours or any Parquet dataset with LLaVA's columns); inverse of to_row.
+
+    where: the row's file and number, for the message when its extra column is not a JSON object.
+    """
     rec: dict[str, Any] = {}
-    extra = json.loads(row[EXTRA_COLUMN]) if isinstance(row.get(EXTRA_COLUMN), str) else {}
+    extra = parse_json(row[EXTRA_COLUMN], where, hint="re-export the dataset") if isinstance(row.get(EXTRA_COLUMN), str) else {}
+    if not isinstance(extra, dict):
+        raise InputError(where, f"the {EXTRA_COLUMN} column holds a JSON {json_type(extra)}, not an object", "re-export the dataset")
     meta: dict[str, Any] = {}
     has_meta = False
     for key, value in row.items():
@@ -216,7 +222,7 @@ def card_header(folder: Path) -> dict[str, Any]:
     card = folder / "README.md"
     if not card.is_file():
         return {}
-    text = card.read_text(encoding="utf-8")
+    text = read_text(card, "dataset card")
     if not text.startswith("---"):
         return {}
     end = text.find("\n---", 3)
@@ -339,8 +345,10 @@ def iter_parquet_records(files: list[Path], extract_images_to: Path | None = Non
         embedded = "image" in names and str(parquet.schema_arrow.field("image").type).startswith("struct")
         if embedded and extract_images_to is None:
             columns = [n for n in names if n != "image"] + ["image.path"]  # skip the image bytes
+        number = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             for row in batch.to_pylist():
                 if embedded and extract_images_to is not None and isinstance(row.get("image"), dict):
                     row["image"] = {"path": _extract_image(row["image"], extract_images_to)}
-                yield from_row(row)
+                yield from_row(row, f"{file} row {number}")
+                number += 1

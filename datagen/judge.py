@@ -29,6 +29,7 @@ from datagen.backends.base import Backend, ChatRequest, Completion, SamplingPara
 from datagen.engine.cache import ResponseCache, cache_key
 from datagen.engine.errors import EndpointUnreachableError, TransientError
 from datagen.errors import VisinstructError
+from datagen.inputs import read_text
 from datagen.jsonl import JsonlWriter, iter_jsonl, repair_tail
 from datagen.prompts import default_prompts_dir, files_hash
 from datagen.sample import IMAGE_TOKEN, OutputLayout, read_samples
@@ -119,10 +120,9 @@ def load_judge_prompts(prompts_dir: Path | None = None) -> JudgePrompts:
     paths = [folder / "system.md", folder / "filter.md", folder / "compare.md"]
     texts = []
     for path in paths:
-        try:
-            texts.append(path.read_text(encoding="utf-8").strip())
-        except FileNotFoundError:
-            raise VisinstructError(f"judge prompt file missing: {path}", "restore prompts/judge/ or pass --prompts-dir") from None
+        if not path.exists():
+            raise VisinstructError(f"judge prompt file missing: {path}", "restore prompts/judge/ or pass --prompts-dir")
+        texts.append(read_text(path, "judge prompt file").strip())
     return JudgePrompts(texts[0], texts[1], texts[2], files_hash(paths, root))
 
 

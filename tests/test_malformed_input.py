@@ -122,8 +122,8 @@ file_contents = st.one_of(
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(content=file_contents)
-def test_sample_readers_fail_cleanly_and_change_nothing(content):
-    """check, stats, review, export, merge and generate's resume read, on the same generated file."""
+def test_sample_readers_fail_cleanly_and_change_nothing(coco_root, content):
+    """check, stats, review, export and merge on the same generated file (check and stats with COCO too)."""
     with scratch() as tmp:
         src = tmp / "detail.jsonl"
         src.write_bytes(content)
@@ -134,7 +134,8 @@ def test_sample_readers_fail_cleanly_and_change_nothing(content):
         before = {p: digest(p) for p in (src, manifest, old_out)}
         for args in (
             ["check", src],
-            ["stats", src],
+            ["check", src, "--coco-root", coco_root, "--json"],
+            ["stats", src, "--coco-root", coco_root],
             ["review", src],
             ["export", src, "--out", old_out, "--mix", "none"],
             ["merge", src, "--out", old_out],
@@ -481,3 +482,44 @@ def test_check_keeps_existing_outputs_when_the_input_is_bad(tmp_path):
     rejected.write_text("kept\n")
     assert_one_line_error(*invoke("check", src, "--out-accepted", accepted, "--out-rejected", rejected)[::2], f"{src}:3: ")
     assert accepted.read_text() == "kept\n" * 12 and rejected.read_text() == "kept\n"
+
+
+# --- the other inputs: configs, prices, co-occurrence, request files, held-out and training files ---------------
+
+def test_config_price_and_cooccurrence_files_name_file_and_line(coco_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"near_duplicate_threshold: 0.9\nmax_hallucinated_objects: \xff\n")
+    assert_one_line_error(*invoke("check", FIXTURES / "good_samples.jsonl", "--config", bad)[::2], f"{bad}:2: quality config is not UTF-8")
+    bad.write_text("near_duplicate_threshold: [\n")
+    assert_one_line_error(*invoke("check", FIXTURES / "good_samples.jsonl", "--config", bad)[::2], f"{bad}:")
+    common = ["generate", "--coco-root", coco_root, "--limit", "1", "--backend", "openai", "--dry-run", "--out", tmp_path / "o.jsonl"]
+    assert_one_line_error(*invoke(*common, "--split", "conversation", "--prices", tmp_path)[::2], f"{tmp_path}: price file is a folder")
+    instances = tmp_path / "instances.json"
+    instances.write_text('{"annotations": [\n{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}\n], "categories": [\n{"id": 1}]}')
+    assert_one_line_error(*invoke(*common, "--split", "negative", "--cooccurrence-from", instances)[::2],
+                          f"{instances}:4: not a COCO annotation file: missing 'name'")
+
+
+def test_batch_request_file_lines_are_checked(coco_root, tmp_path):
+    requests = tmp_path / "resubmit.jsonl"
+    requests.write_text('{"custom_id": "397133:detail", "body": {}}\n{"body": {}}\n')
+    code, _, err = invoke("batch", "submit", "--split", "detail", "--coco-root", coco_root, "--requests", requests,
+                          "--out", tmp_path / "detail.jsonl", "--dry-run")
+    assert_one_line_error(code, err, f'{requests}:2: a request line without a string "custom_id"')
+
+
+def test_training_and_heldout_files_go_through_the_same_layer(tmp_path):
+    from model.errors import TrainError
+    from train.config import load_config
+    from train.eval.contamination import ids_in_data_file
+    from train.eval.run import read_samples as read_heldout
+
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"model:\n  name: \xff\n")
+    with pytest.raises(TrainError, match=r"c.yaml:2: training config is not UTF-8"):
+        load_config(str(config))
+    data = tmp_path / "train.jsonl"
+    data.write_bytes((GOOD_LINE + "\n").encode() * 50 + b"[" * 200 + b"]" * 200 + b"\n")
+    for read in (ids_in_data_file, lambda p: read_heldout([p])):
+        with pytest.raises(InputError, match=r"train.jsonl:51: JSON nested deeper"):
+            read(data)

@@ -110,7 +110,7 @@ def test_cooccurrence_from_a_given_file(coco_root, tmp_path):
     assert builder.cooccurrence is not None and builder.cooccurrence.singles["person"] > 0
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": []}')
-    with pytest.raises(VisinstructError, match="not a COCO instances file"):
+    with pytest.raises(VisinstructError, match="not a COCO annotation file: no .annotations. list"):
         context_builder("negative", None, cooccurrence_from=bad)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from model.errors import TrainError
+from datagen.inputs import load_yaml
+from model.errors import TrainError, VisinstructError
 from model.llava import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -145,9 +146,9 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     """Load a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
     path = resolve_config_path(name_or_path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrainError(f"{path} is not valid YAML", str(exc).splitlines()[0]) from exc
+        tree = load_yaml(path, "training config", "fix the YAML") or {}
+    except VisinstructError as exc:  # datagen's input layer: bad bytes, syntax or nesting, with file and line
+        raise TrainError(exc.what, exc.hint) from None
     for item in overrides or []:
         if "=" not in item:
             raise TrainError(f"override '{item}' is not key=value", "e.g. --set stage2.lr=1e-5")

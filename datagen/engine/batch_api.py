@@ -16,6 +16,7 @@ from datagen.backends.openai_backend import chat_body, classify_error, completio
 from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
+from datagen.inputs import InputError, iter_jsonl_records, parse_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class BatchState(BaseModel):
     def load(cls, path: Path) -> "BatchState | None":
         if not path.exists():
             return None
+        text = read_text(path, "batch state file")
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            return cls.model_validate_json(text)
         except ValueError as exc:
             raise VisinstructError(f"{path} is not a batch state file ({str(exc).splitlines()[0]})",
                                    "restore it from a backup, or move it away to start over") from None
@@ -88,10 +90,20 @@ def request_line(cid: str, model: str, request: ChatRequest) -> dict[str, Any]:
     return {"custom_id": cid, "method": "POST", "url": ENDPOINT, "body": chat_body(model, request)}
 
 
+def request_file_lines(path: Path) -> list[dict[str, Any]]:
+    """The lines of a Batch API request file, each with a string custom_id (else a user error naming the line)."""
+    lines = []
+    for lineno, line in iter_jsonl_records(path, "request file"):
+        if not isinstance(line.get("custom_id"), str):
+            raise InputError(path, 'a request line without a string "custom_id"',
+                             "pass a request file written by `datagen batch` (e.g. a resubmit file)", lineno)
+        lines.append(line)
+    return lines
+
+
 def ids_in_request_file(path: Path) -> set[str]:
     """Sample ids named by the custom_ids of a request file."""
-    with open(path, encoding="utf-8") as fh:
-        return {json.loads(line)["custom_id"].split(":", 1)[0] for line in fh if line.strip()}
+    return {line["custom_id"].split(":", 1)[0] for line in request_file_lines(path)}
 
 
 def write_request_files(lines: Iterable[dict[str, Any]], folder: Path, first_number: int) -> list[tuple[Path, int]]:
@@ -171,14 +183,19 @@ async def download_lines(client: openai.AsyncOpenAI, file_id: str | None, state:
         tmp.write_bytes(content.content)
         os.replace(tmp, keep)
     lines = []
-    with open(keep, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(keep, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
+            # A bad line costs its item a resubmit, not the whole collect: it goes through the input layer's checks.
             try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d is not JSON; its item will be resubmitted", keep, lineno)
+                line = parse_json(raw.decode("utf-8"), keep, lineno)
+            except (UnicodeDecodeError, InputError):
+                line = None
+            if isinstance(line, dict):
+                lines.append(line)
+            else:
+                log.warning("%s:%d is not a JSON object; its item will be resubmitted", keep, lineno)
     return lines
 
 
@@ -196,9 +213,7 @@ def completion_of_result(line: dict[str, Any], model: str) -> Completion | None:
 def split_results(entry: BatchEntry, outputs: list[dict], errors: list[dict], model: str
                   ) -> tuple[dict[str, Completion], set[str]]:
     """Completions by custom_id, and the custom_ids to resubmit (failed, malformed, expired or missing)."""
-    requested: list[str] = []
-    with open(entry.request_file, encoding="utf-8") as fh:
-        requested = [json.loads(line)["custom_id"] for line in fh if line.strip()]
+    requested = [line["custom_id"] for line in request_file_lines(Path(entry.request_file))]
     results: dict[str, Completion] = {}
     for line in outputs:
         completion = completion_of_result(line, model)
@@ -217,8 +232,7 @@ def write_resubmit(entry: BatchEntry, failed: set[str], folder: Path) -> Path | 
     if not failed:
         return None
     path = folder / f"resubmit-{Path(entry.request_file).stem.removeprefix('requests-')}.jsonl"
-    with open(entry.request_file, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
-        for line in src:
-            if line.strip() and json.loads(line)["custom_id"] in failed:
-                dst.write(line)
+    keep = [line for line in request_file_lines(Path(entry.request_file)) if line["custom_id"] in failed]
+    with open(path, "w", encoding="utf-8") as dst:
+        dst.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in keep)
     return path

@@ -7,15 +7,14 @@ uses, so the files are the same.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datagen.coco import CocoIndex, ImageRecord
 from datagen.context import context_builder
-from datagen.engine.batch_api import (BatchEntry, BatchState, custom_id, ids_in_request_file, request_line,
-                                      split_results, write_request_files, write_resubmit)
+from datagen.engine.batch_api import (BatchEntry, BatchState, custom_id, ids_in_request_file, request_file_lines,
+                                      request_line, split_results, write_request_files, write_resubmit)
 from datagen.engine.cost import Price
 from datagen.engine.judging import InlineJudge
 from datagen.engine.live import ResultRecorder
@@ -118,7 +117,7 @@ def read_request_file(path: Path) -> list[dict]:
     """The lines of a request file given to `submit --requests` (e.g. a resubmit file)."""
     if not path.exists():
         raise VisinstructError(f"request file not found: {path}", "check the --requests path")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return request_file_lines(path)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from datagen.errors import VisinstructError
+from datagen.sample import read_samples
 
 _TRAILING_ID = re.compile(r"(\d+)(?:\.[A-Za-z0-9]+)?$")
 
@@ -30,12 +31,8 @@ def image_id_of(name: str | int) -> int | None:
 
 def ids_in_data_file(path: Path) -> set[int]:
     """COCO image ids of the samples of a LLaVA-format JSON/JSONL file (by their `image` field)."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as exc:
-        raise VisinstructError(f"{path}:{exc.lineno}: not valid JSON", "fix the training data file") from None
-    ids = {image_id_of(r["image"]) for r in rows if isinstance(r, dict) and r.get("image")}
+    rows = read_samples(Path(path))  # datagen's one sample reader: bad bytes or JSON name the file and line
+    ids = {image_id_of(r["image"]) for r in rows if r.get("image")}
     return {i for i in ids if i is not None}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from datagen.errors import VisinstructError
+from datagen.inputs import load_json
 
 SAMPLINGS = ("random", "popular", "adversarial")
 QUESTION_TEMPLATE = "Is there a {} in the image?"
@@ -32,8 +33,10 @@ class CocoObjects:
     @classmethod
     def from_instances(cls, path: Path) -> "CocoObjects":
         """Read a COCO instances JSON (any split, 2014 or 2017)."""
+        if not Path(path).exists():
+            raise VisinstructError(f"instances file not found: {path}", "pass a COCO root with annotations/instances_<split>.json")
+        data = load_json(path, "COCO instances file", "use COCO's official instances_<split>.json")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
             names = {c["id"]: c["name"] for c in data["categories"]}
             files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
             present: dict[int, set[str]] = {i: set() for i in files}

@@ -28,6 +28,7 @@ from datagen.escaping import terminal_text
 from datagen.judge import load_judge_prompts
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
+from datagen.sample import read_samples as read_sample_file
 from train.eval.contamination import TrainingImages, guard, image_id_of, training_images
 from train.eval.pope import SAMPLINGS, CocoObjects, build_pope, parse_yes_no, score_pope
 from train.eval.report import REPORT_NAME, compare_table, load_report, markdown_table
@@ -85,21 +86,12 @@ def file_sha(path: Path) -> str:
 
 
 def read_samples(paths: list[Path]) -> list[dict[str, Any]]:
-    """LLaVA-format samples from JSONL files or JSON arrays."""
-    from datagen.jsonl import iter_jsonl
-
+    """LLaVA-format samples from JSONL files or JSON arrays, through datagen's one sample reader."""
     records: list[dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():
             raise VisinstructError(f"held-out file not found: {path}", "generate one with `datagen generate` (see docs/evaluation.md)")
-        text = Path(path).read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            try:
-                records += [r for r in json.loads(text) if isinstance(r, dict)]
-            except json.JSONDecodeError as exc:
-                raise VisinstructError(f"{path}:{exc.lineno}: not valid JSON", "fix the held-out file") from None
-        else:
-            records += list(iter_jsonl(Path(path)))
+        records += list(read_sample_file(Path(path)))
     return records
 
 
