@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fake_openai_server import FakeOpenAIServer
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -150,10 +152,21 @@ def test_rerun_of_a_finished_run_loads_no_model(coco_root, tmp_path):
     assert_user_error(missing, "GGUF file not found")
 
 
-def test_commands_that_need_no_model_do_not_import_transformers():
-    """Start-up: `generate --backend openai` and the other non-model commands must not pay transformers' import."""
-    probe = ("import sys\nsys.argv = ['datagen', 'generate', '--help']\nimport datagen.cli as cli\n"
-             "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint('transformers' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_start_up_imports_neither_transformers_nor_the_openai_sdk(coco_root, tmp_path):
+    """Start-up: the CLI, and a whole `generate` over the direct transport, import neither transformers (only the
+    embedded model needs it) nor the openai SDK (only its own transports and the Batch API do)."""
+    probe = ("import sys\nsys.argv = ['datagen', *sys.argv[1:]]\nimport datagen.cli as cli\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+             "print('transformers' in sys.modules, 'openai' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe, "generate", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+    with FakeOpenAIServer() as server:
+        run = subprocess.run([sys.executable, "-c", probe, "generate", "--split", "conversation", "--coco-root",
+                              str(coco_root), "--limit", "2", "--backend", "openai", "--base-url", server.base_url,
+                              "--out", str(tmp_path / "c.jsonl"), "--no-cache"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OPENAI_API_KEY": "sk-t"})
+        assert server.state.count == 2
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "False False", run.stdout

@@ -6,10 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import httpx2
-import openai
+from typing import TYPE_CHECKING, Any
 
 from datagen.backends.base import TRANSPORTS, ChatRequest, Completion, SamplingParams
 from datagen.engine.cache import MessagesJson
@@ -18,11 +15,15 @@ from datagen.engine.ratelimit import parse_retry_after
 from datagen.errors import VisinstructError
 from datagen.urls import check_base_url, endpoint_parts
 
+if TYPE_CHECKING:
+    import openai
+
 log = logging.getLogger(__name__)
 
 # How chat completions travel; measured in bench/datagen_bench.py (README table): "direct" (aiohttp, no SDK on
 # the hot path) costs about half the CPU per request of the SDK over aiohttp, and a third of the SDK over httpx.
 DEFAULT_CONCURRENCY = 64
+DEFAULT_API_BASE = "https://api.openai.com/v1"  # the SDK's default endpoint
 # The body goes pre-encoded (the SDK would deep-copy and re-encode it), so the content type is set here.
 _JSON_OPTIONS = {"headers": {"Content-Type": "application/json"}}
 
@@ -55,8 +56,17 @@ def status_error(status: int, message: str, headers: Mapping[str, str], base_url
     return VisinstructError(f"{base_url or 'api.openai.com'} answered HTTP {status}: {message}", "check the request settings")
 
 
+def _sdk():
+    """The openai SDK, imported on first use to keep start-up fast: its import costs about half a second of CPU,
+    which a run over the direct transport never needs (only the SDK transports and the Batch API use it)."""
+    import openai
+
+    return openai
+
+
 def translate_api_error(exc: Exception, base_url: str | None, model: str) -> VisinstructError | None:
     """Map an openai exception the user must fix to a VisinstructError; None if it is transient."""
+    openai = _sdk()
     if isinstance(exc, openai.APIStatusError):
         return fatal_status_error(exc.status_code, exc.message, base_url, model)
     return None
@@ -64,6 +74,7 @@ def translate_api_error(exc: Exception, base_url: str | None, model: str) -> Vis
 
 def classify_error(exc: Exception, base_url: str | None, model: str) -> Exception:
     """The exception the engine should see: VisinstructError (stop), a TransientError (retry), or `exc` itself."""
+    openai = _sdk()
     if isinstance(exc, openai.APIStatusError):
         return status_error(exc.status_code, exc.message, exc.response.headers, base_url, model)
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
@@ -104,7 +115,9 @@ def _error_message(content: bytes) -> str:
 
 def make_http_client(transport: str, concurrency: int, timeout: float):
     """The SDK's HTTP client for a transport, with a connection pool as large as the concurrency."""
-    import httpx2
+    import httpx2  # with the SDK, on first use (start-up)
+
+    openai = _sdk()
 
     limits = httpx2.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
     timeouts = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
@@ -159,19 +172,25 @@ class OpenAIBackend:
         self._body_start = '{"model": ' + json.dumps(model) + ', "messages": '
         self._messages_json = MessagesJson()
         self._body_tails: dict[SamplingParams, str] = {}
-        self._client = openai.AsyncOpenAI(
-            api_key=key,
-            base_url=url,
-            timeout=timeout,
-            max_retries=0,
-            default_headers=self._auth_override or None,
-            default_query=self._query or None,
-            http_client=make_http_client(transport, concurrency, timeout),
-        )
+        if transport not in TRANSPORTS:
+            raise VisinstructError(f"unknown transport {transport!r}", f"use one of {', '.join(TRANSPORTS)}")
+        self._key = key
+        self._url = url
+        self._client: openai.AsyncOpenAI | None = None  # made on first use: the direct transport never needs it
 
     @property
     def client(self) -> openai.AsyncOpenAI:
-        """The SDK client (the Batch API commands share it)."""
+        """The SDK client (the SDK transports and the Batch API commands), made on first use."""
+        if self._client is None:
+            self._client = _sdk().AsyncOpenAI(
+                api_key=self._key,
+                base_url=self._url,
+                timeout=self.timeout,
+                max_retries=0,
+                default_headers=self._auth_override or None,
+                default_query=self._query or None,
+                http_client=make_http_client(self.transport, self.preferred_concurrency, self.timeout),
+            )
         return self._client
 
     def encode_body(self, request: ChatRequest) -> bytes:
@@ -198,9 +217,12 @@ class OpenAIBackend:
 
     async def _post_sdk(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """Through the SDK client (auth, headers, timeouts and its error mapping); no typed-params transform."""
+        import httpx2  # with the SDK, on first use (start-up)
+
+        openai = _sdk()
         try:
-            response = await self._client.post("/chat/completions", cast_to=httpx2.Response, content=body,
-                                               options=_JSON_OPTIONS)
+            response = await self.client.post("/chat/completions", cast_to=httpx2.Response, content=body,
+                                              options=_JSON_OPTIONS)
             return response.status_code, response.headers, response.content
         except openai.APIError as exc:
             raise classify_error(exc, self.base_url, self.model) from None
@@ -208,19 +230,22 @@ class OpenAIBackend:
             raise TransientError(f"connection error while reading the body: {type(exc).__name__}") from None
 
     async def _post_direct(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        """Straight over aiohttp with the SDK client's URL and auth headers; statuses classified as the SDK path does."""
+        """Straight over aiohttp with the URL and auth headers the SDK client would use; statuses classified as the
+        SDK path does (the SDK itself is never imported on this path)."""
         import aiohttp
 
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=max(self.preferred_concurrency, 1)),
                 timeout=aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 10.0)),
-                headers={**{k: v for k, v in self._client.auth_headers.items() if isinstance(v, str)},
-                         **self._auth_override, "Content-Type": "application/json", "Accept": "application/json"},
+                headers={"Authorization": f"Bearer {self._key}", **self._auth_override,
+                         "Content-Type": "application/json", "Accept": "application/json"},
             )
-            self._url = str(self._client.base_url).rstrip("/") + "/chat/completions"
+            # As the SDK resolves it: the URL given, else $OPENAI_BASE_URL, else OpenAI's.
+            base = self._url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_API_BASE
+            self._chat_url = base.rstrip("/") + "/chat/completions"
         try:
-            async with self._session.post(self._url, data=body, params=self._query or None) as response:
+            async with self._session.post(self._chat_url, data=body, params=self._query or None) as response:
                 content = await response.read()
                 status, headers = response.status, response.headers
         except asyncio.TimeoutError:
@@ -236,4 +261,5 @@ class OpenAIBackend:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()

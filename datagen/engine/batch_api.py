@@ -6,9 +6,8 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 from pydantic import BaseModel
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
@@ -17,6 +16,9 @@ from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
 from datagen.inputs import InputError, iter_jsonl_records, parse_json, read_text
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ def write_request_files(lines: Iterable[dict[str, Any]], folder: Path, first_num
 
 async def call_api(what: str, coro, base_url: str | None, model: str):
     """Await an SDK call; errors become one actionable VisinstructError (state is saved before each call)."""
+    import openai  # the SDK is slow to import: only the Batch API commands, not the CLI's start-up, pay for it
+
     try:
         return await coro
     except openai.APIError as exc:
