@@ -523,3 +523,16 @@ def test_training_and_heldout_files_go_through_the_same_layer(tmp_path):
     for read in (ids_in_data_file, lambda p: read_heldout([p])):
         with pytest.raises(InputError, match=r"train.jsonl:51: JSON nested deeper"):
             read(data)
+
+
+def test_trainer_usage_errors_are_one_line(capsys):
+    from train.eval.run import parse_args as eval_args
+    from train.run import parse_args as train_args
+
+    for parse, argv, fragment in ((train_args, ["--stage", "3"], "invalid choice: '3'"), (eval_args, [], "is required"),
+                                  (train_args, ["--max-steps", "x"], "invalid int value")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        assert exit_info.value.code == 2
+        line = assert_one_line_error(2, capsys.readouterr().err, fragment)
+        assert line.endswith("--help`")

@@ -1,13 +1,13 @@
 """Ask an exported model about an image: `python -m train.chat --model DIR --image IMG "question"`."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 from datagen.escaping import terminal_text
 from model.errors import TrainError
+from train.arguments import ArgumentParser
 
 
 def answer(model_dir: str, image_path: str, question: str, max_new_tokens: int = 64, sample: bool = False) -> str:
@@ -36,7 +36,7 @@ def answer(model_dir: str, image_path: str, question: str, max_new_tokens: int =
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; errors print one line and exit 2."""
-    p = argparse.ArgumentParser(prog="python -m train.chat", description="Answer a question about an image.")
+    p = ArgumentParser(prog="python -m train.chat", description="Answer a question about an image.")
     p.add_argument("question", help="the question to ask")
     p.add_argument("--model", required=True, help="exported model folder, e.g. runs/smoke/final")
     p.add_argument("--image", required=True, help="image file")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from datagen.escaping import terminal_text
 from model.errors import TrainError
+from train.arguments import ArgumentParser
 from train.config import RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ EPILOG = """examples:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; any config key can also be set with --set key=value."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m train.run", description="Train the compact LLaVA model (stage 1: projector; stage 2: +LLM).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -29,6 +29,7 @@ from datagen.judge import load_judge_prompts
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
 from datagen.sample import read_samples as read_sample_file
+from train.arguments import ArgumentParser
 from train.eval.contamination import TrainingImages, guard, image_id_of, training_images
 from train.eval.pope import SAMPLINGS, CocoObjects, build_pope, parse_yes_no, score_pope
 from train.eval.report import REPORT_NAME, compare_table, load_report, markdown_table
@@ -293,7 +294,7 @@ def flatten(sections: dict[str, Any]) -> dict[str, float | int | None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.eval.run", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python -m train.eval.run", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", type=Path, help="exported checkpoint folder (e.g. runs/smoke/final)")
