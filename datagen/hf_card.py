@@ -10,8 +10,7 @@ from typing import Any
 import yaml
 
 from datagen.hf_dataset import DATA_FOLDER, HF_SPLIT, META_COLUMNS, USAGE_FIELDS, HfExportReport
-from datagen.jsonl import iter_jsonl
-from datagen.sample import OutputLayout
+from datagen.sample import OutputLayout, read_manifest
 from datagen.urls import redact_value
 
 CARD_KEY = "visinstruct"  # our figures in the YAML header, under one key the Hub ignores
@@ -51,9 +50,10 @@ def collect_provenance(inputs: list[Path]) -> Provenance:
         if layout.rejects.is_file() and layout.rejects.resolve() not in names and layout.rejects not in prov.rejects_files:
             prov.rejects_files.append(layout.rejects)
         if layout.runs.is_file() and layout.runs != path:
-            for entry in iter_jsonl(layout.runs):
+            for _, entry in read_manifest(layout.runs):  # typed: a field of the wrong type names its line
+                settings = run_settings(entry.model_dump(exclude_none=True))
                 # Manifests written before redaction may hold endpoint credentials: never publish them.
-                prov.runs.append(redact_value({"manifest": layout.runs.name, **run_settings(entry)}))
+                prov.runs.append(redact_value({"manifest": layout.runs.name, **settings}))
     return prov
 
 

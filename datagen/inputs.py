@@ -178,6 +178,15 @@ def _object(text: str, path: Path | str, lineno: int) -> dict[str, Any]:
     return value
 
 
+def short_json(value: Any, limit: int = 40) -> str:
+    """A bad value as JSON, cut to `limit` characters, for a message."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        text = json_type(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a decoded value's type, for messages."""
     if value is None:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datagen.errors import VisinstructError
 from datagen.hf_dataset import hf_files, hub_repo_id, is_hf_input, iter_parquet_records
-from datagen.inputs import first_char, iter_jsonl_records, json_type, load_json
+from datagen.inputs import InputError, first_char, iter_jsonl_records, json_type, load_json, short_json
 from datagen.jsonl import iter_jsonl, repair_tail
 from datagen.splits import SPLITS
 
@@ -259,6 +259,35 @@ class SampleWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ManifestEntry(BaseModel):
+    """One line of a run manifest (X.runs.jsonl) as its readers use it; other keys (older manifests) pass unchecked."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    shard: str | None = None
+    images: int | None = Field(None, ge=0)
+    finished_at: str | None = None
+    command: str | None = None
+    config: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+
+
+def read_manifest(path: Path) -> Iterator[tuple[int, ManifestEntry]]:
+    """(line, entry) of a run manifest through the input layer; a field of the wrong type names the line.
+
+    A killed run's half-written last line is skipped (the manifest is only read).
+    """
+    hint = f"fix or delete that line of {Path(path).name} (the run manifest: a record, not data)"
+    for lineno, record in iter_jsonl_records(path, "run manifest", skip_partial_tail=True):
+        try:
+            yield lineno, ManifestEntry.model_validate(record)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            raise InputError(path, f'"{name}" is {short_json(record.get(name))} ({error["msg"].lower()})', hint,
+                             lineno) from None
 
 
 def default_cache_path(out_dir: Path = Path("data")) -> Path:

@@ -70,6 +70,7 @@ class BatchState(BaseModel):
         if not path.exists():
             return None
         text = read_text(path, "batch state file")
+        parse_json(text, path, 1, "restore it from a backup, or move it away to start over")  # the input layer's checks
         try:
             return cls.model_validate_json(text)
         except ValueError as exc:

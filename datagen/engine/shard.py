@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from datagen.errors import VisinstructError
-from datagen.inputs import InputError, iter_jsonl_records, json_type, parse_json
+from datagen.inputs import InputError, parse_json, short_json
 from datagen.jsonl import iter_jsonl
-from datagen.sample import OutputLayout
+from datagen.sample import ManifestEntry, OutputLayout, read_manifest
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -60,31 +59,24 @@ class MergeReport:
 def _shard_of_file(path: Path) -> tuple[ShardSpec | None, int | None]:
     """The shard spec and assigned-image count from the last run manifest beside a shard output.
 
-    The manifest is read through the input layer (a killed run's half-written last line is skipped); a
-    field of the wrong type is a user error naming the manifest's line.
+    The manifest is read through the input layer (datagen.sample.read_manifest): a field of the wrong type
+    is a user error naming the manifest's line.
     """
     manifest = OutputLayout(path).runs
     if not manifest.exists():
         return None, None
-    last: tuple[int, dict] | None = None
-    for lineno, entry in iter_jsonl_records(manifest, "run manifest", skip_partial_tail=True):
-        last = (lineno, entry)
-    if last is None:
+    last: tuple[int, ManifestEntry] | None = None
+    for last in read_manifest(manifest):
+        pass
+    if last is None or not last[1].shard:
         return None, None
     lineno, entry = last
-    hint = f"fix that line of the run manifest, or delete {manifest.name} to merge {path.name} without its shard check"
-    shard, images = entry.get("shard"), entry.get("images")
-    if shard is None or shard == "":
-        return None, None
-    if not isinstance(shard, str):
-        raise InputError(manifest, f'"shard" is a JSON {json_type(shard)}, not "K/N"', hint, lineno)
-    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 0):
-        raise InputError(manifest, f'"images" is {json.dumps(images)[:40]}, not a count', hint, lineno)
     try:
-        spec = ShardSpec.parse(shard)
+        return ShardSpec.parse(entry.shard), entry.images
     except VisinstructError:
-        raise InputError(manifest, f'"shard" is {json.dumps(shard)[:40]}, not "K/N"', hint, lineno) from None
-    return spec, images
+        raise InputError(manifest, f'"shard" is {short_json(entry.shard)}, not "K/N"',
+                         f"fix that line of the run manifest, or delete {manifest.name} to merge without its shard check",
+                         lineno) from None
 
 
 def _complete_record(line: str) -> bool:
