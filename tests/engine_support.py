@@ -17,6 +17,7 @@ from datagen.executors.local import run_local
 from datagen.prompts import SPLITS_WITH_BOXES, load_prompt_set
 from datagen.sample import OutputLayout
 from datagen.task import LlavaTask
+from guards import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o-mini"
@@ -27,7 +28,7 @@ def load_index(coco_root: Path, split: str = "conversation", coco_split: str = "
 
 
 def run_engine(base_url: str, out: Path, coco_root: Path, *, split: str = "conversation", limit: int | None = None,
-               concurrency: int = 8, timeout: float = 5.0, prompts_dir: Path | None = None, api_key: str = "sk-test",
+               concurrency: int = 8, timeout: float = 60.0, prompts_dir: Path | None = None, api_key: str = "sk-test",
                model: str = MODEL, transport: str = "direct", **engine) -> RunStats:
     """One in-process run of the engine against `base_url`."""
     index = load_index(coco_root, split)
@@ -57,7 +58,7 @@ def ids_of(*paths: Path) -> list[str]:
     return ids
 
 
-def datagen(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def datagen(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = HANG_GUARD_S, **popen) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, as a user runs it."""
     full_env = {**os.environ, "OPENAI_API_KEY": "sk-test", **(env or {})}
     return subprocess.run([sys.executable, "-m", "datagen.cli", *args], cwd=cwd, capture_output=True, text=True,

@@ -322,7 +322,7 @@ class FakeOpenAIServer:
         ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self.serve(0, ready)), daemon=True)
         self._thread.start()
-        if not ready.wait(10):
+        if not ready.wait(120):  # a hang guard: starting takes milliseconds
             raise RuntimeError("fake server did not start")
         return self
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from fake_openai_server import FakeOpenAIServer
+from guards import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def datagen(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def datagen(*args: str, env: dict | None = None, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "datagen.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
@@ -111,10 +112,10 @@ def test_missing_embedded_model_package_is_a_user_error(monkeypatch):
 
 @pytest.mark.slow
 def test_generate_with_the_embedded_model_end_to_end(coco_root, tmp_path):
-    """Real SmolLM2-135M on two images: every image ends up accepted or rejected with the raw text."""
+    """Real SmolLM2-135M on one image (bounded: 64 tokens): every image ends up accepted or rejected with the raw text."""
     out = tmp_path / "reasoning.jsonl"
     proc = datagen("generate", "--split", "reasoning", "--coco-root", str(coco_root), "--coco-split", "val2017",
-                   "--limit", "2", "--backend", "local", "--max-tokens", "96", "--temperature", "0",
+                   "--limit", "1", "--backend", "local", "--max-tokens", "64", "--temperature", "0",
                    "--batch-size", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "reasoning:" in proc.stdout and "tokens" in proc.stdout
@@ -122,7 +123,7 @@ def test_generate_with_the_embedded_model_end_to_end(coco_root, tmp_path):
     rejects_file = tmp_path / "reasoning.rejects.jsonl"
     rejected = [json.loads(l) for l in rejects_file.read_text().splitlines()] if rejects_file.exists() else []
     ids = [r["id"] for r in accepted + rejected]
-    assert sorted(ids) == ["000000000139", "000000000802"]
+    assert ids == ["000000000139"]
     from datagen.sample import Sample
 
     for record in accepted:

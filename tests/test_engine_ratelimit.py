@@ -35,7 +35,9 @@ def test_tokens_per_minute_pacing_has_a_lower_bound():
 
 
 def test_unlimited_limiter_does_not_wait():
-    assert time_acquires(RateLimiter(), 1000) < 1.0
+    limiter = RateLimiter()
+    time_acquires(limiter, 1000)
+    assert limiter.waited_s == 0.0  # counted, not timed: a busy machine cannot fail it
 
 
 def test_pause_holds_every_start():

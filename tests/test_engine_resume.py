@@ -12,6 +12,7 @@ from datagen.context import render_context
 from datagen.sample import OutputLayout, sample_id
 from engine_support import REPO, ids_of, load_index
 from fake_openai_server import FakeOpenAIServer, prompt_digest
+from guards import HANG_GUARD_S, WAIT_GUARD_S
 
 
 def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(coco_root, tmp_path):
@@ -27,7 +28,7 @@ def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(co
                 "--backend", "openai", "--base-url", server.base_url, "--out", str(out), "--cache", str(cache),
                 "--concurrency", str(concurrency)]
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + WAIT_GUARD_S
         while time.monotonic() < deadline and len(ids_of(out, OutputLayout(out).rejects)) < 20:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
@@ -39,7 +40,7 @@ def test_kill_9_then_rerun_finishes_with_the_same_ids_and_no_repeated_request(co
         assert 20 <= len(persisted) < len(all_ids), "the kill should land mid-run"
         before = server.state.count
 
-        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert rerun.returncode == 0, rerun.stderr
         again = [r["digest"] for r in server.state.requests[before:]]
 

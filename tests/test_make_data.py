@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from datagen.sample import OutputLayout
+from guards import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
-HANG_GUARD_S = 3600  # against a real hang only: the work below is bounded (1 image per split, 8 tokens)
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None or not (VENV / "bin" / "datagen").exists(),
                                 reason="needs make and the venv's datagen script")

@@ -10,6 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from guards import HANG_GUARD_S
 
 from datagen.cli import main
 from datagen.coco import CocoIndex
@@ -32,7 +33,7 @@ def chromium(tmp_path: Path, url: str, *flags: str) -> subprocess.CompletedProce
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
            "--window-size=1280,2400", *flags, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 class CardParser(HTMLParser):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from guards import HANG_GUARD_S, WAIT_GUARD_S
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the [ray] extra (make setup installs it)")
 
@@ -52,7 +53,7 @@ def engine_config(cache: Path | None, **overrides) -> EngineConfig:
 def ray_run(server: FakeOpenAIServer, out: Path, coco_root: Path, *, concurrency: int = 8, task: LlavaTask | None = None,
             cache: Path | None = None, window: int = 50_000, **overrides) -> RayRun:
     index = load_index(coco_root, SPLIT)
-    spec = BackendSpec("openai", MODEL, server.base_url, timeout=5.0)
+    spec = BackendSpec("openai", MODEL, server.base_url, timeout=60.0)
     return run_ray(task or make_task(), OutputLayout(out), spec, index.records(index.image_ids()),
                    engine_config(cache, **overrides), concurrency, window=window)
 
@@ -103,7 +104,7 @@ def test_ray_and_local_write_the_same_samples_and_a_cached_rerun_sends_nothing(r
     local_out, ray_out = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     with FakeOpenAIServer() as server:
         async def local() -> None:
-            backend = OpenAIBackend(model=MODEL, base_url=server.base_url, api_key="sk-test", timeout=5.0, concurrency=8)
+            backend = OpenAIBackend(model=MODEL, base_url=server.base_url, api_key="sk-test", timeout=60.0, concurrency=8)
             try:
                 await run_local(make_task(), OutputLayout(local_out), backend, index.records(index.image_ids()),
                                 engine_config(cache), 8)
@@ -154,7 +155,7 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
                 "--concurrency", str(concurrency), "--executor", "ray", "--ray-address", ray_address]
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        deadline = time.monotonic() + 300  # a hang guard far above the worst case, not a timing
+        deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard far above the worst case, not a timing
         while time.monotonic() < deadline and proc.poll() is None and len(cached_ids(cache)) < 20:
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -167,7 +168,7 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
         before = server.state.count
         late = [r for r in server.state.requests[:before] if r["t"] > killed_at]
 
-        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         again = [r["digest"] for r in server.state.requests[before:]]
 
@@ -247,7 +248,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_id_is_written_once(ray_ad
     killed: list[int] = []
 
     def kill_one_worker() -> None:
-        deadline = time.monotonic() + 300  # a hang guard far above the worst case, not a timing
+        deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard far above the worst case, not a timing
         while time.monotonic() < deadline and not killed:
             if len(cached_ids(cache)) >= 8:  # the pool is running: a chunk is stored
                 workers = engine_workers_of_this_cluster()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guards import HANG_GUARD_S
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -68,7 +69,7 @@ def _launch(tmp_path: Path, llm_dir: Path, name: str, env_extra: dict[str, str])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "-m", "train.run", "--config", str(path), "--stage", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return Path(cfg.output_dir) / "stage2"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guards import HANG_GUARD_S
 import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
@@ -142,7 +143,7 @@ def test_unknown_hub_model_id_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "train.run", "--config", "smoke-cpu", "--stage", "1", "--output-dir", str(tmp_path),
          "--set", "model.llm=no-such-org/no-such-model"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
@@ -172,7 +173,7 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path: Path, llm
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "-m", "train.run",
          "--config", str(cfg_path), "--stage", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = _metrics(ddp_dir / "run" / "stage2" / "metrics.jsonl")
