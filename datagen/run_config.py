@@ -127,10 +127,13 @@ class SamplingOptions(BaseModel):
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     seed: int = 0
     repetition_penalty: float = Field(1.0, ge=1.0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    candidates: int = Field(1, ge=1, le=16)
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed, repetition_penalty=self.repetition_penalty)
+                              seed=self.seed, repetition_penalty=self.repetition_penalty,
+                              no_repeat_ngram_size=self.no_repeat_ngram_size, n=self.candidates)
 
 
 class CacheOptions(BaseModel):
@@ -176,6 +179,16 @@ class GenerateConfig(BaseModel):
     out: Path | None = None
     out_dir: Path = Path("data")
     dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _local_only_settings(self) -> "GenerateConfig":
+        if self.sampling.candidates > 1 and self.executor.executor is ExecutorName.ray:
+            raise VisinstructError("--candidates runs on the local executor only",
+                                   "drop --executor ray, or drop --candidates (best-of-N is not built for Ray)")
+        if self.sampling.no_repeat_ngram_size and self.model.backend_name() != "local":
+            raise VisinstructError("--no-repeat-ngram-size works with the local backend only",
+                                   "drop it, or use --repetition-penalty (vLLM and llama.cpp servers accept it)")
+        return self
 
     @model_validator(mode="after")
     def _vllm_on_ray(self) -> "GenerateConfig":

@@ -8,7 +8,7 @@ happens to finish first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,13 @@ class Accepted:
 Verdict = Accepted | Rejected
 
 
+def candidate_rank(verdict: Verdict, completion: Completion) -> tuple[int, int, int]:
+    """Best-of-N order: accepted before rejected, then fewer reasons, then the longer answer text."""
+    if isinstance(verdict, Accepted):
+        return (1, 0, len(completion.text))
+    return (0, -len(verdict.reasons), len(completion.text))
+
+
 class NearDuplicateGate:
     """Among near-copies, keeps the one that comes first in the run's order (ascending image id).
 
@@ -188,7 +195,25 @@ class LlavaTask:
         return pick_instruction(self.prompts.instructions, record.id, self.params.seed)
 
     def judge(self, prepared: Subject, completion: Completion) -> Verdict:
-        """Parse and check one completion; near-duplicates are left to the gate (see the class docs)."""
+        """Parse and check a completion; near-duplicates are left to the gate (see the class docs).
+
+        With several choices (best-of-N), the verdict is that of the best: accepted ones first, the longest answers
+        among them; if none passed, the one with the fewest reasons. Its meta records N, which was kept, and every
+        candidate's reject reasons.
+        """
+        if not completion.alternatives:
+            return self.judge_one(prepared, completion)
+        choices = completion.choices
+        verdicts = [self.judge_one(prepared, choice) for choice in choices]
+        best = max(range(len(choices)), key=lambda k: candidate_rank(verdicts[k], choices[k]))
+        summary = {"n": len(choices), "kept": best,
+                   "reasons": [v.reasons if isinstance(v, Rejected) else [] for v in verdicts]}
+        # Judged again with the summary in its meta (checks are cheap next to a completion; meta is fixed once built).
+        return self.judge_one(prepared, replace(choices[best], prompt_tokens=completion.prompt_tokens),
+                              {"candidates": summary})
+
+    def judge_one(self, prepared: Subject, completion: Completion, extra_meta: dict[str, Any] | None = None) -> Verdict:
+        """Parse and check one completion."""
         record = prepared.record
         meta = {
             **self.meta_base,
@@ -196,6 +221,7 @@ class LlavaTask:
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
             "finish_reason": completion.finish_reason,
             **context_meta(self.split, prepared.context),  # a negative sample keeps its absent objects
+            **(extra_meta or {}),
         }
         evidence = {"context": prepared.context, "raw": completion.text, "meta": meta}
         try:

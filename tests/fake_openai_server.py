@@ -121,26 +121,35 @@ def prompt_digest(messages: list[dict]) -> str:
     return hashlib.sha1(str(last).encode()).hexdigest()[:16]
 
 
-def completion_body(messages: list[dict], model: str, serial: int) -> dict:
-    """A chat.completion object whose text varies with the image context."""
+REFUSAL = "I'm sorry, but I can't see images."
+
+
+def choice_text(messages: list[dict], index: int) -> str:
+    """Choice `index` of a request: the first is the same whatever `n` is; later ones draw other filler sentences."""
     context = str(messages[-1].get("content", "")) if messages else ""
     system = str(messages[0].get("content", "")) if messages else ""
     absent = [line.split(":", 1)[1] for line in context.splitlines() if line.startswith("Absent objects:")]
     if absent:  # the negative split's context
-        text = negative_text(context, [a.strip() for a in absent[0].split(",")])
-    elif "regions of the image" in system and ": [" in context:  # the grounded split's prompt
-        text = grounded_text(context)
-    else:
-        text = completion_text(context)
+        return negative_text(context, [a.strip() for a in absent[0].split(",")])
+    if "regions of the image" in system and ": [" in context:  # the grounded split's prompt
+        return grounded_text(context)
+    return completion_text(context if index == 0 else f"{context}\n#{index}")
+
+
+def completion_body(messages: list[dict], model: str, serial: int, n: int = 1) -> dict:
+    """A chat.completion object whose text varies with the image context, with `n` choices (OpenAI's `n`)."""
+    texts = [choice_text(messages, k) for k in range(n)]
     prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+    completion_tokens = sum(len(t) // 4 for t in texts)
     return {
         "id": f"chatcmpl-{serial}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(text) // 4,
-                  "total_tokens": prompt_chars // 4 + len(text) // 4},
+        "choices": [{"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    for k, t in enumerate(texts)],
+        "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_chars // 4 + completion_tokens},
     }
 
 
@@ -155,7 +164,7 @@ class FakeOpenAIServer:
     def __init__(self, latency_s: float = 0.0, faults: FaultPlan | None = None, api_key: str | None = None,
                  models: set[str] | None = None, ratelimit_headers: dict[str, str] | None = None,
                  batch_fail: set[str] | None = None, batch_expire: set[str] | None = None, batch_polls: int = 1,
-                 lifetime_s: float = 300.0, record: bool = True) -> None:
+                 lifetime_s: float = 3600.0, record: bool = True, bad_first_choice_every: int = 0) -> None:
         self.latency_s = latency_s
         self.plan = faults or FaultPlan()
         self.api_key = api_key
@@ -166,6 +175,8 @@ class FakeOpenAIServer:
         self.batch_polls = batch_polls
         self.lifetime_s = lifetime_s
         self.record = record
+        # Best-of-N tests: the first choice of every k-th prompt (by digest) is a refusal the checks reject.
+        self.bad_first_choice_every = bad_first_choice_every
         self.state = ServerState()
         self.port = 0
         self._serial = 0
@@ -207,7 +218,10 @@ class FakeOpenAIServer:
         if fault == "drop":
             request.transport.abort()
             return web.Response(status=500)
-        body = json.dumps(completion_body(messages, model, serial)).encode()
+        body = completion_body(messages, model, serial, int(payload.get("n") or 1))
+        if self.bad_first_choice_every and int(digest, 16) % self.bad_first_choice_every == 0:
+            body["choices"][0]["message"]["content"] = REFUSAL
+        body = json.dumps(body).encode()
         if fault == "truncated":
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
         self.state.answered[digest] += 1

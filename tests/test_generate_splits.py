@@ -85,3 +85,60 @@ def test_plain_progress_prints_per_interval_and_once_at_the_end(steps, interval)
         running = [t for t, done in printed[split] if done < 4]
         assert all(b - a >= interval for a, b in zip([0.0, *running], running))
         assert sum(f"progress: {split} " in l for l in lines) == len(times)
+
+
+def _outcomes(out_dir, split):
+    layout = OutputLayout(out_dir / f"{split}.jsonl")
+    accepted = {r["id"]: r for r in map(json.loads, layout.samples.read_text().splitlines())}
+    rejected = {r["id"]: r for r in map(json.loads, layout.rejects.read_text().splitlines())} if layout.rejects.exists() else {}
+    return accepted, rejected
+
+
+def test_best_of_n_keeps_a_passing_candidate_and_records_every_reason(coco_root, tmp_path):
+    """One request per image with n=3 (OpenAI's `n`); where the first choice is a planted refusal, another choice is
+    kept. Best-of-N accepts every image best-of-1 accepts, and more."""
+    with FakeOpenAIServer(bad_first_choice_every=2) as server:
+        for n in (1, 3):
+            proc = datagen("generate", "--split", "conversation", "--split", "reasoning", "--coco-root", str(coco_root),
+                           "--limit", "12", "--backend", "openai", "--base-url", server.base_url,
+                           "--out-dir", str(tmp_path / f"n{n}"), "--candidates", str(n))
+            assert proc.returncode == 0, proc.stderr
+        assert server.state.count == 2 * 2 * 12  # one request per image and split, whatever n is
+    for split in ("conversation", "reasoning"):
+        one, one_rejected = _outcomes(tmp_path / "n1", split)
+        three, three_rejected = _outcomes(tmp_path / "n3", split)
+        assert one_rejected and set(one) < set(three)  # the planted refusals were rescued
+        for record in three.values():
+            meta = record["meta"]["candidates"]
+            assert meta["n"] == 3 and len(meta["reasons"]) == 3 and meta["reasons"][meta["kept"]] == []
+            assert all(r["meta"].get("candidates") is None for r in one.values())
+        for image_id, record in three.items():
+            if image_id in one_rejected:
+                assert record["meta"]["candidates"]["reasons"][0] and record["meta"]["candidates"]["kept"] != 0
+
+
+def test_candidates_on_ray_and_no_repeat_on_openai_are_refused(coco_root, tmp_path):
+    ray = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--candidates", "2",
+                  "--executor", "ray", "--out-dir", str(tmp_path))
+    assert_user_error(ray, "--candidates runs on the local executor only")
+    ngram = datagen("generate", "--split", "conversation", "--coco-root", str(coco_root), "--no-repeat-ngram-size", "3",
+                    "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--out-dir", str(tmp_path))
+    assert_user_error(ngram, "--no-repeat-ngram-size works with the local backend only")
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(st.text(max_size=30), min_size=1, max_size=5), tokens=st.lists(st.integers(0, 500), min_size=5, max_size=5))
+def test_the_cache_returns_every_choice_in_order(tmp_path_factory, texts, tokens):
+    from datagen.backends.base import Completion
+    from datagen.engine.cache import ResponseCache
+
+    choices = [Completion(t, "stop", 0, tokens[k], "m") for k, t in enumerate(texts)]
+    first = Completion(texts[0], "stop", 17, tokens[0], "m", alternatives=tuple(choices[1:]))
+    cache = ResponseCache(tmp_path_factory.mktemp("c") / "cache.sqlite")
+    try:
+        cache.put_many([("k1", "b", "m", "item", first), ("k10", "b", "m", "item2", Completion("x", "stop", 1, 1, "m"))])
+        got = cache.get("k1")
+        assert got == first and got.total_completion_tokens == sum(tokens[:len(texts)])
+        assert cache.get("k10").alternatives == () and cache.get("k") is None
+    finally:
+        cache.close()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 
@@ -22,6 +22,19 @@ class SamplingParams:
     seed: int = 0
     # 1.0 = off. Small local models loop without it; vLLM/llama.cpp servers accept it, OpenAI does not.
     repetition_penalty: float = 1.0
+    # 0 = off: no n-gram of this size repeats within one completion (local backend only).
+    no_repeat_ngram_size: int = 0
+    # Completions per request (best-of-N): OpenAI's `n`, rows of one batch for the local model.
+    n: int = 1
+
+    def key_fields(self) -> dict:
+        """The fields as cache keys see them: settings added later are left out at their default, so the keys of
+        earlier runs (made before those settings existed) stay the same."""
+        fields = asdict(self)
+        for name, default in (("no_repeat_ngram_size", 0), ("n", 1)):
+            if fields[name] == default:
+                del fields[name]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,23 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    # With n > 1: the other completions of the request (this one is the first). The prompt is counted once, on the
+    # first; completion tokens on each choice where the backend reports them per choice, else all on the first.
+    alternatives: tuple["Completion", ...] = ()
 
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+    @property
+    def choices(self) -> tuple["Completion", ...]:
+        """Every completion of the request, first one first."""
+        return (self, *self.alternatives)
+
+    @property
+    def total_completion_tokens(self) -> int:
+        """Completion tokens of every choice: what the request cost beyond its prompt."""
+        return self.completion_tokens + sum(c.completion_tokens for c in self.alternatives)
 
 
 class Backend(Protocol):

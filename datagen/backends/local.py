@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
@@ -32,11 +33,24 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def intra_op_threads() -> int:
+    """Threads for one forward pass: `OMP_NUM_THREADS` when set, else the cores other processes leave free (at least 1).
+
+    On a busy machine, threads beyond the free cores only wait on each other: at load 14 on 2 cores, 2 threads
+    used 1.7x the CPU time of 1 for the same prefill (bench/RESULTS.md, issue 10).
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
 def load_model(model: str | None):
     """Tokenizer and causal LM for a name: the embedded model, a .gguf file, a local path or a hub id."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(intra_op_threads())
     kwargs: dict = {}
     if model in (None, "", EMBEDDED_MODEL):
         gguf = embedded_gguf_path()
@@ -85,12 +99,16 @@ class LocalBackend:
     # A chat ending in an assistant message is continued from that text (a prefill), not answered anew.
     continues_assistant_prefix = True
 
-    def __init__(self, model: str | None = None, batch_size: int = 8, max_wait_s: float = 0.05) -> None:
+    def __init__(self, model: str | None = None, batch_size: int = 8, max_wait_s: float = 0.25) -> None:
         self.model = model or EMBEDDED_MODEL
         self.batch_size = batch_size
         self.preferred_concurrency = batch_size
         self.max_wait_s = max_wait_s
         self._tokenizer, self._lm = load_model(model)
+        from datagen.backends.local_decode import HeadCache  # torch and transformers: only once a local model is made
+
+        self._heads = HeadCache(self._lm)
+        self._head_tokens: dict[tuple, tuple[int, ...]] = {}
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -132,42 +150,47 @@ class LocalBackend:
                         item.future.set_result(result)
 
     def generate_batch(self, conversations: list[list[dict[str, str]]], params: SamplingParams) -> list[Completion]:
-        """Generate completions for several chats in one left-padded batch (blocking)."""
-        import torch
+        """Generate `params.n` completions for each chat in one batch (blocking); each prompt head's KV is computed once
+        per backend and reused (datagen.backends.local_decode)."""
+        from datagen.backends.local_decode import Row, generate_rows  # torch and transformers: only when generating
 
-        tok, lm = self._tokenizer, self._lm
-        texts = [self.prompt_text(c) for c in conversations]
-        inputs = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-        torch.manual_seed(params.seed)
-        sample = params.temperature > 0
-        with torch.inference_mode():
-            out = lm.generate(
-                **inputs,
-                max_new_tokens=params.max_tokens,
-                do_sample=sample,
-                temperature=params.temperature if sample else None,
-                top_p=params.top_p if sample else None,
-                top_k=None,
-                repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-                pad_token_id=tok.pad_token_id,
-            )
-        prompt_len = inputs["input_ids"].shape[1]
-        eos_ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None}
+        tok = self._tokenizer
+        prompts = [self.prompt_tokens(c) for c in conversations]
+        rows = [Row(head, tail) for head, tail in prompts for _ in range(params.n)]
+        eos_ids = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None})
+        generated = generate_rows(
+            self._lm, rows, self._heads, max_new_tokens=params.max_tokens, pad_id=tok.pad_token_id, eos_ids=eos_ids,
+            temperature=params.temperature, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size, seed=params.seed)
         results = []
-        for row, mask in zip(out, inputs["attention_mask"]):
-            generated = row[prompt_len:].tolist()
-            stop = next((i for i, t in enumerate(generated) if t in eos_ids), None)
-            used = generated if stop is None else generated[:stop]
-            results.append(
-                Completion(
-                    text=tok.decode(used, skip_special_tokens=True),
-                    finish_reason="stop" if stop is not None else "length",
-                    prompt_tokens=int(mask.sum()),
-                    completion_tokens=len(used),
-                    model=self.model,
-                )
-            )
+        for k, (head, tail) in enumerate(prompts):
+            choices = []
+            for tokens in generated[k * params.n:(k + 1) * params.n]:
+                stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+                used = tokens if stop is None else tokens[:stop]
+                choices.append(Completion(text=tok.decode(used, skip_special_tokens=True),
+                                          finish_reason="stop" if stop is not None else "length",
+                                          prompt_tokens=0, completion_tokens=len(used), model=self.model))
+            results.append(replace(choices[0], prompt_tokens=len(head) + len(tail), alternatives=tuple(choices[1:])))
         return results
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The prompt's tokens as (head, tail): the head is every message but the last (system and few-shot examples,
+        the same for every image of a split), when the template renders it as a prefix of the whole; else empty."""
+        tok = self._tokenizer
+        full = tuple(tok.encode(self.prompt_text(messages), add_special_tokens=False))
+        if len(messages) < 2:
+            return (), full
+        key = tuple((m.get("role"), m.get("content")) for m in messages[:-1])
+        head = self._head_tokens.get(key)
+        if head is None:
+            text = tok.apply_chat_template(messages[:-1], tokenize=False)
+            head = self._head_tokens[key] = tuple(tok.encode(text, add_special_tokens=False))
+            if len(self._head_tokens) > 64:  # distinct heads are few (one per split); bound it all the same
+                self._head_tokens.pop(next(iter(self._head_tokens)))
+        if full[:len(head)] != head:
+            return (), full
+        return head, full[len(head):]
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         """The chat rendered by the model's template, open for the reply, or continuing a final assistant message."""

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from datagen.backends.base import TRANSPORTS, ChatRequest, Completion, SamplingParams
@@ -91,16 +92,14 @@ def classify_error(exc: Exception, base_url: str | None, model: str) -> Exceptio
 def completion_from_body(body: Any, fallback_model: str) -> Completion:
     """A Completion from a decoded chat.completion object; MalformedResponseError if it is not one."""
     try:
-        choice = body["choices"][0]
-        text = choice["message"].get("content") or ""
+        choices = sorted(body["choices"], key=lambda c: int(c.get("index") or 0))
         usage = body.get("usage") or {}
-        return Completion(
-            text=text,
-            finish_reason=choice.get("finish_reason") or "stop",
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            model=body.get("model") or fallback_model,
-        )
+        model = body.get("model") or fallback_model
+        # Usage is the request's total: the prompt once and every choice's tokens, all counted on the first choice.
+        made = [Completion(text=choice["message"].get("content") or "", finish_reason=choice.get("finish_reason") or "stop",
+                           prompt_tokens=0, completion_tokens=0, model=model) for choice in choices]
+        return replace(made[0], prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                       completion_tokens=int(usage.get("completion_tokens") or 0), alternatives=tuple(made[1:]))
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise MalformedResponseError("response is not a chat completion") from None
 
@@ -135,6 +134,8 @@ def chat_body(model: str, request: ChatRequest) -> dict:
                "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed}
     if p.repetition_penalty != 1.0:  # a vLLM / llama.cpp extension; sent only when asked for
         payload["repetition_penalty"] = p.repetition_penalty
+    if p.n != 1:  # best-of-N: N choices for one prompt (billed once)
+        payload["n"] = p.n
     return payload
 
 

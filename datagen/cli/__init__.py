@@ -144,6 +144,9 @@ def _top_level(
 def _quiet_libraries() -> None:
     """Keep library chatter (loading bars, deprecation notes) off the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning burns the cores other work needs
+    # (measured, bench/RESULTS.md issue 10). Read when torch loads, which is later (the local backend imports it).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # transformers draws a tqdm bar while de-quantising GGUF weights; tqdm reads this at import time.
     os.environ.setdefault("TQDM_DISABLE", "1")
     # transformers reads these when (and if) a command imports it: importing it here to flip the same switches

@@ -16,7 +16,7 @@ from datagen.cli.common import make_backend, print_summary, select_ids
 from datagen.cli.progress import format_usd, run_progress
 from datagen.cli.options import (
     COST, ENGINE, EXECUTOR, AbsentObjectsOpt, BackendOpt, BaseUrlOpt, CacheOpt, CocoRootOpt, CocoSplitOpt, CooccurrenceFromOpt, ImageIdsOpt, LimitOpt, MaxTokensOpt,
-    ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, SeedOpt, ShardOpt, SplitsOpt, TemperatureOpt, TopPOpt,
+    ModelOpt, NoCacheOpt, PromptsDirOpt, RepetitionPenaltyOpt, NoRepeatNgramOpt, CandidatesOpt, SeedOpt, ShardOpt, SplitsOpt, TemperatureOpt, TopPOpt,
     TransportOpt, build,
 )
 from datagen.backends.base import Backend
@@ -53,6 +53,8 @@ def generate(
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     seed: SeedOpt = 0,
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
+    candidates: CandidatesOpt = 1,
     batch_size: Annotated[int, typer.Option(
         min=1, help="Local backend: prompts per forward pass (shared by every --split of the run).")] = 8,
     prompts_dir: PromptsDirOpt = None,
@@ -99,7 +101,8 @@ def generate(
                     cooccurrence_from=cooccurrence_from),
         model=dict(backend=backend, model=model, base_url=base_url),
         sampling=dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                      repetition_penalty=repetition_penalty),
+                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                      candidates=candidates),
         cache=dict(cache=cache, no_cache=no_cache),
         live=dict(batch_size=batch_size, concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries,
                   timeout=timeout, transport=transport, budget=budget, prices=prices),

@@ -55,6 +55,12 @@ MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Completion token limit p
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and instruction choice.")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(
     min=1.0, help="Penalise repeated tokens (1.0 = off; local backend, vLLM and llama.cpp servers).")]
+NoRepeatNgramOpt = Annotated[int, typer.Option(
+    min=0, help="Local backend: no n-gram of this size repeats within an answer (0 = off).")]
+CandidatesOpt = Annotated[int, typer.Option(
+    min=1, max=16, help="Best-of-N: N completions per image in one call (OpenAI-compatible `n`, local batch rows); "
+                        "the one that passes the checks is kept (ties: the longest); N and every candidate's "
+                        "reject reasons go into meta.candidates. Local executor only.")]
 
 # Engine.
 TransportOpt = Annotated[Transport, typer.Option(

@@ -7,7 +7,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,14 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+# A request's further completions (n > 1) are stored as rows `<key>#1`, `<key>#2`, ... beside its first.
+ALTERNATIVE_MARK = "#"
 _KEY_JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
 
 
 def cache_key(backend: str, model: str, request: ChatRequest) -> str:
     """SHA-256 over everything that determines the completion; the prompt text is part of it."""
-    payload = {"backend": backend, "model": model, "messages": request.messages, "params": asdict(request.params)}
+    payload = {"backend": backend, "model": model, "messages": request.messages, "params": request.params.key_fields()}
     blob = json.dumps(payload, **_KEY_JSON)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -95,7 +97,7 @@ class CacheKeys:
     def key(self, request: ChatRequest) -> str:
         params = self._params.get(request.params)
         if params is None:
-            params = self._params[request.params] = json.dumps(asdict(request.params), **_KEY_JSON) + "}"
+            params = self._params[request.params] = json.dumps(request.params.key_fields(), **_KEY_JSON) + "}"
         messages = request.messages
         head = self.messages.head(messages) if messages else None
         if head is None:
@@ -186,15 +188,19 @@ class ResponseCache:
             self._db.execute(_SCHEMA)
 
     def get(self, key: str) -> Completion | None:
-        """The stored completion for this key, if any."""
+        """The stored completion for this key, if any (with its alternatives, stored as rows `<key>#1`, `<key>#2`...)."""
         with _guarded(self.path):
-            row = self._db.execute(
-                "SELECT text, finish_reason, prompt_tokens, completion_tokens, response_model FROM responses WHERE key = ?",
-                (key,),
-            ).fetchone()
-        if row is None:
+            rows = self._db.execute(
+                "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, response_model FROM responses "
+                "WHERE key = ? OR (key > ? AND key < ?)", (key, key + ALTERNATIVE_MARK, key + chr(ord(ALTERNATIVE_MARK) + 1)),
+            ).fetchall()
+        found = {row[0]: Completion(text=row[1], finish_reason=row[2], prompt_tokens=row[3], completion_tokens=row[4],
+                                    model=row[5]) for row in rows}
+        first = found.pop(key, None)
+        if first is None:
             return None
-        return Completion(text=row[0], finish_reason=row[1], prompt_tokens=row[2], completion_tokens=row[3], model=row[4])
+        ordered = sorted(found.items(), key=lambda kv: int(kv[0].rsplit(ALTERNATIVE_MARK, 1)[1]))
+        return replace(first, alternatives=tuple(c for _, c in ordered)) if ordered else first
 
     def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
         """Store (key, backend, model, item, completion) rows in one transaction (a group commit)."""
@@ -207,8 +213,9 @@ class ResponseCache:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (key, backend, model, item, now, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.model)
-                        for key, backend, model, item, c in rows
+                        (k, backend, model, item, now, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.model)
+                        for key, backend, model, item, first in rows
+                        for k, c in ((key if i == 0 else f"{key}{ALTERNATIVE_MARK}{i}", c) for i, c in enumerate(first.choices))
                     ],
                 )
                 self._db.execute("COMMIT")

@@ -93,10 +93,10 @@ class ResultRecorder:
                 completion = result.completion
                 if result.fresh:
                     stats.prompt_tokens += completion.prompt_tokens
-                    stats.completion_tokens += completion.completion_tokens
+                    stats.completion_tokens += completion.total_completion_tokens
                     if stats.cost_usd is not None:
                         stats.cost_usd = None if self.price is None else stats.cost_usd + self.price.cost(
-                            completion.prompt_tokens, completion.completion_tokens)
+                            completion.prompt_tokens, completion.total_completion_tokens)
                 else:
                     stats.cache_hits += 1
                 sink.verdict(result.item.seq, next(verdicts))
@@ -265,7 +265,7 @@ class LiveEngine:
                 self._emit(Failed(item, reason, getattr(exc, "attempts", 1)))
                 continue
             if self.budget is not None:
-                self.budget.settle(reserved, self.price.cost(completion.prompt_tokens, completion.completion_tokens))
+                self.budget.settle(reserved, self.price.cost(completion.prompt_tokens, completion.total_completion_tokens))
             self._emit(Completed(item, completion, fresh=True, attempts=attempts))
 
     async def _request(self, item: WorkItem) -> tuple[Completion, int]:
@@ -298,7 +298,7 @@ class LiveEngine:
                 error = exc
             else:
                 self.successes += 1
-                self.limiter.settle_tokens(reserve_tokens, completion.prompt_tokens + completion.completion_tokens)
+                self.limiter.settle_tokens(reserve_tokens, completion.prompt_tokens + completion.total_completion_tokens)
                 return completion, attempt_no
             if attempt_no > config.max_retries:
                 error.reason = f"{error.reason} (gave up after {attempt_no} attempts)"
