@@ -242,3 +242,4 @@ class LocalBackend:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        self._queue = None  # a later event loop (another run on the same model) starts its own

@@ -129,7 +129,7 @@ def generate_rows(lm, rows: Sequence[Row], heads: HeadCache, *, max_new_tokens: 
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = lm.generate(
-            input_ids=input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+            input_ids=input_ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
             repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
             logits_processor=processors, pad_token_id=pad_id, eos_token_id=list(eos_ids),
