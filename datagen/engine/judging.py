@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from datagen.backends.base import Completion
@@ -19,10 +20,47 @@ class JudgingTask(Protocol):
     def judge(self, subject: Any, completion: Completion) -> Any: ...
 
 
+class PendingVerdicts(Protocol):
+    """The verdicts of one submitted batch, in its order, once they are reached."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Verdicts reached already (judged in the calling thread, or on the workers that sent them)."""
+
+    verdicts: list[Any]
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> list[Any]:
+        return self.verdicts
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """Verdicts being reached by worker processes, one contiguous part of the batch each."""
+
+    parts: list[Future]
+
+    def done(self) -> bool:
+        return all(part.done() for part in self.parts)
+
+    def result(self) -> list[Any]:
+        return [verdict for part in self.parts for verdict in part.result()]
+
+
 class Judge(Protocol):
-    """Turns (subject, completion) pairs into verdicts, in order."""
+    """Turns (subject, completion) pairs into verdicts, in order: at once (`judge_many`), or while the caller
+    goes on (`submit`)."""
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]: ...
+
+    def submit(self, pairs: list[tuple[Any, Completion]]) -> PendingVerdicts: ...
 
     def close(self) -> None: ...
 
@@ -35,6 +73,9 @@ class InlineJudge:
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]:
         return [self.task.judge(subject, completion) for subject, completion in pairs]
+
+    def submit(self, pairs: list[tuple[Any, Completion]]) -> PendingVerdicts:
+        return Ready(self.judge_many(pairs))
 
     def close(self) -> None:
         return None
@@ -76,12 +117,15 @@ class ProcessJudge:
         self.warm: list[Future] = [self.pool.submit(_ready) for _ in range(self.workers)]
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]:
+        return self.submit(pairs).result()
+
+    def submit(self, pairs: list[tuple[Any, Completion]]) -> PendingVerdicts:
+        """Send the batch to the workers and return at once; the caller collects the verdicts when they are done."""
         if not pairs:
-            return []
+            return Ready([])
         slim = [(getattr(subject, "subject", subject), completion) for subject, completion in pairs]
         size = -(-len(slim) // self.workers)
-        parts = [self.pool.submit(_judge_many, slim[start:start + size]) for start in range(0, len(slim), size)]
-        return [verdict for part in parts for verdict in part.result()]
+        return _Parts([self.pool.submit(_judge_many, slim[start:start + size]) for start in range(0, len(slim), size)])
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from datagen.backends.base import Backend, Completion
 from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price
-from datagen.engine.judging import Judge
+from datagen.engine.judging import Judge, PendingVerdicts
 from datagen.engine.errors import EndpointUnreachableError, RateLimitedError, TransientError
 from datagen.engine.ratelimit import RateLimiter
 from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint, Failed, RequestPlanner, Result,
@@ -29,6 +30,9 @@ from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint
 from datagen.errors import VisinstructError
 
 FEED_CHUNK = 64  # records prepared per hop to the feeder thread: amortises the thread switch
+# Batches whose judgement may still be running while the recorder takes the next ones: keeps the judge workers
+# busy while the recording thread writes, and bounds what is held in memory.
+JUDGE_BATCHES_AHEAD = 4
 # Without a single success, this many failed connection attempts mean a dead endpoint, not a blip.
 UNREACHABLE_ATTEMPTS = 3
 
@@ -50,6 +54,10 @@ class VerdictSink(Protocol):
 class ResultRecorder:
     """Stores results: fresh completions into the cache first (a crash never pays twice), then counts,
     the task's judgement, and the sink. Used by the live engine and by Batch API collection alike.
+
+    A batch's judgement runs while the next batches come in (up to JUDGE_BATCHES_AHEAD of them): worker
+    processes judge one batch while this thread records the previous one. Batches reach the sink in the
+    order they were recorded; `close` waits for those still being judged.
     """
 
     def __init__(self, judge: Judge, sink: VerdictSink, stats: RunStats,
@@ -63,6 +71,7 @@ class ResultRecorder:
         self.cache_path = cache_path
         self.cache: ResponseCache | None = None
         self.on_progress = on_progress
+        self._judging: deque[tuple[list[Result], PendingVerdicts]] = deque()
 
     def open(self) -> None:
         """Open the cache and the sink, in the thread that records (SQLite connections stay in their thread)."""
@@ -70,7 +79,14 @@ class ResultRecorder:
         self.sink.open()
 
     def close(self) -> None:
-        """Close the sink (it writes what it still holds), then the cache and the judge."""
+        """Wait for the batches still being judged, close the sink (it writes what it still holds), then the
+        cache and the judge."""
+        try:
+            self._settle(wait=True)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.sink.close()
         finally:
@@ -85,9 +101,29 @@ class ResultRecorder:
                     for r in results if isinstance(r, Completed) and r.fresh]
             if rows:
                 self.cache.put_many(rows)
-        stats, sink = self.stats, self.sink
         completed = [r for r in results if isinstance(r, Completed)]
-        verdicts = iter(self.judge.judge_many([(r.item.prepared, r.completion) for r in completed]))
+        self._judging.append((results, self.judge.submit([(r.item.prepared, r.completion) for r in completed])))
+        self._settle(wait=False)
+
+    def _settle(self, wait: bool) -> None:
+        """Hand the judged batches to the sink, oldest first: those done (all, if `wait`; the oldest, if too many
+        are waiting)."""
+        judging = self._judging
+        settled = False
+        while judging and (wait or judging[0][1].done() or len(judging) > JUDGE_BATCHES_AHEAD):
+            results, pending = judging[0]
+            verdicts = pending.result()
+            judging.popleft()
+            self._apply(results, verdicts)
+            settled = True
+        if settled:
+            self.sink.flush()
+            if self.on_progress:
+                self.on_progress(self.stats)
+
+    def _apply(self, results: list[Result], judged: list[Any]) -> None:
+        stats, sink = self.stats, self.sink
+        verdicts = iter(judged)
         for result in results:
             if isinstance(result, Completed):
                 completion = result.completion
@@ -106,9 +142,6 @@ class ResultRecorder:
                 sink.not_started(result.item.seq)
             else:
                 sink.skipped(result.count)
-        sink.flush()
-        if self.on_progress:
-            self.on_progress(self.stats)
 
 
 def backoff_s(config: EngineConfig, error: TransientError, attempt_no: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from datagen.backends.base import ChatRequest, Completion
+from datagen.engine.judging import Ready
 from datagen.engine.work import Result
 from datagen.errors import VisinstructError
 from datagen.task import Verdict
@@ -24,6 +25,9 @@ class WorkerVerdicts:
 
     def judge_many(self, pairs: list[tuple[Judged, Completion]]) -> list[Verdict | None]:
         return [judged.verdict for judged, _ in pairs]
+
+    def submit(self, pairs: list[tuple[Judged, Completion]]) -> Ready:
+        return Ready(self.judge_many(pairs))
 
     def close(self) -> None:
         return None
