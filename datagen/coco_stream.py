@@ -201,26 +201,40 @@ def stream_top_level(
                     buf.pos += 1
                 else:
                     while True:
-                        _deliver(buf, on_element, key, walker.value)
+                        before = buf.base + buf.pos
+                        item = walker.value()
+                        try:
+                            on_element(key, item)
+                        except ElementError as exc:
+                            _locate(exc, buf, before)
+                            raise
                         if walker.expect(",]", "',' delimiter") == "]":
                             break
             else:
                 on_array_start(key, False)
-                _deliver(buf, on_element, key, walker.value)
+                before = buf.base + buf.pos
+                item = walker.value()
+                try:
+                    on_element(key, item)
+                except ElementError as exc:
+                    _locate(exc, buf, before)
+                    raise
             if walker.expect(",}", "',' delimiter") == "}":
                 break
     if buf.peek():
         raise walker._absolute(buf.error("Extra data"))
 
 
-def _deliver(buf: _Buffer, on_element: ElementHandler, key: str, parse: Callable[[], Any]) -> None:
-    """Parse one element and hand it over; a handler's ElementError gets the element's first line."""
-    buf.peek()
-    start = buf.base + buf.pos  # stays inside the window until the element is handed over
-    item = parse()
-    try:
-        on_element(key, item)
-    except ElementError as exc:
-        if exc.line is None:
-            exc.line = buf.line(start)
-        raise
+def _locate(exc: ElementError, buf: _Buffer, before: int) -> None:
+    """Give a handler's error the line its element starts on (`before`: the offset ahead of its whitespace).
+
+    The window still holds the element (a refill only drops what precedes it), so the line is counted
+    from there; whitespace dropped before it was counted into `lines_before`.
+    """
+    if exc.line is not None:
+        return
+    index = max(before - buf.base, 0)
+    text = buf.text
+    while index < len(text) and text[index] in _WHITESPACE:
+        index += 1
+    exc.line = buf.line(buf.base + index)

@@ -58,8 +58,9 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 def nesting_depth(text: str) -> int:
     """The deepest [ / { nesting of a JSON text (strings ignored)."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return text.count("[") + text.count("{")  # an upper bound, and small: no need to walk
+    opened = text.count("[") + text.count("{")
+    if opened <= MAX_DEPTH:
+        return opened  # an upper bound, and small: no need to walk
     depth = peak = 0
     for char in re.sub(r"[^\[\]{}]", "", _STRING.sub("", text)):
         if char in "[{":
@@ -84,7 +85,7 @@ def parse_json(text: str, path: Path | str, line: int | None = None, hint: str =
     if nesting_depth(text) > MAX_DEPTH:
         raise InputError(path, f"JSON nested deeper than {MAX_DEPTH} levels", hint, line)
     # Pairs (\ud83d\ude00) decode to one character; a lone half would break every writer downstream.
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise InputError(path, "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", hint, line)
     return value
 
