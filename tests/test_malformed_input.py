@@ -216,11 +216,13 @@ def test_batch_state_file_fails_cleanly(content):
 
 # --- the input layer ----------------------------------------------------------------------------------------
 
-def test_a_bad_byte_anywhere_names_its_line(tmp_path):
+def test_a_bad_byte_anywhere_names_its_line(coco_root, tmp_path):
     path = tmp_path / "detail.jsonl"
     path.write_bytes((GOOD_LINE + "\n").encode() * 40 + b'{"id": "caf\xe9"}\n')
     assert path.stat().st_size > 4096
-    for command in (["check", path], ["stats", path], ["review", path], ["export", path, "--out", tmp_path / "o.json"]):
+    resume = ["generate", "--split", "detail", "--coco-root", coco_root, "--limit", "1", "--backend", "openai", "--dry-run",
+              "--out", path]
+    for command in (["check", path], ["stats", path], ["review", path], ["export", path, "--out", tmp_path / "o.json"], resume):
         line = assert_one_line_error(*invoke(*command)[::2], f"{path}:41: ")
         assert "not UTF-8" in line and "0xe9" in line
 
@@ -364,6 +366,9 @@ def test_usage_errors_everywhere_are_one_line(tmp_path):
         code, out, err = invoke(*args)
         line = assert_one_line_error(code, err)
         assert "╭" not in err and "see `" in line
+    for args in (["judge", "x.jsonl", "--min-score", "nan"], ["check", "x.jsonl", "--near-dup-threshold", "nan"],
+                 ["judge", "x.jsonl", "--min-score", "inf"]):
+        assert_one_line_error(*invoke(*args)[::2], f"{args[-2]}")  # refused by its range, or as not finite
     code, out, err = invoke()
     assert_one_line_error(code, err, "no command given")
     assert "generate" in out  # the help, on stdout
