@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,18 @@ def split_clean(eval_ids: list[int], trained: set[int]) -> tuple[list[int], list
     return [i for i in eval_ids if i not in trained], [i for i in eval_ids if i in trained]
 
 
-def guard(eval_ids: list[int], checkpoint: Path, drop: bool, what: str) -> tuple[list[int], int, TrainingImages]:
-    """The evaluation ids to use; refuses on any overlap unless `drop`, which removes and counts it."""
+def guard(eval_ids: list[int], checkpoint: Path, drop: bool, what: str,
+          also: Sequence[Path] = ()) -> tuple[list[int], int, TrainingImages]:
+    """The evaluation ids to use; refuses on any overlap unless `drop`, which removes and counts it.
+
+    `also`: other checkpoints whose training images are left out too (the other side of an A/B, so that
+    both are evaluated on the same images)."""
     trained = training_images(checkpoint)
+    for other in also:
+        theirs = training_images(other)
+        trained.ids |= theirs.ids
+        trained.sources += [s for s in theirs.sources if s not in trained.sources]
+        trained.missing += [m for m in theirs.missing if m not in trained.missing]
     if trained.missing:
         raise VisinstructError(
             f"the training data files {', '.join(trained.missing)} named by the run's config are gone, so overlap cannot be checked",

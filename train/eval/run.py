@@ -67,6 +67,8 @@ class EvalConfig:
     pope_tokens: int = 8
     describe_tokens: int = 96
     answer_tokens: int = 128
+    # --compare: the other checkpoint, whose training images are left out here too (same images for A and B).
+    compare_with: list[Path] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
@@ -135,7 +137,7 @@ class Evaluation:
         """Evaluation ids without training images (refusing, or dropping with a count, per the config)."""
         if not self.cfg.check_contamination:
             return ids
-        clean, dropped, self.trained = guard(ids, self.cfg.model, self.cfg.drop_contaminated, what)
+        clean, dropped, self.trained = guard(ids, self.cfg.model, self.cfg.drop_contaminated, what, self.cfg.compare_with)
         self.contamination.update(training_images=len(self.trained.ids), sources=self.trained.sources)
         self.contamination["dropped"][what] = dropped
         if dropped:
@@ -324,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from(args: argparse.Namespace, model: Path, out: Path | None) -> EvalConfig:
+def config_from(args: argparse.Namespace, model: Path, out: Path | None, compare_with: list[Path] | None = None) -> EvalConfig:
     if args.coco_root is None:
         raise VisinstructError("no COCO root given", "pass --coco-root DIR or set $COCO_ROOT")
     return EvalConfig(
@@ -333,14 +335,20 @@ def config_from(args: argparse.Namespace, model: Path, out: Path | None) -> Eval
         bench_limit=args.bench_limit, judge_backend=args.judge_backend, judge_model=args.judge_model,
         judge_base_url=args.judge_base_url, judge_cache=args.judge_cache, drop_contaminated=args.drop_contaminated,
         check_contamination=not args.no_contamination_check, skip=tuple(args.skip), batch_size=args.batch_size,
-        describe_tokens=args.describe_tokens, answer_tokens=args.answer_tokens)
+        describe_tokens=args.describe_tokens, answer_tokens=args.answer_tokens, compare_with=list(compare_with or []))
 
 
-def report_for(path: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """An existing eval.json, or a fresh evaluation of a checkpoint folder."""
-    if (path / "config.json").is_file():
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def report_for(path: Path, args: argparse.Namespace, label: str, other: Path | None = None) -> dict[str, Any]:
+    """An existing eval.json, or a fresh evaluation of a checkpoint folder (leaving out the images the other
+    checkpoint of the comparison trained on too, so both answer the same questions)."""
+    if is_checkpoint(path):
         out = (args.out or Path("runs/compare")) / label
-        return Evaluation(config_from(args, path, out)).run()
+        partner = [other] if other is not None and is_checkpoint(other) else []
+        return Evaluation(config_from(args, path, out, partner)).run()
     return load_report(path)
 
 
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             print(",".join(str(i) for i in ids[: args.list_clean_ids]))
             return 0
         if args.compare:
-            a, b = (report_for(path, args, label) for path, label in zip(args.compare, ("A", "B")))
+            first, second = args.compare
+            a, b = report_for(first, args, "A", second), report_for(second, args, "B", first)
             table, diffs = compare_table(a, b)
             print(table)
             if args.out:
