@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest_train import smollm_tokenizer, tiny_llm
+from conftest_train import save_tiny_llm
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.backends.local import LocalBackend, NextTokenLogprobs
 from datagen.engine.cache import cache_key
@@ -20,25 +20,14 @@ from datagen.judge import (DIGITS, SCORE_PREFIX, JudgeEngine, Scoring, expected_
                            load_judge_prompts, scale_distribution)
 
 
-def tiny_backend(seed: int = 0) -> LocalBackend:
-    """A LocalBackend over a random 2-layer Llama with SmolLM2's real tokenizer and chat template."""
-    tok = smollm_tokenizer()
-    tok.pad_token = tok.pad_token or tok.eos_token
-    tok.padding_side = "left"
-    backend = LocalBackend.__new__(LocalBackend)  # no weights to load: the tiny model is built in memory
-    backend.model, backend.batch_size, backend.preferred_concurrency, backend.max_wait_s = "tiny", 4, 4, 0.01
-    backend._queue, backend._worker = None, None
-    backend._tokenizer, backend._lm = tok, tiny_llm(tok, seed)
-    return backend
+def tiny_backend(folder: Path, seed: int = 0) -> LocalBackend:
+    """A LocalBackend built the real way (from a model folder) over a random 2-layer Llama with SmolLM2's tokenizer."""
+    return LocalBackend(model=str(save_tiny_llm(folder, seed)), batch_size=4)
 
 
-_BACKEND: list[LocalBackend] = []
-
-
-def shared_backend() -> LocalBackend:
-    if not _BACKEND:
-        _BACKEND.append(tiny_backend())
-    return _BACKEND[0]
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> LocalBackend:
+    return tiny_backend(tmp_path_factory.mktemp("tiny-judge"))
 
 
 def chat(user: str, prefix: str | None) -> list[dict[str, str]]:
@@ -46,8 +35,8 @@ def chat(user: str, prefix: str | None) -> list[dict[str, str]]:
     return messages + ([{"role": "assistant", "content": prefix}] if prefix is not None else [])
 
 
-def test_prefill_continues_the_assistant_turn_keeping_trailing_space() -> None:
-    backend = shared_backend()
+def test_prefill_continues_the_assistant_turn_keeping_trailing_space(shared: LocalBackend) -> None:
+    backend = shared
     tok = backend._tokenizer
     open_reply = backend.prompt_text(chat("Rate it.", None))
     prefilled = backend.prompt_text(chat("Rate it.", SCORE_PREFIX))
@@ -59,8 +48,8 @@ def test_prefill_continues_the_assistant_turn_keeping_trailing_space() -> None:
     assert len(keys) == 3
 
 
-def test_generate_continues_a_prefill() -> None:
-    backend = shared_backend()
+def test_generate_continues_a_prefill(shared: LocalBackend) -> None:
+    backend = shared
     out = backend.generate_batch([chat("Rate it.", SCORE_PREFIX), chat("Rate this other one, please.", None)],
                                  SamplingParams(temperature=0.0, max_tokens=3))
     assert [c.completion_tokens for c in out] == [3, 3]
@@ -69,9 +58,9 @@ def test_generate_continues_a_prefill() -> None:
 
 @settings(max_examples=6, deadline=None)
 @given(st.lists(st.text(alphabet="abc xyz.?", min_size=1, max_size=60), min_size=1, max_size=3))
-def test_next_token_logprobs_match_a_plain_forward_in_any_batch(users: list[str]) -> None:
+def test_next_token_logprobs_match_a_plain_forward_in_any_batch(shared: LocalBackend, users: list[str]) -> None:
     """Left padding changes nothing: each row equals a forward pass over that prompt alone, full logits."""
-    backend = shared_backend()
+    backend = shared
     tok, lm = backend._tokenizer, backend._lm
     chats = [chat(u, SCORE_PREFIX) for u in users]
     batched = backend.next_token_logprobs(chats, DIGITS, "1")
@@ -85,8 +74,8 @@ def test_next_token_logprobs_match_a_plain_forward_in_any_batch(users: list[str]
                 assert at[digit] == pytest.approx(row[tok.convert_tokens_to_ids(digit)].item(), abs=1e-4)
 
 
-def test_candidates_that_are_not_one_token_are_left_out() -> None:
-    backend = shared_backend()
+def test_candidates_that_are_not_one_token_are_left_out(shared: LocalBackend) -> None:
+    backend = shared
     [result] = backend.next_token_logprobs([chat("x", SCORE_PREFIX)], DIGITS + ("10",))
     assert set(result.positions[0]) == set(DIGITS)  # SmolLM2 writes "10" as "1", "0"
 
@@ -252,7 +241,7 @@ def test_real_local_backend_through_the_judge(tmp_path: Path) -> None:
     """The tiny real model end to end through the judge: every sample gets a logprob verdict."""
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps(sample(i, f"Answer {i}.")) + "\n" for i in range(3)))
-    backend = tiny_backend()
+    backend = tiny_backend(tmp_path / "model")
     stats, accepted, rejected = run(src, backend, tmp_path / "c.sqlite", min_score=1)
     verdicts = [json.loads(l)["judge"] for p in (accepted, rejected) for l in p.read_text().splitlines()]
     assert len(verdicts) == 3 and all(v["method"] == "logprobs" for v in verdicts)
