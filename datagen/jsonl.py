@@ -8,31 +8,38 @@ from pathlib import Path
 from typing import Any
 
 from datagen.inputs import iter_jsonl_records
+from datagen.outputs import LineAppender, write_error
 
 
-def repair_tail(path: Path) -> int:
-    """Cut a half-written last line (from a killed run); return the bytes removed."""
-    if not path.exists() or path.stat().st_size == 0:
-        return 0
-    with open(path, "rb+") as fh:
+def complete_size(path: Path) -> int:
+    """Bytes up to and including the last newline: the part of an appended file that holds whole lines."""
+    with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return 0
-        # Walk back to the last newline; everything after it is an incomplete record.
         pos, chunk = size, 65536
         while pos > 0:
             start = max(0, pos - chunk)
             fh.seek(start)
-            data = fh.read(pos - start)
-            idx = data.rfind(b"\n")
+            idx = fh.read(pos - start).rfind(b"\n")
             if idx >= 0:
-                keep = start + idx + 1
-                fh.truncate(keep)
-                return size - keep
+                return start + idx + 1
             pos = start
-        fh.truncate(0)
-        return size
+    return 0
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a half-written last line (from a killed run); return the bytes removed.
+
+    Only for a file this run owns under its output lock (generate's own outputs); readers of other files use
+    `complete_size` and leave them as they are.
+    """
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    keep = complete_size(path) if size else 0
+    if keep < size:
+        with open(path, "rb+") as fh:
+            fh.truncate(keep)
+    return size - keep
 
 
 def iter_jsonl(path: Path, skip_partial_tail: bool = False) -> Iterator[dict[str, Any]]:
@@ -42,33 +49,31 @@ def iter_jsonl(path: Path, skip_partial_tail: bool = False) -> Iterator[dict[str
 
 
 class JsonlWriter:
-    """Appends one complete JSON line per record, flushed as it is written."""
+    """Appends complete JSON lines to a file this run owns (under its output lock), each batch all or nothing.
+
+    A half-written tail from a killed run is cut on open; a failed write (a full disk) is cut back at once and
+    raises `OutputWriteError`, so the file always ends in a complete line.
+    """
 
     def __init__(self, path: Path, fsync: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_tail(self.path)
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._fsync = fsync
+        self._out = LineAppender(self.path, fsync=fsync)  # checks the path and makes the folder first
+        try:
+            repair_tail(self.path)
+        except OSError as exc:
+            self._out.close()
+            raise write_error(self.path, exc, resume=True) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        # One write call per line: a crash leaves at most one partial line, which repair_tail cuts.
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
+        self.write_many([record])
 
     def write_many(self, records: list[dict[str, Any]]) -> None:
-        """Append several records with one write and one flush (a crash may cut only the last line)."""
-        if not records:
-            return
-        self._fh.write("".join([json.dumps(record, ensure_ascii=False) + "\n" for record in records]))
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
+        """Append several records with one write (a crash may cut only the last line)."""
+        if records:
+            self._out.append("".join([json.dumps(record, ensure_ascii=False) + "\n" for record in records]))
 
     def close(self) -> None:
-        self._fh.close()
+        self._out.close()
 
     def __enter__(self) -> "JsonlWriter":
         return self

@@ -19,6 +19,7 @@ from datagen.errors import VisinstructError
 from datagen.hf_dataset import hf_files, hub_repo_id, is_hf_input, iter_parquet_records
 from datagen.inputs import InputError, first_char, iter_jsonl_records, json_type, load_json, short_json
 from datagen.jsonl import iter_jsonl, repair_tail
+from datagen.outputs import lock_path
 from datagen.splits import SPLITS
 
 IMAGE_TOKEN = "<image>"
@@ -360,15 +361,24 @@ class OutputLayout:
         """The response cache a run uses unless told otherwise (shared by the outputs of one folder)."""
         return default_cache_path(self.samples.parent)
 
-    def done_ids(self) -> set[str]:
-        """Ids already written (accepted or rejected) by earlier runs; cuts a half-written last line first."""
+    def done_ids(self, repair: bool = True) -> set[str]:
+        """Ids already written (accepted or rejected) by earlier runs.
+
+        repair: cut a half-written last line first (only under the output's lock, see datagen.outputs);
+        without it such a line is skipped and the files are left as they are (a dry run).
+        """
         seen: set[str] = set()
         for path in (self.samples, self.rejects):
             if path.exists():
-                repair_tail(path)
-                seen.update(str(r.get("id")) for r in iter_jsonl(path))
+                if repair:
+                    repair_tail(path)
+                seen.update(str(r.get("id")) for r in iter_jsonl(path, skip_partial_tail=not repair))
         return seen
 
+    @property
+    def lock(self) -> Path:
+        """The output lock of a running generation: data/detail.jsonl.lock."""
+        return lock_path(self.samples)
 
 # --- the files the tool writes beside an output, as inputs --------------------------------------------
 

@@ -3,8 +3,9 @@
 Every file is appended in whole lines (`JsonlWriter.write_many`: the lines of one batch in one write,
 flushed; a half-written tail is cut on the next open), so a killed run loses at most the lines it was
 writing (their completions are already in the response cache) and a rerun resumes from the ids it
-finds. Locks and atomic writes (issue 9) belong in `OutputSink.open` / `flush` / `close` and
-`write_manifest`: the only places that open or append these files for a run.
+finds. `OutputSink.open` takes the output's lock (datagen.outputs.OutputLock; the command usually holds it
+already, from before it read the done ids), so two runs never append to one output; a failed write (a full
+disk) is cut back to the last whole line and raised as `OutputWriteError`, which stops the run.
 
 Near-duplicates are decided here, in the run's order: a judged sample is held until every item
 before it (by `seq`, which follows ascending image id) is decided, then `NearDuplicateGate.decide`
@@ -19,10 +20,11 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from datagen.engine.work import RunStats
 from datagen.jsonl import JsonlWriter
+from datagen.outputs import LineAppender, OutputLock
 from datagen.sample import OutputLayout
 from datagen.task import Accepted, NearDuplicateGate, Rejected, Verdict
 from datagen.urls import redact_text, redact_value
@@ -40,18 +42,24 @@ class OutputSink:
         self.failures_file = Path(failures_file or layout.failures)
         self.accepted: JsonlWriter | None = None
         self.rejected: JsonlWriter | None = None
-        self.failures_fh: TextIO | None = None
+        self.failures_fh: LineAppender | None = None
+        self.lock: OutputLock | None = None
         self.pending_accepted: list[dict[str, Any]] = []  # lines waiting for `flush`: one write per batch
         self.pending_rejected: list[dict[str, Any]] = []
         self.next_seq = 0  # the first item of the run not yet decided
         self.held: dict[int, Verdict | None] = {}  # decided items after next_seq (None: nothing to write)
 
     def open(self) -> None:
-        """Open the output files (issue 9: take the output lock here)."""
-        self.accepted = JsonlWriter(self.layout.samples)
-        self.rejected = JsonlWriter(self.layout.rejects)
-        # The failures file lists the latest run's failures only; it is created at the first one.
-        self.failures_file.unlink(missing_ok=True)
+        """Take the output's lock, then open the output files."""
+        self.lock = OutputLock(self.layout.samples).acquire()
+        try:
+            self.accepted = JsonlWriter(self.layout.samples)
+            self.rejected = JsonlWriter(self.layout.rejects)
+            # The failures file lists the latest run's failures only; it is created at the first one.
+            self.failures_file.unlink(missing_ok=True)
+        except BaseException:
+            self._close_files()
+            raise
 
     def flush(self) -> None:
         """Append the lines decided since the last flush (issue 9: the atomic-append point)."""
@@ -64,13 +72,22 @@ class OutputSink:
 
     def close(self) -> None:
         """Write what is still held (in order: nothing before it will come in this run), then close."""
-        for seq in sorted(self.held):
-            self._release(self.held.pop(seq))
-        if self.accepted is not None:
-            self.flush()
+        try:
+            for seq in sorted(self.held):
+                self._release(self.held.pop(seq))
+            if self.accepted is not None:
+                self.flush()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
         for closable in (self.accepted, self.rejected, self.failures_fh):
             if closable is not None:
                 closable.close()
+        self.accepted = self.rejected = self.failures_fh = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def skipped(self, count: int) -> None:
         """Records an earlier run finished."""
@@ -90,10 +107,8 @@ class OutputSink:
         reason = redact_text(reason)  # an error text may quote the endpoint URL
         stats.failures.append(f"{int(item_id) if item_id.isdigit() else item_id}: {reason}")
         if self.failures_fh is None:
-            self.failures_file.parent.mkdir(parents=True, exist_ok=True)
-            self.failures_fh = open(self.failures_file, "a", encoding="utf-8")
-        self.failures_fh.write(json.dumps({"id": item_id, "split": self.split, "reason": reason, "attempts": attempts}) + "\n")
-        self.failures_fh.flush()
+            self.failures_fh = LineAppender(self.failures_file)
+        self.failures_fh.append(json.dumps({"id": item_id, "split": self.split, "reason": reason, "attempts": attempts}) + "\n")
         self._decided(seq, None)
 
     def not_started(self, seq: int) -> None:
@@ -133,5 +148,5 @@ def write_manifest(layout: OutputLayout, config: dict[str, Any], stats: RunStats
     entry = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **config, "stats": asdict(stats)}
     # Credentials in an endpoint URL never reach the file; NaN/Infinity are refused (not JSON), never written.
     line = json.dumps(redact_value(json.loads(json.dumps(entry, default=str))), allow_nan=False)
-    with open(layout.runs, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    with LineAppender(layout.runs) as out:
+        out.append(line + "\n")

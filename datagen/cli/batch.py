@@ -21,6 +21,7 @@ from datagen.errors import VisinstructError
 from datagen.escaping import terminal_text
 from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit, prompts_of,
                                      read_request_file, task_of)
+from datagen.outputs import OutputLock
 from datagen.prompts import load_prompt_set
 from datagen.run_config import DEFAULT_MAX_TOKENS, BatchSubmitConfig
 from datagen.sample import OutputLayout
@@ -77,7 +78,15 @@ def submit(
 
 
 def run_submit(config: BatchSubmitConfig) -> None:
-    """Plan, write request files, upload and create batches; every step saved in the state file."""
+    """Plan, write request files, upload and create batches; every step saved in the state file.
+
+    Holds the output's lock throughout (cache hits are written to the output, the state file is rewritten).
+    """
+    with OutputLock(config.layout().samples):
+        _run_submit(config)
+
+
+def _run_submit(config: BatchSubmitConfig) -> None:
     split, layout = config.source.split.value, config.layout()
     prompts = load_prompt_set(config.source.prompts_dir, split)
     params, model_name = config.sampling.params(), config.model.model_name()
@@ -133,6 +142,11 @@ def run_submit(config: BatchSubmitConfig) -> None:
 def status(out: OutOpt) -> None:
     """Refresh and print the state of every batch of this output."""
     layout = OutputLayout(out)
+    with OutputLock(layout.samples):  # the state file is rewritten
+        _status(layout)
+
+
+def _status(layout: OutputLayout) -> None:
     state = load_state(layout)
     backend = _client(state)
 
@@ -154,6 +168,11 @@ def status(out: OutOpt) -> None:
 def collect(out: OutOpt) -> None:
     """Download finished batches, write their samples like a live run would, and write resubmit files."""
     layout = OutputLayout(out)
+    with OutputLock(layout.samples):
+        _collect(layout, out)
+
+
+def _collect(layout: OutputLayout, out: Path) -> None:
     state = load_state(layout)
     sfile, folder = layout.batch_state, layout.batch_dir
     prompts_of(state)  # the prompt files must still match before anything is downloaded

@@ -28,6 +28,7 @@ from datagen.engine.judging import Judge
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner, RunStats
 from datagen.errors import VisinstructError
 from datagen.executors.local import make_judge, run_local
+from datagen.outputs import locked_outputs
 from datagen.prompts import load_prompt_set
 from datagen.run_config import DEFAULT_MAX_TOKENS, BackendName, ExecutorName, GenerateConfig, SourceOptions, Transport
 from datagen.sample import sample_id
@@ -171,6 +172,13 @@ def run_generate_splits(configs: list[GenerateConfig], command: str | None = Non
         for run in runs:
             print_dry_run(run.config, run.task, run.index, run.ids)
         return
+    # Each split's output is locked from before its done ids are read (which cuts a half-written tail) until
+    # its manifest is written: a second run on one of them stops here, naming the holder.
+    with locked_outputs([run.config.layout().samples for run in runs]):
+        _run_locked(runs, configs, command)
+
+
+def _run_locked(runs: list[SplitRun], configs: list[GenerateConfig], command: str | None) -> None:
     pending = []
     for run in runs:
         run.done = run.config.layout().done_ids()
@@ -282,7 +290,7 @@ def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids
     backend_name, model_name = config.model.backend_name(), config.model.model_name()
     engine_config = config.engine_config()
     counter = PromptTokenCounter()
-    planner = RequestPlanner(task, Endpoint(backend_name, model_name), layout.done_ids(), engine_config.cache_path,
+    planner = RequestPlanner(task, Endpoint(backend_name, model_name), layout.done_ids(repair=False), engine_config.cache_path,
                              counter.count)
     pending = cached = already = prompt_tokens = 0
     planner.open()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from datagen.backends.openai_backend import chat_body, classify_error, completio
 from datagen.context import DEFAULT_ABSENT_OBJECTS
 from datagen.engine.errors import TransientError
 from datagen.errors import VisinstructError
+from datagen.outputs import AtomicFile, write_bytes_atomic, write_text_atomic
 from datagen.inputs import InputError, iter_jsonl_records, parse_json, read_text
 
 if TYPE_CHECKING:
@@ -79,9 +79,7 @@ class BatchState(BaseModel):
 
     def save(self, path: Path) -> None:
         """Write to a temporary file and rename, so a crash never leaves half a state file."""
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, self.model_dump_json(indent=1))
 
     @property
     def sampling(self) -> SamplingParams:
@@ -111,22 +109,23 @@ def ids_in_request_file(path: Path) -> set[str]:
 
 def write_request_files(lines: Iterable[dict[str, Any]], folder: Path, first_number: int) -> list[tuple[Path, int]]:
     """Split request lines into files of at most MAX_REQUESTS_PER_BATCH; return (path, count) per file."""
-    folder.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, int]] = []
-    fh, count, number = None, 0, first_number
-    for line in lines:
-        if fh is None:
-            path = folder / f"requests-{number:03d}.jsonl"
-            fh, count = open(path, "w", encoding="utf-8"), 0
-        fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-        count += 1
-        if count >= MAX_REQUESTS_PER_BATCH:
-            fh.close()
-            written.append((path, count))
-            fh, number = None, number + 1
-    if fh is not None:
-        fh.close()
-        written.append((path, count))
+    fh: AtomicFile | None = None
+    count, number = 0, first_number
+    try:
+        for line in lines:
+            if fh is None:
+                fh, count = AtomicFile(folder / f"requests-{number:03d}.jsonl"), 0
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            count += 1
+            if count >= MAX_REQUESTS_PER_BATCH:
+                written.append((fh.commit(), count))
+                fh, number = None, number + 1
+        if fh is not None:
+            written.append((fh.commit(), count))
+    finally:
+        if fh is not None:
+            fh.abort()  # nothing once committed; after a failure, no half-written request file is left
     return written
 
 
@@ -184,9 +183,7 @@ async def download_lines(client: openai.AsyncOpenAI, file_id: str | None, state:
         return []
     if not keep.exists():
         content = await call_api("download", client.files.content(file_id), state.base_url, state.model)
-        tmp = keep.with_suffix(".partial")
-        tmp.write_bytes(content.content)
-        os.replace(tmp, keep)
+        write_bytes_atomic(keep, content.content)
     lines = []
     with open(keep, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -238,6 +235,5 @@ def write_resubmit(entry: BatchEntry, failed: set[str], folder: Path) -> Path | 
         return None
     path = folder / f"resubmit-{Path(entry.request_file).stem.removeprefix('requests-')}.jsonl"
     keep = [line for line in request_file_lines(Path(entry.request_file)) if line["custom_id"] in failed]
-    with open(path, "w", encoding="utf-8") as dst:
-        dst.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in keep)
+    write_text_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in keep))
     return path

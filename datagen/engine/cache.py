@@ -1,6 +1,7 @@
 """SQLite response cache: a completion is paid for once per (backend, model, messages, sampling, seed)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sqlite3
@@ -13,6 +14,7 @@ from typing import Any
 
 from datagen.backends.base import ChatRequest, Completion
 from datagen.errors import VisinstructError
+from datagen.outputs import write_error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -134,6 +136,9 @@ def cache_files(path: Path) -> list[Path]:
 def cache_error(path: Path, exc: BaseException) -> VisinstructError:
     """What a failing SQLite call on the cache means to the user, and how to get going again."""
     text = str(exc)
+    if "full" in text or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        # A full disk under the cache: the run stops like any failed output write (datagen.outputs).
+        return write_error(path, exc if isinstance(exc, OSError) else OSError(errno.ENOSPC, text), resume=True)
     if "locked" in text or "busy" in text:
         return VisinstructError(f"the response cache {path} is busy ({text})",
                                 "another process holds it; wait for it, or pass --cache elsewhere or --no-cache")
@@ -208,7 +213,9 @@ class ResponseCache:
             return
         now = time.time()
         with _guarded(self.path):
-            self._db.execute("BEGIN")
+            # IMMEDIATE takes the write lock at once (waiting up to the busy timeout while another process
+            # writes), so runs sharing one cache queue their commits rather than fail on a lock upgrade.
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -9,6 +9,7 @@ many records a run has.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from datagen.engine.ratelimit import RateLimiter
 from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint, Failed, RequestPlanner, Result,
                                  RunStats, WorkItem)
 from datagen.errors import VisinstructError
+from datagen.outputs import write_error
 
 FEED_CHUNK = 64  # records prepared per hop to the feeder thread: amortises the thread switch
 # Batches whose judgement may still be running while the recorder takes the next ones: keeps the judge workers
@@ -37,6 +39,7 @@ JUDGE_BATCHES_AHEAD = 4
 UNREACHABLE_ATTEMPTS = 3
 
 ProgressFn = Callable[[RunStats], None]
+log = logging.getLogger(__name__)
 
 
 class VerdictSink(Protocol):
@@ -204,16 +207,22 @@ class LiveEngine:
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * self.concurrency)
         self._wakeup = asyncio.Event()
         self._room = asyncio.Semaphore(4 * self.concurrency)  # bounds results waiting for the store
+        self._store_failed = False
         opened = False
         try:
             await loop.run_in_executor(store_thread, recorder.open)
             opened = True
             await loop.run_in_executor(feed_thread, planner.open)
-            store_task = asyncio.create_task(self._drain(loop, store_thread, recorder))
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
+            # Feeding and requesting run as one task, which a failed store (a full disk) cancels: nothing may
+            # wait on a store that will not drain again.
+            self._work = asyncio.create_task(self._produce(loop, feed_thread, planner.plan(records), queue, workers))
+            store_task = asyncio.create_task(self._drain(loop, store_thread, recorder))
             try:
-                await self._feed(loop, feed_thread, planner.plan(records), queue)
-                await asyncio.gather(*workers)
+                await self._work
+            except asyncio.CancelledError:
+                if not self._store_failed:
+                    raise  # cancelled from outside (Ctrl-C)
             finally:
                 for task in workers:
                     task.cancel()
@@ -222,12 +231,10 @@ class LiveEngine:
                 self._wakeup.set()
                 await store_task
         finally:
-            # Whatever was received but not yet stored is stored now, even on Ctrl-C or an error.
+            # Whatever was received but not yet stored is stored now, even on Ctrl-C or an error; after a failed
+            # store only the files are closed (the first error is the one reported).
             if opened:
-                if self._pending:
-                    batch, self._pending = self._pending, []
-                    await loop.run_in_executor(store_thread, recorder.record, batch)
-                await loop.run_in_executor(store_thread, recorder.close)
+                await loop.run_in_executor(store_thread, self._finish, recorder)
             await loop.run_in_executor(feed_thread, planner.close)
             feed_thread.shutdown(wait=False)
             store_thread.shutdown(wait=False)
@@ -236,6 +243,26 @@ class LiveEngine:
         if self.fatal:
             raise self.fatal[0]
         return self.stats
+
+    def _finish(self, recorder: ResultRecorder) -> None:
+        """In the store thread: store what is pending, then close the recorder (the sink, the cache)."""
+        batch, self._pending = self._pending, []
+        if self._store_failed:
+            try:
+                recorder.close()
+            except Exception:  # noqa: BLE001 - the store already failed; that error is the one the run reports
+                log.debug("closing after a failed store also failed", exc_info=True)
+            return
+        try:
+            if batch:
+                recorder.record(batch)
+        finally:
+            recorder.close()
+
+    async def _produce(self, loop, feed_thread, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue,
+                       workers: list[asyncio.Task]) -> None:
+        await self._feed(loop, feed_thread, planned, queue)
+        await asyncio.gather(*workers)
 
     async def _feed(self, loop, feed_thread, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue) -> None:
         exhausted = False
@@ -260,7 +287,17 @@ class LiveEngine:
             self._wakeup.clear()
             if self._pending:
                 batch, self._pending = self._pending, []
-                await loop.run_in_executor(store_thread, recorder.record, batch)
+                try:
+                    await loop.run_in_executor(store_thread, recorder.record, batch)
+                except Exception as exc:  # a write error (full disk), or any other failure to store
+                    # The run stops: requests in flight are abandoned (their completions could not be
+                    # stored anyway) and the error is raised by `run`.
+                    if isinstance(exc, OSError):
+                        exc = write_error(exc.filename or "the run's output", exc, resume=True)
+                    self.fatal.insert(0, exc)
+                    self._store_failed = True
+                    self._work.cancel()
+                    return
                 for result in batch:
                     if not isinstance(result, AlreadyDone):  # skip counts never took a slot
                         self._room.release()

@@ -51,6 +51,7 @@ from datagen.errors import VisinstructError
 from datagen.executors.local import price_of
 from datagen.executors.ray_items import ChunkResult, Judged, WorkerVerdicts
 from datagen.executors.ray_vllm import vllm_dataset
+from datagen.outputs import OutputWriteError
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
 from datagen.task import LlavaTask
@@ -237,7 +238,15 @@ class EngineStage:
             fresh = [(r.item.key, self.endpoint.backend, self.endpoint.model, r.item.request.key, r.completion)
                      for r in results if isinstance(r, Completed) and r.fresh]
             if fresh and self.cache_writer is not None:
-                await self.cache_writer.put_many.remote(fresh)  # stored before anything is handed on
+                try:
+                    await self.cache_writer.put_many.remote(fresh)  # stored before anything is handed on
+                except ray.exceptions.RayTaskError as exc:
+                    if not isinstance(exc.cause, OutputWriteError):
+                        raise
+                    # The cache cannot be written (a full disk): the run stops; these completions are dropped
+                    # rather than written as samples that the cache would not know were paid for.
+                    self.fatal = self.fatal or exc.cause
+                    results = []
             outputs.append(pickle.dumps(self._chunk_result([self._judged(r) for r in results], started_at)))
         return {"result": outputs}
 
@@ -442,16 +451,20 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
             stats.rate_limited_s = ray.get(limiter.waited_s.remote())
         timings.driver_peak_rss_mb = peak_rss_mb()
     finally:
-        planner.close()
-        recorder.close()
-        stats.elapsed_s = time.perf_counter() - clock
-        if cache_writer is not None:
-            ray.get(cache_writer.close.remote())
-        for actor in (cache_writer, limiter):
-            if actor is not None:
-                ray.kill(actor)
-        if started_ray:
-            ray.shutdown()
+        try:
+            planner.close()
+            recorder.close()  # may fail again after a write error: the actors and Ray still go down
+        finally:
+            stats.elapsed_s = time.perf_counter() - clock
+            try:
+                if cache_writer is not None:
+                    ray.get(cache_writer.close.remote())
+            finally:
+                for actor in (cache_writer, limiter):
+                    if actor is not None:
+                        ray.kill(actor)
+                if started_ray:
+                    ray.shutdown()
     if fatal is not None:
         raise fatal
     return RayRun(stats, timings)
