@@ -62,6 +62,7 @@ class HfExportReport:
     skipped_rejected: int = 0
     missing_images: int = 0
     bad_image_paths: int = 0  # samples whose image path leads outside the image folder (never written)
+    duplicate_ids: int = 0  # second copies of a (split, id) dropped
     shards: list[str] = field(default_factory=list)
     bytes_written: int = 0  # row data before compression (the card's num_bytes)
     file_bytes: int = 0  # Parquet files on disk (the card's download_size)
@@ -72,7 +73,7 @@ class HfExportReport:
         return {
             "written": self.written, "per_split": dict(sorted(self.per_split.items())),
             "available": dict(sorted(self.available.items())), "skipped_rejected": self.skipped_rejected,
-            "missing_images": self.missing_images, "bad_image_paths": self.bad_image_paths, "shards": self.shards, "bytes_written": self.bytes_written,
+            "missing_images": self.missing_images, "bad_image_paths": self.bad_image_paths, "duplicate_ids": self.duplicate_ids, "shards": self.shards, "bytes_written": self.bytes_written,
         }
 
 

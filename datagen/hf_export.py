@@ -22,7 +22,7 @@ from datagen.hf_dataset import (
     DATA_FOLDER, EXTRA_COLUMN, HF_SPLIT, SAFE_SPLIT, HfExportOptions, HfExportReport, pyarrow_modules, arrow_schema, to_row,
 )
 from datagen.hf_push import check_push, push_folder
-from datagen.quality.export import image_is_safe, parse_mix, plan_counts, relative_image
+from datagen.quality.export import FirstCopies, image_is_safe, parse_mix, plan_counts, relative_image
 from datagen.quality.gate import open_lookup
 from datagen.quality.io import ImageLookup
 from datagen.quality.stats import compute_stats
@@ -97,6 +97,7 @@ def _accepted(paths: list[Path], options: HfExportOptions, report: HfExportRepor
     """(split, record) of every accepted sample of the files, streamed, with missing images left out."""
     image_root = options.image_root
     base = options.images_dir or image_root
+    copies = FirstCopies()
     for path in paths:
         fallback = options.split or split_from_filename(path)
         for rec in read_samples(path):
@@ -109,6 +110,9 @@ def _accepted(paths: list[Path], options: HfExportOptions, report: HfExportRepor
                     f"cannot tell the split of the samples in {path}",
                     'add a "split" field, name the file after its split (detail.jsonl), or pass --split',
                 )
+            if not copies.first(name, rec):
+                report.duplicate_ids += 1
+                continue
             if not image_is_safe(rec, base):
                 report.bad_image_paths += 1  # never written, and with --embed-images never read
                 continue
@@ -276,6 +280,8 @@ def export_hf_command(
         notes.append(f"{report.missing_images} samples with missing images {'kept' if keep_missing else 'dropped'}")
     if report.bad_image_paths:
         notes.append(f"{report.bad_image_paths} samples with a bad image path dropped (see `datagen check`)")
+    if report.duplicate_ids:
+        notes.append(f"{report.duplicate_ids} second copies of a sample (same split and id) dropped")
     if notes:
         typer.echo("  " + "; ".join(notes))
     if push_to_hub:

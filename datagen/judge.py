@@ -31,6 +31,7 @@ from datagen.engine.errors import EndpointUnreachableError, TransientError
 from datagen.errors import VisinstructError
 from datagen.inputs import read_text
 from datagen.jsonl import JsonlWriter, iter_jsonl, repair_tail
+from datagen.outputs import OutputLock
 from datagen.prompts import default_prompts_dir, files_hash
 from datagen.sample import IMAGE_TOKEN, OutputLayout, read_samples
 
@@ -331,43 +332,46 @@ def judge_file(source: Path, engine: JudgeEngine, prompts: JudgePrompts, context
     accepted_path, rejected_path = judged_paths(source, out_dir)
     if source.resolve() in (accepted_path.resolve(), rejected_path.resolve()):
         raise VisinstructError(f"{source} is a judge output file", "judge the generated file, not its judged copy")
-    model = engine.backend.model
-    method = resolve_scoring(scoring, engine.backend)
-    done = _done_ids([accepted_path, rejected_path], min_score, model, method)
-    stats = JudgeStats()
-    records: list[dict[str, Any]] = []
-    for record in read_samples(source):
-        if str(record.get("id")) in done:
-            stats.skipped += 1
-        else:
-            records.append(record)
-    messages = [prompts.filter_messages(context_of(r), render_conversation(r)) for r in records]
-    accepted, rejected = JsonlWriter(accepted_path), JsonlWriter(rejected_path)
+    # The judged files are appended to (and a half-written tail cut) under their lock: two judges of one
+    # input would write every verdict twice.
+    with OutputLock(accepted_path):
+        model = engine.backend.model
+        method = resolve_scoring(scoring, engine.backend)
+        done = _done_ids([accepted_path, rejected_path], min_score, model, method)
+        stats = JudgeStats()
+        records: list[dict[str, Any]] = []
+        for record in read_samples(source):
+            if str(record.get("id")) in done:
+                stats.skipped += 1
+            else:
+                records.append(record)
+        messages = [prompts.filter_messages(context_of(r), render_conversation(r)) for r in records]
+        accepted, rejected = JsonlWriter(accepted_path), JsonlWriter(rejected_path)
 
-    def write(i: int, score: float | None, reason: str, extra: dict[str, Any]) -> None:
-        keep = score is not None and score >= min_score
-        stats.unparsed += score is None
-        if score is not None:
-            stats.scores.append(score)
-        judge = {"score": score, "reason": reason, "min_score": min_score, "model": model,
-                 "prompt_hash": prompts.hash, "method": method.value, **extra}
-        (accepted if keep else rejected).write({**records[i], "judge": judge})
-        if keep:
-            stats.accepted += 1
-        else:
-            stats.rejected += 1
-        if on_progress:
-            on_progress(stats)
+        def write(i: int, score: float | None, reason: str, extra: dict[str, Any]) -> None:
+            keep = score is not None and score >= min_score
+            stats.unparsed += score is None
+            if score is not None:
+                stats.scores.append(score)
+            judge = {"score": score, "reason": reason, "min_score": min_score, "model": model,
+                     "prompt_hash": prompts.hash, "method": method.value, **extra}
+            (accepted if keep else rejected).write({**records[i], "judge": judge})
+            if keep:
+                stats.accepted += 1
+            else:
+                stats.rejected += 1
+            if on_progress:
+                on_progress(stats)
 
-    try:
-        if method is Scoring.logprobs:
-            asyncio.run(_judge_by_logprobs(engine, records, messages, params, write, reason_tokens))
-        else:
-            asyncio.run(_judge_by_reply(engine, records, messages, params, write, stats, on_progress))
-    finally:
-        accepted.close()
-        rejected.close()
-    stats.cache_hits = engine.cache_hits
+        try:
+            if method is Scoring.logprobs:
+                asyncio.run(_judge_by_logprobs(engine, records, messages, params, write, reason_tokens))
+            else:
+                asyncio.run(_judge_by_reply(engine, records, messages, params, write, stats, on_progress))
+        finally:
+            accepted.close()
+            rejected.close()
+        stats.cache_hits = engine.cache_hits
     return stats, accepted_path, rejected_path
 
 

@@ -19,7 +19,7 @@ from datagen.errors import VisinstructError
 from datagen.hf_dataset import hf_files, hub_repo_id, is_hf_input, iter_parquet_records
 from datagen.inputs import InputError, first_char, iter_jsonl_records, json_type, load_json, short_json
 from datagen.jsonl import iter_jsonl, repair_tail
-from datagen.outputs import lock_path
+from datagen.outputs import AtomicFile, lock_path
 from datagen.splits import SPLITS
 
 IMAGE_TOKEN = "<image>"
@@ -228,38 +228,49 @@ def writes_json_array(path: Path | str) -> bool:
 
 
 class SampleWriter:
-    """Writes samples to a new file: a JSON array if the name ends in .json, else JSONL.
+    """Writes a whole new sample file: a JSON array if the name ends in .json, else JSONL.
 
-    format_of: the name that decides the format, when `path` is a temporary file renamed to it later.
+    Written to a temporary file beside `path` (datagen.outputs.AtomicFile): `close()` (or the end of a `with`
+    block) puts it in place; `abort()` (or an exception in the block) leaves an existing file untouched.
+    `flag`: the option that named `path`, for errors (a folder given as the path, a full disk).
     """
 
-    def __init__(self, path: Path, format_of: Path | None = None) -> None:
+    def __init__(self, path: Path, flag: str = "--out") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.as_array = writes_json_array(format_of or self.path)
-        self._fh = open(self.path, "w", encoding="utf-8")
+        self.as_array = writes_json_array(self.path)
+        self._out = AtomicFile(self.path, flag=flag)
         self.count = 0
         if self.as_array:
-            self._fh.write("[")
+            self._out.write("[")
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False)
         if self.as_array:
-            self._fh.write(("," if self.count else "") + "\n" + line)
+            self._out.write(("," if self.count else "") + "\n" + line)
         else:
-            self._fh.write(line + "\n")
+            self._out.write(line + "\n")
         self.count += 1
 
     def close(self) -> None:
+        """Finish the file and rename it over `path`."""
+        if self._out.done:
+            return
         if self.as_array:
-            self._fh.write("\n]\n")
-        self._fh.close()
+            self._out.write("\n]\n")
+        self._out.commit()
+
+    def abort(self) -> None:
+        """Drop what was written; `path` stays as it was."""
+        self._out.abort()
 
     def __enter__(self) -> "SampleWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class ManifestEntry(BaseModel):

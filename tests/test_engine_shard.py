@@ -54,11 +54,11 @@ def test_three_machines_then_merge_gives_every_id_once(coco_root, tmp_path):
     report = merge_shards(outs, merged)
     ids = ids_of(merged, OutputLayout(merged).rejects)
     assert len(ids) == len(set(ids)) and set(ids) == everything
-    assert report.shards == ["1", "2", "3"] and report.samples + report.rejects == 30
+    assert report.shards == ["1/3", "2/3", "3/3"] and report.samples + report.rejects == 30 == report.images_assigned
 
     # A missing shard and a doubled id are both refused (CLI: one line, exit 2).
     proc = datagen("merge", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "m2.jsonl"))
-    assert_user_error(proc, "shard(s) 3/3 not given")
+    assert_user_error(proc, "shard(s) 3/3 of 3 not among the inputs")
     doubled = tmp_path / "reasoning.shard-3-of-3.jsonl"
     first = doubled.read_text().splitlines()[0] if doubled.read_text() else OutputLayout(doubled).rejects.read_text().splitlines()[0]
     with open(doubled, "a") as fh:

@@ -497,7 +497,6 @@ def test_merge_manifest_with_wrong_types(tmp_path, manifest, fragment):
         assert fragment in assert_one_line_error(code, err, f"{runs}:2: ")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3 (h9out): check writes its outputs to a temporary file and renames")
 def test_check_keeps_existing_outputs_when_the_input_is_bad(tmp_path):
     src = tmp_path / "detail.jsonl"
     src.write_text(GOOD_LINE + "\n" + GOOD_LINE + "\n{broken\n")

@@ -194,6 +194,6 @@ def test_merge_of_a_shard_glob_reads_the_shards_and_finds_their_rejects_itself(t
     out = tmp_path / "merged" / "detail.jsonl"
     result = invoke("merge", *sorted(tmp_path.glob("detail.shard-*")), "--out", out)
     assert result.exit_code == 0, result.output
-    assert "merged 2 file(s), shards 1, 2: 2 samples" in result.stdout and "2 rejects" in result.stdout
+    assert "merged 2 file(s), shards 1/2, 2/2: 4 of 4 images done: 2 samples" in result.stdout and "2 rejects" in result.stdout
     assert "note: skipped 4 file(s)" in result.stderr and "--with-rejects" not in result.stderr
     assert len(OutputLayout(out).rejects.read_text().splitlines()) == 2

@@ -13,14 +13,16 @@ from datagen.engine.shard import merge_shards
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Shard outputs, e.g. data/detail.shard-*-of-4.jsonl.")],
     out: Annotated[Path, typer.Option(help="Merged JSONL (rejects go beside it).")],
-    allow_missing: Annotated[bool, typer.Option(help="Write the merge even if some shard or image is not done.")] = False,
+    allow_missing: Annotated[bool, typer.Option(
+        help="Write the merge even if some shard or image is not done, or cannot be told done (no run manifest).")] = False,
 ) -> None:
     """Join shard outputs, checking that no id is doubled and no shard or image is missing."""
     # Each shard's rejects, manifest and failures are found beside it: given among the inputs (a glob), they are skipped.
     inputs = sample_files(list(inputs), rejects_readable=False)
     report = merge_shards(list(inputs), out, allow_missing=allow_missing)
-    typer.echo(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'n/a'}: "
-               f"{report.samples} samples -> {out}, {report.rejects} rejects")
+    of = f" of {report.images_assigned}" if report.images_assigned is not None else " (images assigned: unknown)"
+    typer.echo(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: {report.images_done}"
+               f"{of} images done: {report.samples} samples -> {out}, {report.rejects} rejects")
     for line in report.missing:
         typer.echo(f"  missing: {line}", err=True)
 

@@ -273,6 +273,8 @@ def export(
         notes.append(f"{report.missing_images} samples with missing images {'kept' if keep_missing else 'dropped'}")
     if report.bad_image_paths:
         notes.append(f"{report.bad_image_paths} samples with a bad image path dropped (see `datagen check`)")
+    if report.duplicate_ids:
+        notes.append(f"{report.duplicate_ids} second copies of a sample (same split and id) dropped")
     if report.renamed_ids:
         notes.append(f"{report.renamed_ids} ids made unique")
     if notes:

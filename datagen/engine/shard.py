@@ -9,6 +9,7 @@ from pathlib import Path
 from datagen.errors import VisinstructError
 from datagen.inputs import InputError, parse_json, short_json
 from datagen.jsonl import iter_jsonl
+from datagen.outputs import AtomicFile, require_file_target
 from datagen.sample import ManifestEntry, OutputLayout, read_manifest
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -54,6 +55,25 @@ class MergeReport:
     shards: list[str]
     missing: list[str]
     doubled: list[str]
+    images_assigned: int | None = None  # images the shards' runs were given, when every input has a manifest
+
+    @property
+    def images_done(self) -> int:
+        return self.samples + self.rejects
+
+
+_NAME_SPEC = re.compile(r"\.shard-(\d+)-of-(\d+)\.jsonl$")
+
+
+def _spec_from_name(path: Path) -> ShardSpec | None:
+    """The shard a default output name states: data/detail.shard-2-of-3.jsonl -> 2/3 (None for other names)."""
+    match = _NAME_SPEC.search(Path(path).name)
+    if not match:
+        return None
+    try:
+        return ShardSpec.parse(f"{match.group(1)}/{match.group(2)}")
+    except VisinstructError:
+        return None
 
 
 def _shard_of_file(path: Path) -> tuple[ShardSpec | None, int | None]:
@@ -92,21 +112,44 @@ def _rejects(path: Path) -> Path:
 
 
 def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> MergeReport:
-    """Join shard outputs (and their rejects) into `out`, refusing doubled ids and, unless allowed, missing ones."""
+    """Join shard outputs (and their rejects) into `out`, refusing doubled ids and, unless allowed, anything that
+    makes the merge partial: a shard not given, images a shard has not done, or an input whose shard or
+    completeness cannot be told (no run manifest beside it). The inputs are only read; `out` and its rejects
+    file are each replaced whole (datagen.outputs.AtomicFile), or left as they were if the merge fails."""
     if not inputs:
         raise VisinstructError("no shard outputs given", "pass the shard JSONL files, e.g. data/detail.shard-*-of-4.jsonl")
-    if Path(out).resolve() in {Path(p).resolve() for p in inputs}:
-        raise VisinstructError(f"--out {out} is one of the inputs", "write the merged file elsewhere")
+    out = require_file_target(out)
+    targets = {out.resolve(), _rejects(out).resolve()}
+    for path in inputs:
+        if {Path(path).resolve(), _rejects(Path(path)).resolve()} & targets:
+            raise VisinstructError(f"--out {out} would overwrite the input {path} (or its rejects file)",
+                                   "write the merged file elsewhere")
     specs: dict[int, Path] = {}
     counts: set[int] = set()
     seen: dict[str, Path] = {}
     doubled: list[str] = []
     missing: list[str] = []
+    assigned_total: int | None = 0
     for path in inputs:
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise VisinstructError(f"shard output not found: {path}", "check the file names")
         spec, assigned = _shard_of_file(path)
+        manifest = OutputLayout(path).runs
+        if spec is None:
+            spec = _spec_from_name(path)
+        if assigned is None:
+            assigned_total = None
+            if not manifest.exists():
+                missing.append(f"{path}: no run manifest ({manifest.name}), so whether all its images are done "
+                               "is unknown (a run killed before its end writes none; rerun that shard to finish it)")
+            else:
+                missing.append(f"{path}: its run manifest {manifest.name} names no shard and image count")
+        elif assigned_total is not None:
+            assigned_total += assigned
+        if spec is None:
+            missing.append(f"{path}: not known to be a shard (its manifest names none and its name is not "
+                           "*.shard-K-of-N.jsonl)")
         ids_here = 0
         for source in (path, _rejects(path)):
             if not source.exists():
@@ -126,24 +169,22 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
                 raise VisinstructError(f"shard {spec} appears twice ({specs[spec.index]} and {path})", "pass each shard once")
             specs[spec.index] = path
             counts.add(spec.count)
-            if assigned is not None and ids_here < assigned:
-                missing.append(f"{path}: {assigned - ids_here} of {assigned} images not done (rerun that shard)")
+        if assigned is not None and ids_here < assigned:
+            missing.append(f"{path}: {assigned - ids_here} of {assigned} images not done (rerun that shard)")
     if len(counts) > 1:
         raise VisinstructError(f"the inputs were split different ways ({sorted(counts)})", "merge shards of one run only")
-    if counts:
-        total = counts.pop()
+    total = counts.pop() if counts else 0
+    if total:
         absent = sorted(set(range(1, total + 1)) - set(specs))
         if absent:
-            missing.append(f"shard(s) {', '.join(f'{k}/{total}' for k in absent)} not given")
+            missing.append(f"shard(s) {', '.join(f'{k}/{total}' for k in absent)} of {total} not among the inputs")
     if doubled:
         raise VisinstructError(f"{len(doubled)} id(s) appear more than once, e.g. {doubled[0]}", "remove the extra copies before merging")
     if missing and not allow_missing:
-        raise VisinstructError("incomplete: " + "; ".join(missing), "finish those shards, or pass --allow-missing")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise VisinstructError("incomplete: " + "; ".join(missing),
+                               "finish those shards, or pass --allow-missing to merge what there is")
     samples = rejects = 0
-    tmp_out, tmp_rej = out.with_suffix(".jsonl.partial"), _rejects(out).with_suffix(".jsonl.partial")
-    with open(tmp_out, "w", encoding="utf-8") as fo, open(tmp_rej, "w", encoding="utf-8") as fr:
+    with AtomicFile(out) as fo, AtomicFile(_rejects(out)) as fr:
         for path in inputs:
             for source, fh in ((Path(path), fo), (_rejects(Path(path)), fr)):
                 if source.exists():
@@ -155,7 +196,5 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
                                     samples += 1
                                 else:
                                     rejects += 1
-    # Rename at the end so a half-merged file never sits under the final name.
-    tmp_out.replace(out)
-    tmp_rej.replace(_rejects(out))
-    return MergeReport(samples, rejects, [str(s) for s in sorted(specs)], missing, doubled)
+    shards = [str(ShardSpec(k, total)) for k in sorted(specs)] if specs else []
+    return MergeReport(samples, rejects, shards, missing, doubled, assigned_total)

@@ -75,14 +75,31 @@ class ExportReport:
     missing_images: int = 0
     bad_image_paths: int = 0
     renamed_ids: int = 0
+    duplicate_ids: int = 0  # second copies of a (split, id) dropped
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "written": self.written, "per_split": dict(sorted(self.per_split.items())),
             "available": dict(sorted(self.available.items())), "skipped_rejected": self.skipped_rejected,
             "missing_images": self.missing_images, "bad_image_paths": self.bad_image_paths,
-            "renamed_ids": self.renamed_ids,
+            "renamed_ids": self.renamed_ids, "duplicate_ids": self.duplicate_ids,
         }
+
+
+class FirstCopies:
+    """Keeps the first sample of each (split, id): a file given twice, or an output two runs both wrote to,
+    must not put one sample into training data twice. (One image's samples of different splits share an id;
+    those are all kept, and the export makes their ids unique.)"""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def first(self, split: str, rec: dict[str, Any]) -> bool:
+        key = (split, str(rec.get("id")))
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 def relative_image(image: str, images_dir: Path, image_folder: Path) -> str:
@@ -130,6 +147,7 @@ def export_samples(
     """Read the files, keep accepted samples, mix, shuffle deterministically and write them (.json: one array, else JSONL)."""
     report = ExportReport()
     by_split: dict[str, list[dict[str, Any]]] = {}
+    copies = FirstCopies()
     for path in paths:
         fallback = split or split_from_filename(path)
         for rec in read_samples(path):
@@ -145,7 +163,12 @@ def export_samples(
                     f"cannot tell the split of the samples in {path}",
                     'add a "split" field, name the file after its split (detail.jsonl), or pass --split',
                 )
+            if not copies.first(name, rec):
+                report.duplicate_ids += 1
+                continue
             by_split.setdefault(name, []).append(rec)
+    if report.duplicate_ids:
+        log.warning("%d samples whose split and id were already read dropped (kept the first copy)", report.duplicate_ids)
     if image_folder is not None:
         base = images_dir or image_folder
         for name, recs in by_split.items():
@@ -176,10 +199,8 @@ def export_samples(
         chosen.extend((name, recs[i]) for i in sorted(picked))
     random.Random(seed).shuffle(chosen)
     seen: set[str] = set()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with SampleWriter(tmp, format_of=out) as writer:  # out's extension decides: .json an array, else JSONL
+    # Written beside `out` and renamed over it at the end: a failure leaves an earlier export as it was.
+    with SampleWriter(Path(out)) as writer:  # out's extension decides: .json an array, else JSONL
         for i, (name, rec) in enumerate(chosen):
             entry = dict(rec) if keep_meta else {k: rec[k] for k in LLAVA_KEYS if k in rec}
             entry["id"] = _unique_id(str(rec.get("id", i)), name, seen)
@@ -187,7 +208,6 @@ def export_samples(
                 report.renamed_ids += 1
             writer.write(entry)
             report.per_split[name] += 1
-    tmp.replace(out)
     report.written = len(chosen)
     return report
 

@@ -97,9 +97,12 @@ def check_file(
     summary = CheckSummary(object_check="on" if lookup else "skipped (no --coco-root)")
     checker = QualityChecker(config)
     fallback = split or split_from_filename(path)
-    accepted = SampleWriter(accepted_out) if accepted_out else None
-    rejected = SampleWriter(rejected_out) if rejected_out else None
+    # Both files are written beside their targets and put in place only when every sample is checked: a bad
+    # line halfway leaves earlier --out-accepted/--out-rejected files as they were.
+    accepted = SampleWriter(accepted_out, flag="--out-accepted") if accepted_out else None
+    rejected = None
     try:
+        rejected = SampleWriter(rejected_out, flag="--out-rejected") if rejected_out else None
         for rec in read_samples(path):
             if "conversations" not in rec:
                 # An unparsed generation reject: nothing to check, its stored reasons stand.
@@ -130,8 +133,12 @@ def check_file(
                 if rejected:
                     # Earlier reasons (a rejects file checked again) are replaced by this run's.
                     rejected.write({**rec, "reject_reasons": report.reasons, "reject_details": report.details})
-    finally:
+    except BaseException:
         for writer in (accepted, rejected):
             if writer:
-                writer.close()
+                writer.abort()
+        raise
+    for writer in (accepted, rejected):
+        if writer:
+            writer.close()
     return summary

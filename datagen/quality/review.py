@@ -18,6 +18,7 @@ from datagen.coco import ImageRecord
 from datagen.escaping import terminal_text
 from datagen.context import absent_from_context, render_context
 from datagen.prompts import SPLITS_WITH_BOXES
+from datagen.outputs import require_file_target, write_text_atomic
 from datagen.quality.checks import REASON_DESCRIPTIONS, QualityChecker, SampleReport, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.grounding import named_category, parse_boxes
@@ -243,9 +244,8 @@ def hallucinated_words(item: ReviewItem) -> list[str]:
 
 def write_html(items: list[ReviewItem], out: Path, lookup: ImageLookup | None, embed: bool, title: str) -> int:
     """Write the single static review page; returns the number of samples on it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = require_file_target(out, "--html")
     entries = [page_entry(item, lookup, out.parent, embed) for item in items]
     data = {"title": title, "reasons": REASON_DESCRIPTIONS, "samples": entries}
-    out.write_text(render_page(title, data), encoding="utf-8")
+    write_text_atomic(out, render_page(title, data), flag="--html")  # an earlier page stays whole until then
     return len(entries)
