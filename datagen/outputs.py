@@ -123,7 +123,7 @@ class AtomicFile:
             raise write_error(self.path, exc) from None
         self.tmp = Path(name)
         binary = "b" in mode
-        self._fh: IO[Any] = os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"}))
+        self._fh: IO[Any] = os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""}))
         self.done = False
 
     def write(self, data: Any) -> None:
@@ -133,14 +133,24 @@ class AtomicFile:
             self.abort()
             raise write_error(self.path, exc) from None
 
-    def commit(self) -> Path:
-        """Flush, fsync and rename over the target; returns the target."""
-        if self.done:
-            return self.path
+    def finish(self) -> None:
+        """Flush and fsync the temporary file (the data is on disk, not yet under the target's name)."""
+        if self.done or self._fh.closed:
+            return
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
+
+    def commit(self) -> Path:
+        """Finish, then rename over the target; returns the target."""
+        if self.done:
+            return self.path
+        self.finish()
+        try:
             if self.path.is_dir():  # made a folder while we wrote: renaming would fail obscurely
                 raise IsADirectoryError(errno.EISDIR, "is a folder")
             # Keep the old file's permissions (mkstemp makes 0600 files).
@@ -178,6 +188,20 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def commit_together(*files: Any) -> None:
+    """Finish every file (all data on disk), then rename each over its target: a failure while finishing leaves
+    every target as it was (a command's outputs change together, e.g. check's accepted and rejected files).
+    Each of `files` has finish(), commit() and abort() (AtomicFile, datagen.sample.SampleWriter)."""
+    try:
+        for f in files:
+            f.finish()
+        for f in files:
+            f.commit()
+    finally:
+        for f in files:
+            f.abort()  # nothing for a committed file
 
 
 @contextlib.contextmanager

@@ -239,6 +239,7 @@ class SampleWriter:
         self.path = Path(path)
         self.as_array = writes_json_array(self.path)
         self._out = AtomicFile(self.path, flag=flag)
+        self._finished = False
         self.count = 0
         if self.as_array:
             self._out.write("[")
@@ -251,13 +252,23 @@ class SampleWriter:
             self._out.write(line + "\n")
         self.count += 1
 
-    def close(self) -> None:
-        """Finish the file and rename it over `path`."""
-        if self._out.done:
+    def finish(self) -> None:
+        """Write the closing bracket (a JSON array) and put the data on disk, not yet under `path`."""
+        if self._out.done or self._finished:
             return
         if self.as_array:
             self._out.write("\n]\n")
+        self._finished = True
+        self._out.finish()
+
+    def commit(self) -> None:
+        """Rename the finished file over `path`."""
+        self.finish()
         self._out.commit()
+
+    def close(self) -> None:
+        """Finish the file and rename it over `path`."""
+        self.commit()
 
     def abort(self) -> None:
         """Drop what was written; `path` stays as it was."""

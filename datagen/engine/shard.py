@@ -9,7 +9,7 @@ from pathlib import Path
 from datagen.errors import VisinstructError
 from datagen.inputs import InputError, parse_json, short_json
 from datagen.jsonl import iter_jsonl
-from datagen.outputs import AtomicFile, require_file_target
+from datagen.outputs import AtomicFile, commit_together, require_file_target
 from datagen.sample import ManifestEntry, OutputLayout, read_manifest
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -184,7 +184,10 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
         raise VisinstructError("incomplete: " + "; ".join(missing),
                                "finish those shards, or pass --allow-missing to merge what there is")
     samples = rejects = 0
-    with AtomicFile(out) as fo, AtomicFile(_rejects(out)) as fr:
+    files = [AtomicFile(out)]
+    try:
+        files.append(AtomicFile(_rejects(out)))
+        fo, fr = files
         for path in inputs:
             for source, fh in ((Path(path), fo), (_rejects(Path(path)), fr)):
                 if source.exists():
@@ -196,5 +199,10 @@ def merge_shards(inputs: list[Path], out: Path, allow_missing: bool = False) -> 
                                     samples += 1
                                 else:
                                     rejects += 1
+    except BaseException:
+        for f in files:
+            f.abort()
+        raise
+    commit_together(*files)  # both files on disk before either name changes
     shards = [str(ShardSpec(k, total)) for k in sorted(specs)] if specs else []
     return MergeReport(samples, rejects, shards, missing, doubled, assigned_total)

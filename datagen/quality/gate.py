@@ -12,6 +12,7 @@ from typing import Any
 
 from datagen.coco import CocoIndex, ImageRecord
 from datagen.errors import VisinstructError
+from datagen.outputs import commit_together
 from datagen.jsonl import repair_tail
 from datagen.quality.checks import QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
@@ -138,7 +139,5 @@ def check_file(
             if writer:
                 writer.abort()
         raise
-    for writer in (accepted, rejected):
-        if writer:
-            writer.close()
+    commit_together(*(w for w in (accepted, rejected) if w))
     return summary
