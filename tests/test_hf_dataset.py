@@ -209,7 +209,9 @@ def test_never_overwrites_a_folder_that_is_not_an_export(capsys, tmp_path):
 
 
 def test_shards_split_by_size_and_row_groups_bound_memory(tmp_path, coco_root):
-    src = write_jsonl(tmp_path / "detail.jsonl", [r for r in read_jsonl(GOOD) if r["split"] == "detail"] * 3)
+    detail = [r for r in read_jsonl(GOOD) if r["split"] == "detail"]
+    # Three copies under their own ids (export keeps one sample per split and id).
+    src = write_jsonl(tmp_path / "detail.jsonl", [{**r, "id": f"{r['id']}-{k}"} for k in range(3) for r in detail])
     options = HfExportOptions(embed_images=True, image_root=coco_root / "val2017", rows_per_group=2,
                               shard_bytes=300_000)
     report = write_hf_folder([src], tmp_path / "out", options)

@@ -27,6 +27,9 @@ from datagen.sample import OutputLayout, sample_id  # noqa: E402
 from datagen.task import LlavaTask  # noqa: E402
 from engine_support import MODEL, REPO, assert_user_error, datagen_here, ids_of, load_index  # noqa: E402
 from fake_openai_server import FakeOpenAIServer, FaultPlan  # noqa: E402
+import datagen.outputs as outputs  # noqa: E402
+from datagen.outputs import OutputWriteError  # noqa: E402
+from test_output_safety import FullDisk, whole_valid_lines  # noqa: E402
 
 SPLIT = "conversation"
 
@@ -282,3 +285,19 @@ def test_local_backend_runs_the_embedded_model_in_cpu_workers(ray_address, coco_
     assert stats.accepted + stats.rejected == 2 and stats.failed == 0 and stats.requests == 2
     assert stats.prompt_tokens > 0 and stats.completion_tokens > 0 and stats.cost_usd == 0.0
     assert sorted(ids_of(out, OutputLayout(out).rejects)) == [sample_id(i) for i in ids]
+
+
+def test_disk_full_on_the_driver_stops_the_ray_run_and_the_rerun_finishes(ray_address, coco_root, tmp_path, monkeypatch):
+    """Issue 9: a write error in the driver's sink ends the Ray run with OutputWriteError (and Ray's actors go
+    down); every output line is whole, and a rerun on free disk completes every id exactly once."""
+    out, cache = tmp_path / "c.jsonl", tmp_path / "cache.sqlite"
+    with FakeOpenAIServer() as server:
+        with monkeypatch.context() as patch:
+            patch.setattr(outputs, "os", FullDisk(4000))
+            with pytest.raises(OutputWriteError, match=f"cannot write {tmp_path}.*No space left on device; free disk"):
+                ray_run(server, out, coco_root, cache=cache)
+        written = whole_valid_lines(out) + whole_valid_lines(OutputLayout(out).rejects)
+        assert len(written) < len(load_index(coco_root, SPLIT).image_ids())
+        ray_run(server, out, coco_root, cache=cache)
+    final = ids_of(out, OutputLayout(out).rejects)
+    assert sorted(final) == sorted({sample_id(i) for i in load_index(coco_root, SPLIT).image_ids()})

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from datagen.outputs import write_text_atomic
 from datagen.coco import CocoIndex, ImageRecord
 from datagen.context import context_builder, normalised_box
 from datagen.quality.objects import default_matcher, ground_truth
@@ -417,8 +418,7 @@ def main() -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for kind in TEMPLATE_SETS:
             records = build_records(kind, args.coco_root)
-            with open(args.out_dir / f"split_samples_{kind}.jsonl", "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in records)
+            write_text_atomic(args.out_dir / f"split_samples_{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             print(f"{kind}: {len(records)} records")
     if args.report:
         report(args.coco_root, args.handwritten, args.strict)
