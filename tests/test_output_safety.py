@@ -347,3 +347,21 @@ def test_output_path_that_is_a_folder_is_one_line_exit_2(coco_root, tmp_path):
     proc = datagen_here("generate", "--split", "conversation", "--coco-root", str(coco_root), "--limit", "1",
                         "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--out", str(folder))
     assert_user_error(proc, f"--out {folder} is a folder")
+
+
+def test_a_multi_split_run_stops_if_any_split_output_is_held(coco_root, tmp_path):
+    """`generate --split A --split B --out-dir D` locks every split's output before it reads any of them."""
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path / "detail.jsonl"), ready))
+    holder.start()
+    try:
+        assert ready.wait(WAIT_GUARD_S)
+        proc = datagen_here("generate", "--split", "conversation", "--split", "detail", "--coco-root", str(coco_root),
+                            "--limit", "2", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+                            "--out-dir", str(tmp_path))
+    finally:
+        holder.kill()
+        holder.join(WAIT_GUARD_S)
+    assert_user_error(proc, f"{tmp_path / 'detail.jsonl'} is being written by another run (pid {holder.pid} on")
+    assert not (tmp_path / "conversation.jsonl").exists() and not lock_path(tmp_path / "conversation.jsonl").exists()
