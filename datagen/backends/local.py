@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,28 @@ def intra_op_threads() -> int:
     return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
+def converted_dir(gguf: Path) -> Path:
+    """Where a GGUF file's de-quantised weights are kept after its first load (`$VISINSTRUCT_MODEL_CACHE`, else
+    ~/.cache/visinstruct/models); named by the file's name, size and time, so a changed file converts anew."""
+    stat = gguf.stat()
+    root = Path(os.environ.get("VISINSTRUCT_MODEL_CACHE") or Path.home() / ".cache" / "visinstruct" / "models")
+    return root / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def keep_converted(tokenizer, lm, target: Path) -> None:
+    """Save a de-quantised model for the next load (seconds of conversion saved each run); best effort: a read-only
+    or full disk, or another process saving it at the same time, only means the next load converts again."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        tokenizer.save_pretrained(partial)
+        lm.save_pretrained(partial)
+        os.replace(partial, target)  # whole folder or nothing: a reader never sees half a model
+    except OSError:
+        log.debug("could not keep the converted model in %s", target, exc_info=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def load_model(model: str | None):
     """Tokenizer and causal LM for a name: the embedded model, a .gguf file, a local path or a hub id."""
     import torch
@@ -52,19 +75,25 @@ def load_model(model: str | None):
 
     torch.set_num_threads(intra_op_threads())
     kwargs: dict = {}
+    gguf: Path | None = None
     if model in (None, "", EMBEDDED_MODEL):
         gguf = embedded_gguf_path()
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     elif model.endswith(".gguf"):
         gguf = Path(model)
         if not gguf.is_file():
             raise VisinstructError(f"GGUF file not found: {model}", "check the --model path")
+    converted = converted_dir(gguf) if gguf is not None else None
+    if converted is not None and (converted / "config.json").is_file():
+        source = str(converted)  # de-quantised by an earlier load: safetensors, read without conversion
+    elif gguf is not None:
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     else:
         source = model
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        if "gguf_file" in kwargs:
+            keep_converted(tokenizer, lm, converted)
     except OSError as exc:
         raise VisinstructError(
             f"cannot load model {model!r}: {str(exc).splitlines()[0]}",

@@ -8,8 +8,10 @@ and values; `generate_rows` lays a batch out as
 
 with the cached head KV copied into place, so a batch pays the forward pass for the tails only. Rows
 may have different heads (splits batched together). Padding is masked, and positions come from the
-attention mask (transformers' generate counts them from it), so each token sits at the position it
-would have without padding: the output matches a plain batched generate up to float rounding.
+attention mask, so each token sits at the position it would have without padding: greedy output
+matches transformers' generate on each prompt alone. The decoding loop is our own so that a row
+leaves the batch when it ends: later steps cost only the rows still writing (a batch used to run
+every row to the length of its longest answer).
 
 Imports torch and transformers: only the local backend imports this module, and only when it is used.
 """
@@ -20,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class HeadCache:
             self.entries.move_to_end(head)
             return kv
         with torch.inference_mode():
-            out = self.lm(input_ids=torch.tensor([head]), use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            cache = DynamicCache()
+            self.lm(input_ids=torch.tensor([head]), cache=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.entries[head] = kv
         self.computed += 1
         while len(self.entries) > self.capacity:
@@ -96,7 +100,8 @@ def _split_evenly(row: Row) -> Row:
 
 def generate_rows(lm, rows: Sequence[Row], heads: HeadCache, *, max_new_tokens: int, pad_id: int,
                   eos_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
-                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, seed: int = 0) -> list[list[int]]:
+                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, seed: int = 0,
+                  min_new_tokens: int = 0) -> list[list[int]]:
     """The generated token ids of each row (up to and including an end token, or `max_new_tokens` of them)."""
     rows = [_split_evenly(row) for row in rows]
     width_head = max(len(row.head) for row in rows)
@@ -123,15 +128,49 @@ def generate_rows(lm, rows: Sequence[Row], heads: HeadCache, *, max_new_tokens: 
         mask[i, head_start:width_head] = 1
         mask[i, tail_start:] = 1
     processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramInCompletion(no_repeat_ngram_size, input_ids.shape[1]))
-    sample = temperature > 0
-    torch.manual_seed(seed)
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    generator = torch.Generator().manual_seed(seed)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each token where it would sit without padding
+    results: list[list[int]] = [[] for _ in rows]
+    active = list(range(count))  # rows still generating, in the order of the batch's remaining rows
     with torch.inference_mode():
-        out = lm.generate(
-            input_ids=input_ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
-            logits_processor=processors, pad_token_id=pad_id, eos_token_id=list(eos_ids),
-        )
-    return [generated.tolist() for generated in out[:, input_ids.shape[1]:]]
+        logits = lm(input_ids=input_ids[:, width_head:], attention_mask=mask, position_ids=positions[:, width_head:],
+                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        sequence, last = input_ids, positions[:, -1]
+        for step in range(max_new_tokens):
+            # Penalties see each row's real tokens only (a pad stands in for the row's last token, already counted).
+            seen = torch.where(mask.bool(), sequence, sequence[:, -1:])
+            scores = processors(seen, logits.float())
+            if step < min_new_tokens:
+                scores[:, eos] = -float("inf")
+            if temperature > 0:
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            else:
+                chosen = scores.argmax(dim=-1)
+            for row, token in zip(active, chosen.tolist()):
+                results[row].append(token)
+            if step == max_new_tokens - 1:
+                break
+            sequence = torch.cat([sequence, chosen[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            last = last + 1
+            finished = torch.isin(chosen, eos)
+            if finished.any():
+                # Finished rows leave the batch: the steps that remain cost only the rows still writing.
+                keep = (~finished).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                active = [active[k] for k in keep.tolist()]
+                cache.batch_select_indices(keep)
+                sequence, mask, last, chosen = sequence[keep], mask[keep], last[keep], chosen[keep]
+            logits = lm(input_ids=chosen[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache,
+                        use_cache=True).logits[:, -1, :]
+    return results
