@@ -60,9 +60,14 @@ def keep_converted(tokenizer, lm, target: Path) -> None:
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:
         tokenizer.save_pretrained(partial)
-        lm.save_pretrained(partial)
+        # The weights are plain float32 once de-quantised; only the GGUF marker keeps transformers from saving them.
+        quantizer, lm.hf_quantizer = getattr(lm, "hf_quantizer", None), None
+        try:
+            lm.save_pretrained(partial)
+        finally:
+            lm.hf_quantizer = quantizer
         os.replace(partial, target)  # whole folder or nothing: a reader never sees half a model
-    except OSError:
+    except (OSError, ValueError):
         log.debug("could not keep the converted model in %s", target, exc_info=True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
