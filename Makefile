@@ -11,7 +11,7 @@ SPLITS    ?= conversation detail reasoning
 # Caps each local batch's decode steps (a batch runs as long as its longest answer).
 MAX_TOKENS ?= 384
 # Further `datagen generate` flags for `make data` (batching and decoding chosen from bench/make_data_sweep.py).
-GEN_FLAGS ?= --batch-size 12
+GEN_FLAGS ?= --batch-size 12 --candidates 2
 DATA_DIR  ?= data
 FETCH_DIR ?= data/coco
 # Where `make data` fetches COCO from when it finds no COCO root.
