@@ -65,3 +65,27 @@ def test_no_repeat_ngram_holds_within_the_completion(tiny_lm, prompt, size, seed
     tokens = until_eos(tokens)
     grams = [tuple(tokens[i:i + size]) for i in range(len(tokens) - size + 1)]
     assert len(grams) == len(set(grams))
+
+
+def test_equal_rows_share_one_prefill_and_still_sample_apart(tiny_lm, monkeypatch):
+    """The N candidates of one prompt are prefilled once; greedy gives each the plain run's tokens, sampling differs."""
+    import datagen.backends.local_decode as decode
+
+    calls = []
+    real = decode.prefill
+
+    def counting(lm, row, head_kv):
+        calls.append(row)
+        return real(lm, row, head_kv)
+
+    monkeypatch.setattr(decode, "prefill", counting)
+    a, b = Row((5, 6, 7), (8, 9)), Row((5, 6, 7), (10, 11, 12, 13))
+    rows = [a, a, b, a]
+    got = generate_rows(tiny_lm, rows, HeadCache(tiny_lm), max_new_tokens=8, pad_id=PAD, eos_ids=[EOS])
+    assert len(calls) == 2 and set(calls) == {a, b}
+    for row, tokens in zip(rows, got):
+        assert until_eos(tokens) == until_eos(plain_greedy(tiny_lm, row.head + row.tail, 8))
+    calls.clear()
+    sampled = generate_rows(tiny_lm, [a] * 6, HeadCache(tiny_lm), max_new_tokens=12, pad_id=PAD, eos_ids=[-1],
+                            temperature=1.5, seed=3)
+    assert len(calls) == 1 and len({tuple(t) for t in sampled}) > 1

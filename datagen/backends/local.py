@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +35,32 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def busy_cores(sample_s: float = 0.3) -> float:
+    """How many cores other work keeps busy right now: /proc/stat's busy time over `sample_s` seconds (Linux), else
+    the 1-minute load average. The load average lags: it still counts a job that ended a minute ago."""
+    def times() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    first = times()
+    if first is None:
+        return os.getloadavg()[0]
+    time.sleep(sample_s)
+    second = times()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (total - idle) / total
+
+
 def intra_op_threads() -> int:
-    """Threads for one forward pass: `OMP_NUM_THREADS` when set, else the cores other processes leave free (at least 1).
+    """Threads for one forward pass: `OMP_NUM_THREADS` when set, else the cores other processes leave free now
+    (at least 1).
 
     On a busy machine, threads beyond the free cores only wait on each other: at load 14 on 2 cores, 2 threads
     used 1.7x the CPU time of 1 for the same prefill (bench/RESULTS.md, issue 10).
@@ -43,7 +68,7 @@ def intra_op_threads() -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return max(1, min(cores, round(cores - busy_cores())))
 
 
 def converted_dir(gguf: Path) -> Path:
