@@ -146,6 +146,33 @@ def test_object_mentions_and_categories_match_the_plain_scan():
 
 
 @pytest.mark.parametrize("dotted_phrase", [False, True])
+def test_joined_scan_is_the_scan_of_the_joined_text(dotted_phrase):
+    """scan_joined (the texts' own scans, shifted, where every text but the last ends on a clause end no phrase holds)
+    gives exactly the tokens and phrases of scanning the joined text, for any texts and separator."""
+    names = {"dog": ["puppy"], "cat": [], "hot dog": [], "orange": [], "person": ["man", "st. bernard", "mr, x"]}
+    rng = random.Random(20)
+    texts = _texts(20, 3000, max_words=10) + ["hot", "dog", "orange", "and white", "st", ". bernard", "is", "mr", ", x"]
+    assembled = 0
+    for n in range(3000):
+        if n % 500 == 0:  # fresh caches now and then; the phrases of the first matcher hold no punctuation
+            matcher = ObjectMatcher(names, ["orange"], ["bus stop"]) if dotted_phrase else default_matcher()
+            matcher._scans.clear()
+        parts = [rng.choice(texts) + rng.choice(["", "", ".", ",", "!", " ;", "\n", " and", "-"])
+                 for _ in range(rng.randint(0, 5))]
+        sep = rng.choice(["\n", "\n", " ", "\n\n", " . ", "'", ""])
+        for _ in range(rng.randint(0, 2)):  # some parts already scanned, as other checks leave them
+            if parts:
+                matcher.scan(rng.choice(parts))
+        joined = sep.join(parts)
+        tokens = tokenize(joined)
+        assert matcher.scan_joined(parts, sep) == (tokens, matcher._found(tokens)), (parts, sep)
+        assert matcher.scan(joined) == (tokens, matcher._found(tokens))
+        ends = [tokenize(p)[-1:] for p in parts[:-1]]
+        assembled += sep.isspace() and all(not e or e[0] in matcher._breaks for e in ends) and len(parts) > 1
+    assert assembled > 100
+
+
+@pytest.mark.parametrize("dotted_phrase", [False, True])
 def test_ground_truth_matches_caption_by_caption(dotted_phrase):
     names = {"dog": ["puppy"], "cat": [], "hot dog": [], "orange": [], "person": ["man", "st. bernard"]}
     matcher = ObjectMatcher(names, ["orange"], ["bus stop"]) if dotted_phrase else default_matcher()

@@ -368,7 +368,9 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
 
 def object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]]:
     """(categories the answers name, those of them the image is not known to contain)."""
-    mentioned = env.mentioned("\n".join(view.answers), env.config.count_hedged_mentions)
+    answers = view.answers
+    env.matcher.scan_joined(answers)  # each answer's scan, and theirs together, for this and the later checks
+    mentioned = env.mentioned("\n".join(answers), env.config.count_hedged_mentions)
     if view.record is None:
         return mentioned, set()
     return mentioned, mentioned - env.truth(view.record)

@@ -84,6 +84,9 @@ class ObjectMatcher:
         # Texts joined by a lone "." read like separate texts (negation, hedges and the ambiguous-word rules
         # all stop at it) unless some phrase itself spans a "." token.
         self._dot_joins = not any(_TEXT_BREAK in key for key in self.phrases)
+        # Clause-end tokens no phrase contains: a text that ends on one cannot share a phrase, or any of the
+        # ambiguous-word rules, with the text after it (see `scan_joined`).
+        self._breaks = frozenset(t for t in _CLAUSE_END if not any(t in key for key in self.phrases))
         self._scans: dict[str, tuple[list[str], list[tuple[int, tuple[str, ...], str]]]] = {}
 
     SCAN_CACHE_SIZE = 4096
@@ -101,6 +104,38 @@ class ObjectMatcher:
                 cache.clear()
             tokens = tokenize(text)
             hit = cache[text] = (tokens, self._found(tokens))
+        return hit
+
+    def scan_joined(self, texts: list[str], sep: str = "\n") -> tuple[list[str], list[tuple[int, tuple[str, ...], str]]]:
+        """`scan(sep.join(texts))`, assembled from the scans of the texts where that gives the same result (the checks
+        read each answer alone and all answers together: one tokenization and one phrase search serve both).
+
+        With a whitespace `sep` (anything else is scanned joined) the joined text's tokens are the texts' tokens one
+        after the other. Its phrases are theirs, shifted, when every text followed by another ends on a clause-end
+        token that no phrase contains: no phrase can span it, and the ambiguous-word rules read it as they read the
+        end or start of a text (a clause end, neither a lead word nor "and"/"or"). Otherwise the joined text is
+        scanned itself. tests/test_quality_speed_equivalence.py pins this.
+        """
+        joined = sep.join(texts)
+        hit = self._scans.get(joined)
+        if hit is not None:
+            return hit
+        if not sep.isspace():
+            return self.scan(joined)
+        tokens: list[str] = []
+        found: list[tuple[int, tuple[str, ...], str]] = []
+        breaks = self._breaks
+        for text in texts:
+            if tokens and tokens[-1] not in breaks:
+                return self.scan(joined)
+            part_tokens, part_found = self.scan(text)
+            offset = len(tokens)
+            tokens += part_tokens
+            found += [(i + offset, key, category) for i, key, category in part_found] if offset else part_found
+        cache = self._scans
+        if len(cache) >= self.SCAN_CACHE_SIZE:
+            cache.clear()
+        hit = cache[joined] = (tokens, found)
         return hit
 
     @classmethod
