@@ -303,3 +303,19 @@ def test_hash_cache_overflow_keeps_signatures(monkeypatch):
         items = shingles(text, 2)
         assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))
     assert len(hasher._hashes) <= max(50, max(len(shingles(t, 2)) for t in _texts(18, 300, max_words=40)))
+
+
+@pytest.mark.parametrize("rows_kept", [1, 7, 60, 1 << 14])
+def test_row_cache_keeps_signatures(monkeypatch, rows_kept):
+    """Signatures from the kept rows of each shingle's values are the plain ones, whatever the cache holds, drops or
+    cannot hold (texts with more shingles than it keeps)."""
+    import datagen.quality.minhash as minhash
+
+    monkeypatch.setattr(minhash, "_ROW_CACHE_SIZE", rows_kept)
+    hasher = MinHasher(64)
+    texts = _texts(21, 400, max_words=40)
+    for text in texts + texts[::3]:
+        items = shingles(text, 2)
+        assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))
+        assert hasher.signature(items).dtype == np.uint32
+    assert len(hasher._row_of) <= max(rows_kept, max(len(shingles(t, 2)) for t in texts))

@@ -11,6 +11,8 @@ _PRIME = (1 << 31) - 1  # hashes are 32-bit and multipliers < 2^31, so a*h + b f
 _P64 = np.uint64(_PRIME)
 _SHIFT = np.uint64(31)
 _HASH_CACHE_SIZE = 1 << 16  # shingle hashes kept per MinHasher
+# Shingles whose values under every hash function are kept per MinHasher (num_perm uint32 each: 8 MB at 128).
+_ROW_CACHE_SIZE = 1 << 14
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -37,9 +39,13 @@ class MinHasher:
         self.num_perm = num_perm
         # Shingle -> its 32-bit hash: word pairs recur across texts, so most are hashed once per run.
         self._hashes: dict[str, int] = {}
+        # Shingle -> its row in `_rows`: its value under each hash function, computed once while it is kept. A text's
+        # signature is then the minimum over its shingles' rows (the same numbers as computing them again).
+        self._row_of: dict[str, int] = {}
+        self._rows = np.empty((0, num_perm), dtype=np.uint32)
 
-    def hashes(self, items: set[str]) -> np.ndarray:
-        """The 32-bit blake2b hash of each item, in the set's iteration order."""
+    def hashes(self, items: set[str] | list[str]) -> np.ndarray:
+        """The 32-bit blake2b hash of each item, in their iteration order."""
         cache = self._hashes
         missing = [s for s in items if s not in cache]
         if missing:
@@ -55,6 +61,25 @@ class MinHasher:
         """Per hash function, the minimum over the items (all-max for an empty set); uint32 (values < 2^31)."""
         if not items:
             return np.full(self.num_perm, _PRIME, dtype=np.uint32)
+        row_of = self._row_of
+        missing = [s for s in items if s not in row_of]
+        if missing:
+            if len(row_of) + len(missing) > _ROW_CACHE_SIZE:
+                row_of.clear()  # bounded memory, as for the hashes
+                missing = list(items)
+            start, end = len(row_of), len(row_of) + len(missing)
+            if end > len(self._rows):
+                grown = np.empty((max(end, min(2 * len(self._rows), _ROW_CACHE_SIZE), 1024), self.num_perm),
+                                 dtype=np.uint32)
+                grown[:start] = self._rows[:start]
+                self._rows = grown
+            self._rows[start:end] = self.values(missing)
+            row_of.update(zip(missing, range(start, end)))
+        rows = np.fromiter(map(row_of.__getitem__, items), dtype=np.intp, count=len(items))
+        return self._rows[rows].min(axis=0)
+
+    def values(self, items: list[str]) -> np.ndarray:
+        """Each item's value under each hash function, (a * hash + b) mod (2^31 - 1): one uint32 row per item."""
         values = np.multiply.outer(self.hashes(items), self.a)
         values += self.b
         # x mod (2^31 - 1) by folding the high bits onto the low ones (2^31 = 1 modulo the prime): the same
@@ -67,7 +92,7 @@ class MinHasher:
         values += high
         np.subtract(values, _P64, out=high)  # wraps around (huge) where values < prime
         np.minimum(values, high, out=values)
-        return values.min(axis=0).astype(np.uint32)
+        return values.astype(np.uint32)
 
 
 class NearDuplicateIndex:
