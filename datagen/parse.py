@@ -52,11 +52,18 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
 def _clean(text: str) -> str:
-    """Block content without separator lines, trailing bold markers or surrounding blank lines."""
-    text = _SEPARATOR_LINE.sub("", text)
-    text = _TRAILING_BOLD.sub("", text.strip()).strip()
+    """Block content without separator lines, trailing bold markers or surrounding blank lines.
+
+    Each pattern runs only where the text holds what every match of it contains (three of a separator's
+    characters, a bold marker, three newlines): the same result for less work on the usual block.
+    """
+    if "===" in text or "---" in text or "***" in text or "___" in text:
+        text = _SEPARATOR_LINE.sub("", text)
+    text = text.strip()
+    if "**" in text or "__" in text:
+        text = _TRAILING_BOLD.sub("", text).strip()
     # Removing a separator between two paragraphs can leave three or more newlines: keep one blank line.
-    return _BLANK_LINES.sub("\n\n", text)
+    return _BLANK_LINES.sub("\n\n", text) if text.count("\n") >= 3 else text
 
 
 def split_qa(text: str) -> list[tuple[str, str]]:

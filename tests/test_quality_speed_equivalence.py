@@ -319,3 +319,20 @@ def test_row_cache_keeps_signatures(monkeypatch, rows_kept):
         assert np.array_equal(hasher.signature(items), _ref_signature(hasher, items))
         assert hasher.signature(items).dtype == np.uint32
     assert len(hasher._row_of) <= max(rows_kept, max(len(shingles(t, 2)) for t in texts))
+
+
+def test_parse_clean_matches_every_pattern_applied():
+    """parse._clean skips a pattern only where the text cannot hold a match: the result is that of all three."""
+    from datagen import parse
+
+    def reference(text: str) -> str:
+        text = parse._SEPARATOR_LINE.sub("", text)
+        text = parse._TRAILING_BOLD.sub("", text.strip()).strip()
+        return parse._BLANK_LINES.sub("\n\n", text)
+
+    rng = random.Random(22)
+    pieces = ("word", " ", "\t", "\n", "\n\n", "=", "==", "===", "-", "--", "---", "*", "**", "***", "_", "__", "___",
+              "\u3000", "\r", "Answer:", ".")
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))) for _ in range(30000)]
+    for text in texts:
+        assert parse._clean(text) == reference(text), repr(text)
