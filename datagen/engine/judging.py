@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from datagen.backends.base import Completion
+from datagen.engine.heap import settle_worker
 
 
 class JudgingTask(Protocol):
@@ -88,6 +89,7 @@ class _WorkerTask:
 
 
 def _install(task: JudgingTask) -> None:
+    settle_worker()  # the inherited heap frozen, the collector run less often (datagen.engine.heap)
     _WorkerTask.task = task
 
 

@@ -8,6 +8,7 @@ from datagen.backends.base import Backend
 from datagen.coco import ImageRecord
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import Price, load_prices
+from datagen.engine.heap import steady_heap
 from datagen.engine.judging import InlineJudge, Judge, ProcessJudge
 from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
 from datagen.engine.tokens import PromptTokenCounter
@@ -70,6 +71,7 @@ async def run_local(task: LlavaTask, layout: OutputLayout, backend: Backend, rec
     done = layout.done_ids() if done is None else done
     planner = RequestPlanner(task, endpoint, done, config.cache_path, token_counter(engine))
     sink = OutputSink(layout, task.split, engine.stats, task.near_duplicate_gate(layout.samples))
-    judge = judge or make_judge(task, concurrency)
-    recorder = ResultRecorder(judge, sink, engine.stats, endpoint, price, config.cache_path, on_progress)
-    return await engine.run(planner, records, recorder)
+    with steady_heap():  # the collector's settings for a run (datagen.engine.heap); frozen before judges fork
+        judge = judge or make_judge(task, concurrency)
+        recorder = ResultRecorder(judge, sink, engine.stats, endpoint, price, config.cache_path, on_progress)
+        return await engine.run(planner, records, recorder)

@@ -42,6 +42,7 @@ from datagen.coco import ImageRecord
 from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price
+from datagen.engine.heap import settle_worker, steady_heap
 from datagen.engine.live import LiveEngine, ProgressFn, ResultRecorder
 from datagen.engine.ratelimit import RateLimiter
 from datagen.engine.tokens import PromptTokenCounter
@@ -197,6 +198,7 @@ class EngineStage:
 
     def __init__(self, task: LlavaTask, spec: BackendSpec, config: EngineConfig, price: Price | None,
                  concurrency: int, endpoint: Endpoint, limiter: Any | None, cache_writer: Any | None) -> None:
+        settle_worker()  # an actor's process judges for the job's lifetime (datagen.engine.heap)
         self.task = task
         self.spec = spec
         # Budget and pacing are the job's (the JobLimiter actor), not this worker's.
@@ -352,6 +354,7 @@ def pool_size(backend: str, concurrency: int, cluster_cpus: float, gpus: float =
     return max(1, min(cpus, max(2, math.ceil(concurrency / PER_WORKER_CONCURRENCY))))
 
 
+@steady_heap()  # the collector's settings for the driver's run (datagen.engine.heap)
 def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: Iterable[ImageRecord],
             config: EngineConfig, concurrency: int, on_progress: ProgressFn | None = None,
             done: set[str] | None = None, address: str | None = None, num_cpus: int | None = None,

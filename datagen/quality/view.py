@@ -6,6 +6,7 @@ importing the check registry that imports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from datagen.coco import ImageRecord
@@ -30,11 +31,13 @@ class SampleView:
     # The sample's "image" value as stored (None when it has none), for the path rule.
     image: object = None
 
-    @property
+    # Read by most checks, so made once per view (a view's turns are not changed once it is made; do not change
+    # the lists either).
+    @cached_property
     def questions(self) -> list[str]:
         return [_strip_image(v) for s, v in self.turns if s == "human"]
 
-    @property
+    @cached_property
     def answers(self) -> list[str]:
         return [v.strip() for s, v in self.turns if s == "gpt"]
 
