@@ -234,12 +234,26 @@ def test_near_duplicate_band_keys_agree_exactly_when_the_band_slices_do():
     assert index.band_keys(sigs[0].astype(np.uint64)) == keys[0]
 
 
-def test_near_duplicate_match_is_the_plain_best_of_all_remembered():
-    """match/insert (LSH candidates, optional precomputed bands) give the plain scan's answer: the most similar
-    remembered signature sharing a band, first on ties, if at or above the threshold."""
-    index = NearDuplicateIndex(0.5, 2, 128)
+@pytest.mark.parametrize("threshold", [0.5, 0.75, 0.8, 0.9, 1.0])
+def test_near_duplicate_match_is_the_plain_best_of_all_remembered(threshold):
+    """match/insert (LSH candidates, optional precomputed bands, candidates sharing too few bands to reach the
+    threshold skipped) give the plain scan's answer: the most similar remembered signature sharing a band, first on
+    ties, if at or above the threshold."""
+    index = NearDuplicateIndex(threshold, 2, 128)
+    rng = random.Random(19)
+    texts = _texts(19, 300, max_words=12)
+    # near-copies at every distance: a text with a few of its words changed, dropped or added
+    for base in _texts(23, 150, max_words=40):
+        words = base.split()
+        for _ in range(rng.randint(0, 4)):
+            if words:
+                words[rng.randrange(len(words))] = rng.choice(["cat", "dog", "", "a b", "the"])
+        texts += [base, " ".join(words)]
+    rng.shuffle(texts)
+    assert index.min_shared_bands == max(0, 32 - (128 - next(a for a in range(129) if a / 128 >= threshold)))
     remembered: list[np.ndarray] = []
-    for n, text in enumerate(_texts(19, 400, max_words=12)):
+    matched = 0
+    for n, text in enumerate(texts):
         sig = index.signature(text)
         bands = index.band_keys(sig) if n % 2 else None
         expected = None
@@ -248,11 +262,13 @@ def test_near_duplicate_match_is_the_plain_best_of_all_remembered():
         if sharing:
             sims = [float(np.mean(remembered[i] == sig)) for i in sharing]
             best = max(range(len(sharing)), key=lambda k: (sims[k], -k))
-            if sims[best] >= 0.5:
+            if sims[best] >= threshold:
                 expected = (f"t{sharing[best]}", sims[best])
         assert index.match(sig, bands) == expected
+        matched += expected is not None and expected[1] < 1.0
         index.insert(f"t{len(remembered)}", sig, bands)
         remembered.append(sig)
+    assert matched > 5 or threshold == 1.0
 
 
 # --- small helpers: sentence ends read from the end, views straight from a Sample ------------------------------

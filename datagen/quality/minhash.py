@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
+from itertools import chain
 
 import numpy as np
 
@@ -110,6 +112,10 @@ class NearDuplicateIndex:
         self.keys: list[str] = []
         # Signatures as rows of one growing matrix, so candidates are compared in one numpy step.
         self.signatures = np.empty((64, num_perm), dtype=np.uint32)
+        # A signature within the threshold differs in at most num_perm - min_agree rows, each spoiling one band at
+        # most: a candidate sharing fewer bands than this cannot be a match (see `match`).
+        min_agree = next(a for a in range(num_perm + 1) if a / num_perm >= threshold)
+        self.min_shared_bands = max(0, num_perm // rows_per_band - (num_perm - min_agree))
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
@@ -129,9 +135,17 @@ class NearDuplicateIndex:
         `bands`: the signature's `band_keys`, when the caller has them already (a worker process computed them).
         """
         hits = [bucket for bucket in map(self.buckets.get, self.band_keys(sig) if bands is None else bands) if bucket]
-        if not hits:
+        if len(hits) < max(1, self.min_shared_bands):
             return None
-        candidates = set().union(*hits)
+        if self.min_shared_bands > 1:
+            # Only those sharing enough bands can reach the threshold; they include the most similar whenever it does
+            # (the answer is the same, without comparing every signature that shares a band by chance).
+            need = self.min_shared_bands
+            candidates = [i for i, shared in Counter(chain.from_iterable(hits)).items() if shared >= need]
+            if not candidates:
+                return None
+        else:
+            candidates = set().union(*hits)
         rows = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
         agree = (self.signatures[rows] == sig).sum(axis=1)
         most = agree.max()
