@@ -352,3 +352,54 @@ def test_parse_clean_matches_every_pattern_applied():
     texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))) for _ in range(30000)]
     for text in texts:
         assert parse._clean(text) == reference(text), repr(text)
+
+
+def _ref_position_claims(text: str, matcher: ObjectMatcher) -> list:
+    """position_claims as first written: every word visited, the sentence re-read for each object before."""
+    from datagen.quality import counting as c
+
+    tokens, found = tokenize(text), matcher._found(tokenize(text))
+    claims = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i] not in c._RELATION_FIRST_WORDS:
+            i += 1
+            continue
+        relation = None
+        for length in range(c._MAX_RELATION, 0, -1):
+            key = tuple(tokens[i:i + length])
+            if key in c.RELATIONS:
+                relation = c.RELATIONS[key]
+                break
+        if relation is None:
+            i += 1
+            continue
+        before = [(s, k, cat) for s, k, cat in found if s + len(k) <= i
+                  and not any(t in c._SENTENCE_STOPS for t in tokens[s + len(k):i])]
+        after = [(s, k, cat) for s, k, cat in found if s >= i + length and s - (i + length) <= c.OBJECT_WINDOW
+                 and not any(t in c._CLAUSE_END for t in tokens[i + length:s])]
+        if before and after and len({cat for _, _, cat in before}) == 1:
+            first, second = before[-1], after[0]
+            if first[2] != second[2]:
+                claims.append(c.PositionClaim(first[2], relation, second[2],
+                                              " ".join(tokens[first[0]:second[0] + len(second[1])])))
+        i += length
+    return claims
+
+
+def test_position_claims_match_the_word_by_word_reading():
+    from datagen.quality.counting import position_claims
+
+    matcher = default_matcher()
+    rng = random.Random(24)
+    pieces = ("to the left of", "on the right side of", "left of", "right", "to", "on", "on top of", "atop", "above",
+              "under", "underneath", "beneath", "below", "at the left of", "to the right side of", "the", "a dog",
+              "the cat", "a man", "two people", "the table", "a hot dog", "the orange", "laptop", "and", "is", "sits",
+              ".", ",", "!", "?", ";", ":", "(", "very", "next", "of", "at")
+    texts = [" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(6000)]
+    claims = 0
+    for text in texts:
+        expected = _ref_position_claims(text, matcher)
+        assert position_claims(text, matcher) == expected, text
+        claims += len(expected)
+    assert claims > 1000

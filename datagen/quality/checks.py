@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from datagen.errors import VisinstructError
-from datagen.quality.coherence import check_paraphrased_question, check_self_reference, check_subject_mismatch
+from datagen.quality.coherence import (check_paraphrased_question, check_self_reference, check_subject_mismatch,
+                                       question_word_sets)
 from datagen.quality.config import QualityConfig
 from datagen.quality.counting import check_wrong_count, check_wrong_position
 from datagen.quality.generic import asserted_categories
@@ -338,13 +339,9 @@ def check_too_long(view: SampleView, env: CheckEnv) -> str | None:
     return None
 
 
-def _question_words(question: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", question.lower()))
-
-
 def check_repeated_question(view: SampleView, env: CheckEnv) -> str | None:
     """No question is asked twice (same words, or nearly) in one conversation."""
-    questions = [_question_words(q) for q in view.questions]
+    questions = question_word_sets(view, env)
     for i in range(len(questions)):
         for j in range(i):
             if questions[i] and jaccard(questions[i], questions[j]) >= env.config.repeated_question_similarity:

@@ -93,9 +93,28 @@ class QuestionShape:
 
     @classmethod
     def of(cls, question: str) -> "QuestionShape":
-        raw = tuple(question_words(question))
-        stems = tuple(_stem(w) for w in raw)
-        return cls(raw, stems, frozenset(w for w in stems if w not in _FUNCTION_STEMS), question_kind(list(raw)))
+        return _shape_of(question)
+
+
+@lru_cache(maxsize=8192)
+def _shape_of(question: str) -> QuestionShape:
+    """QuestionShape.of, remembered: a shape is immutable and generated questions recur ("What is the man doing?")."""
+    raw = tuple(question_words(question))
+    stems = tuple(_stem(w) for w in raw)
+    return QuestionShape(raw, stems, frozenset(w for w in stems if w not in _FUNCTION_STEMS), question_kind(list(raw)))
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def question_word_sets(view: SampleView, env: CheckEnv) -> list[set[str]]:
+    """Each question's set of lower-cased words, made once per sample for the checks that compare questions (read
+    them, do not change them)."""
+    key = ("question_word_sets", *view.questions)  # keyed by the questions: right even where memo was not cleared
+    sets = env.memo.get(key)
+    if sets is None:
+        sets = env.memo[key] = [set(_WORD.findall(q.lower())) for q in view.questions]
+    return sets
 
 
 def restatement(a: QuestionShape, b: QuestionShape, max_inserted: int, min_shared: int) -> str | None:
@@ -125,7 +144,7 @@ def check_paraphrased_question(view: SampleView, env: CheckEnv) -> str | None:
         return None
     config = env.config
     shapes = [QuestionShape.of(q) for q in questions]
-    word_sets = [set(re.findall(r"[a-z0-9]+", q.lower())) for q in questions]
+    word_sets = question_word_sets(view, env)
     for i in range(1, len(questions)):
         for j in range(i):
             if word_sets[i] and jaccard(word_sets[i], word_sets[j]) >= config.repeated_question_similarity:

@@ -169,13 +169,13 @@ class PositionClaim:
 def position_claims(text: str, matcher: ObjectMatcher) -> list[PositionClaim]:
     """Relations between two named objects in the same clause."""
     tokens, found = matcher.scan(text)
-    if not _RELATION_FIRST_WORDS.intersection(tokens):
-        return []
+    if not found or not _RELATION_FIRST_WORDS.intersection(tokens):
+        return []  # a claim needs an object before its relation word
     claims = []
-    i = 0
-    while i < len(tokens):
-        if tokens[i] not in _RELATION_FIRST_WORDS:
-            i += 1
+    free = 0  # tokens before this index belong to a relation already read
+    # Only the words a relation can start with are looked at, left to right (the rest move on by one word).
+    for i in [i for i, token in enumerate(tokens) if token in _RELATION_FIRST_WORDS]:
+        if i < free:
             continue
         relation = None
         for length in range(_MAX_RELATION, 0, -1):
@@ -184,12 +184,12 @@ def position_claims(text: str, matcher: ObjectMatcher) -> list[PositionClaim]:
                 relation = RELATIONS[key]
                 break
         if relation is None:
-            i += 1
             continue
+        free = i + length
         # The subject: the one kind of object named earlier in the sentence (two kinds make it ambiguous:
         # "the cup next to the plate is left of the laptop" is not checked).
-        before = [(s, k, c) for s, k, c in found if s + len(k) <= i
-                  and not any(t in _SENTENCE_STOPS for t in tokens[s + len(k):i])]
+        stop = next((j for j in range(i - 1, -1, -1) if tokens[j] in _SENTENCE_STOPS), -1)  # the sentence's start
+        before = [(s, k, c) for s, k, c in found if stop < s + len(k) <= i]
         after = [(s, k, c) for s, k, c in found if s >= i + length and s - (i + length) <= OBJECT_WINDOW
                  and not any(t in _CLAUSE_END for t in tokens[i + length:s])]
         if before and after and len({c for _, _, c in before}) == 1:
@@ -197,7 +197,6 @@ def position_claims(text: str, matcher: ObjectMatcher) -> list[PositionClaim]:
             if first[2] != second[2]:
                 phrase = " ".join(tokens[first[0]:second[0] + len(second[1])])
                 claims.append(PositionClaim(first[2], relation, second[2], phrase))
-        i += length
     return claims
 
 
