@@ -337,6 +337,25 @@ def test_row_cache_keeps_signatures(monkeypatch, rows_kept):
     assert len(hasher._row_of) <= max(rows_kept, max(len(shingles(t, 2)) for t in texts))
 
 
+@pytest.mark.parametrize("rows_kept", [1, 7, 60, 1 << 14])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_text_signatures_by_word_pairs_are_the_plain_ones(monkeypatch, rows_kept, size):
+    """NearDuplicateIndex.signature (2-word shingles looked up by their words, rows kept or dropped, mixed with
+    signatures of shingle sets on the same hasher) is the plain signature of the text's shingles."""
+    import datagen.quality.minhash as minhash
+
+    monkeypatch.setattr(minhash, "_ROW_CACHE_SIZE", rows_kept)
+    index = NearDuplicateIndex(0.8, size, 64)
+    rng = random.Random(25)
+    texts = _texts(25, 300, max_words=40) + ["", "a", "a b", "a b c", "a a a a", "b a b a b", "x1 y2 x1 y2"]
+    for text in texts + rng.sample(texts, 100):
+        items = shingles(text, size)
+        assert np.array_equal(index.signature(text), _ref_signature(index.hasher, items)), text
+        if rng.random() < 0.3:
+            other = shingles(rng.choice(texts), size)
+            assert np.array_equal(index.hasher.signature(other), _ref_signature(index.hasher, other))
+
+
 def test_parse_clean_matches_every_pattern_applied():
     """parse._clean skips a pattern only where the text cannot hold a match: the result is that of all three."""
     from datagen import parse

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -15,6 +15,7 @@ _SHIFT = np.uint64(31)
 _HASH_CACHE_SIZE = 1 << 16  # shingle hashes kept per MinHasher
 # Shingles whose values under every hash function are kept per MinHasher (num_perm uint32 each: 8 MB at 128).
 _ROW_CACHE_SIZE = 1 << 14
+_NO_ROWS: dict[str, int] = {}  # a first word with no pair kept (read only)
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -45,6 +46,9 @@ class MinHasher:
         # signature is then the minimum over its shingles' rows (the same numbers as computing them again).
         self._row_of: dict[str, int] = {}
         self._rows = np.empty((0, num_perm), dtype=np.uint32)
+        # The same rows by the two words of a 2-word shingle (first word -> second word -> row), so `pair_signature`
+        # looks a pair up without joining it into a string; emptied with `_row_of`.
+        self._pair_row: dict[str, dict[str, int]] = {}
 
     def hashes(self, items: set[str] | list[str]) -> np.ndarray:
         """The 32-bit blake2b hash of each item, in their iteration order."""
@@ -68,17 +72,48 @@ class MinHasher:
         if missing:
             if len(row_of) + len(missing) > _ROW_CACHE_SIZE:
                 row_of.clear()  # bounded memory, as for the hashes
+                self._pair_row.clear()
                 missing = list(items)
-            start, end = len(row_of), len(row_of) + len(missing)
-            if end > len(self._rows):
-                grown = np.empty((max(end, min(2 * len(self._rows), _ROW_CACHE_SIZE), 1024), self.num_perm),
-                                 dtype=np.uint32)
-                grown[:start] = self._rows[:start]
-                self._rows = grown
-            self._rows[start:end] = self.values(missing)
-            row_of.update(zip(missing, range(start, end)))
+            self._add_rows(missing)
         rows = np.fromiter(map(row_of.__getitem__, items), dtype=np.intp, count=len(items))
         return self._rows[rows].min(axis=0)
+
+    def _add_rows(self, new: list[str]) -> None:
+        """Rows for distinct items not kept yet (the caller made room for them)."""
+        row_of = self._row_of
+        start, end = len(row_of), len(row_of) + len(new)
+        if end > len(self._rows):
+            grown = np.empty((max(end, min(2 * len(self._rows), _ROW_CACHE_SIZE), 1024), self.num_perm), dtype=np.uint32)
+            grown[:start] = self._rows[:start]
+            self._rows = grown
+        self._rows[start:end] = self.values(new)
+        row_of.update(zip(new, range(start, end)))
+
+    def pair_signature(self, words: list[str]) -> np.ndarray:
+        """`signature(shingles(text, 2))` of a text of more than two words (`words`, as `shingles` reads them): the
+        minimum over the rows of its adjacent word pairs (a pair seen twice gives its row twice: the same minimum)."""
+        firsts, seconds = words[:-1], words[1:]
+        pair_row, row_of = self._pair_row, self._row_of
+        rows = list(map(dict.get, map(pair_row.get, firsts, repeat(_NO_ROWS)), seconds))
+        if None in rows:
+            unseen = [k for k, row in enumerate(rows) if row is None]
+            names = [f"{firsts[k]} {seconds[k]}" for k in unseen]
+            new = list(dict.fromkeys(name for name in names if name not in row_of))
+            if len(row_of) + len(new) > _ROW_CACHE_SIZE:  # no room: the caches start again with this text
+                signature = self.signature(set(map(" ".join, zip(firsts, seconds))))
+                unseen, names = range(len(rows)), [f"{a} {b}" for a, b in zip(firsts, seconds)]
+            else:
+                signature = None
+                self._add_rows(new)
+            for k, name in zip(unseen, names):
+                rows[k] = row = row_of[name]
+                inner = pair_row.get(firsts[k])
+                if inner is None:
+                    inner = pair_row[firsts[k]] = {}
+                inner[seconds[k]] = row
+            if signature is not None:
+                return signature
+        return self._rows[np.fromiter(rows, dtype=np.intp, count=len(rows))].min(axis=0)
 
     def values(self, items: list[str]) -> np.ndarray:
         """Each item's value under each hash function, (a * hash + b) mod (2^31 - 1): one uint32 row per item."""
@@ -119,6 +154,10 @@ class NearDuplicateIndex:
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
+        if self.shingle_size == 2:
+            words = _WORD.findall(text.lower())
+            if len(words) > 2:
+                return self.hasher.pair_signature(words)
         return self.hasher.signature(shingles(text, self.shingle_size))
 
     def band_keys(self, sig: np.ndarray) -> tuple[int, ...]:
