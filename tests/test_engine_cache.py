@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -42,6 +43,34 @@ def test_cache_round_trip_and_clear(tmp_path):
     assert stats.entries == 2 and stats.prompt_tokens == 6 and stats.by_model == {"openai:m": 1, "openai:n": 1}
     assert cache.clear("m") == 1 and cache.get("k1") is None and cache.get("k2") == completion
     cache.close()
+
+
+def test_connections_opening_one_new_cache_together_all_open(tmp_path):
+    """Splits side by side open the same new cache from their own threads at once: SQLite's immediate "database
+    is locked" on switching to WAL or creating the table is waited out, never a failed run (it was in CI)."""
+    for trial in range(40):
+        path = tmp_path / f"c{trial}.sqlite"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_and_write(i: int) -> None:
+            start.wait()
+            try:
+                cache = ResponseCache(path)
+                cache.put_many([(f"k{i}", "openai", "m", f"item{i}", Completion(str(i), "stop", 1, 1, "m"))])
+                cache.close()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        cache = ResponseCache(path)
+        assert [cache.get(f"k{i}").text for i in range(4)] == ["0", "1", "2", "3"]
+        cache.close()
 
 
 def test_rerun_with_same_inputs_makes_zero_requests(coco_root, tmp_path):

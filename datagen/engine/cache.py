@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+# How long a connection waits for another one's lock before the run stops with "the response cache is busy".
+BUSY_TIMEOUT_S = 30.0
+
 # A request's further completions (n > 1) are stored as rows `<key>#1`, `<key>#2`, ... beside its first.
 ALTERNATIVE_MARK = "#"
 _KEY_JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
@@ -174,7 +177,7 @@ class ResponseCache:
             raise VisinstructError(f"the response cache {self.path} is a folder", "pass --cache FILE, or --no-cache")
         if read_only:
             with _guarded(self.path):
-                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
                 tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             if ("responses",) not in tables:
                 self._db.close()
@@ -186,11 +189,44 @@ class ResponseCache:
         except OSError as exc:
             raise cache_error(self.path, exc) from None
         with _guarded(self.path):
-            # WAL lets the feeder read while the sink writes; a killed process loses no committed row.
-            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                self._set_up()
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _set_up(self) -> None:
+        """WAL mode and the table, safe while other connections (threads, processes) open the same new file.
+
+        SQLite answers "database is locked" at once, without waiting on the busy timeout, when two connections
+        switch a new file to WAL together or when one creates the table under another's read: those steps are
+        retried until the busy timeout has passed.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.005
+        while True:
+            try:
+                # WAL lets the feeder read while the sink writes; a killed process loses no committed row.
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'responses'").fetchone():
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.execute(_SCHEMA)
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
+                        raise
+                return
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.25)
 
     def get(self, key: str) -> Completion | None:
         """The stored completion for this key, if any (with its alternatives, stored as rows `<key>#1`, `<key>#2`...)."""
