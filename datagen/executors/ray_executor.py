@@ -14,6 +14,8 @@ Design choices (docs/ray.md says more):
   driver or a worker pays again only for requests whose chunk had not yet reached the writer.
 - --rpm/--tpm/--budget are enforced for the whole job by one `JobLimiter` actor that every worker asks
   before each request; without them each worker keeps a local limiter (429 pauses, x-ratelimit headers).
+- A killed driver: workers on its node check before each request that it still runs (`DriverProcess`), so
+  only requests already on their way arrive afterwards; elsewhere Ray stops the job's actors once it notices.
 - The sink decides near-duplicates in the run's order (`seq`), so the result does not depend on which
   worker finishes first: Ray and local runs accept the same samples from the same completions.
 """
@@ -50,7 +52,7 @@ from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint
                                  RunStats, WorkItem)
 from datagen.errors import VisinstructError
 from datagen.executors.local import price_of
-from datagen.executors.ray_items import ChunkResult, Judged, WorkerVerdicts
+from datagen.executors.ray_items import ChunkResult, DriverProcess, Judged, WorkerVerdicts
 from datagen.executors.ray_vllm import vllm_dataset
 from datagen.outputs import OutputWriteError
 from datagen.sample import OutputLayout
@@ -197,8 +199,11 @@ class EngineStage:
     """
 
     def __init__(self, task: LlavaTask, spec: BackendSpec, config: EngineConfig, price: Price | None,
-                 concurrency: int, endpoint: Endpoint, limiter: Any | None, cache_writer: Any | None) -> None:
+                 concurrency: int, endpoint: Endpoint, limiter: Any | None, cache_writer: Any | None,
+                 driver: DriverProcess | None = None) -> None:
         settle_worker()  # an actor's process judges for the job's lifetime (datagen.engine.heap)
+        # On the driver's node: no request is sent once the driver is gone (see DriverProcess).
+        self.driver = driver if driver is not None and driver.watch_from(ray.get_runtime_context().get_node_id()) else None
         self.task = task
         self.spec = spec
         # Budget and pacing are the job's (the JobLimiter actor), not this worker's.
@@ -275,7 +280,7 @@ class EngineStage:
         if item.cached is not None:
             return Completed(item, item.cached, fresh=False)
         async with self.slots:
-            if self.fatal is not None:
+            if self.fatal is not None or (self.driver is not None and not self.driver.alive()):
                 return None
             reserved = 0.0
             if self.limiter is not None:
@@ -383,7 +388,9 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     # Local-model workers each batch --batch-size prompts; openai workers share --concurrency between them.
     per_worker = spec.batch_size if spec.name == "local" else max(1, math.ceil(concurrency / workers))
     timings.workers = workers
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    node_id = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    driver = DriverProcess.this_process(node_id)
     cache_writer = limiter = None
     if config.cache_path is not None and spec.name != "vllm":
         Path(config.cache_path).parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +432,8 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
             else:
                 dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                     EngineStage, batch_size=1,
-                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer),
+                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer,
+                                         driver),
                     compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
                                                        max_concurrent_calls_per_actor=CALLS_PER_WORKER,
                                                        max_tasks_in_flight_per_actor=2 * CALLS_PER_WORKER),

@@ -1,7 +1,9 @@
 """What Ray workers hand back to the driver: judged results per chunk (shared by the openai/local and vLLM stages)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from datagen.backends.base import ChatRequest, Completion
 from datagen.engine.judging import Ready
@@ -44,3 +46,36 @@ class ChunkResult:
     fatal: VisinstructError | None = None
     worker_pid: int = 0  # the worker process that ran the call, and its peak RSS so far (MB)
     worker_peak_rss_mb: float = 0.0
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if it is gone
+    or a zombie (killed, not yet reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+@dataclass(frozen=True)
+class DriverProcess:
+    """The run's driver as its workers see it: a worker on the driver's node checks before each request that
+    the driver still runs, so a killed driver's workers send nothing more than what was already on its way
+    (Ray stops the job's actors too, but only once it has noticed; on other nodes that is the only stop).
+    The start time tells the driver from a later process that got its pid."""
+
+    node_id: str
+    pid: int
+    started: str | None
+
+    @classmethod
+    def this_process(cls, node_id: str) -> "DriverProcess":
+        return cls(node_id, os.getpid(), _process_start(os.getpid()))
+
+    def watch_from(self, node_id: str) -> bool:
+        """Whether a worker on `node_id` can see the driver's process (same node, and /proc to read)."""
+        return node_id == self.node_id and self.started is not None
+
+    def alive(self) -> bool:
+        return _process_start(self.pid) == self.started
