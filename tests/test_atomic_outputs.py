@@ -268,3 +268,12 @@ def test_an_output_path_that_is_a_folder_is_one_line_exit_2(command, coco_root, 
     flag = {"review": "--html", "check": "--out-accepted"}.get(command, "--out")
     code, _, err = invoke(*args)
     one_line_error(code, err, f"{flag} {folder} is a folder")
+
+
+def test_merge_prints_file_names_as_text(tmp_path):
+    """A file name carrying a terminal escape is printed with it written out, never sent to the terminal raw."""
+    shards = _shards(tmp_path)
+    out = tmp_path / "m\x1b[2J.jsonl"
+    code, stdout, err = invoke("merge", *shards, "--out", out)
+    assert code == 0, err
+    assert "\x1b" not in stdout + err and "m\\x1b[2J.jsonl" in stdout

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from datagen.cli.common import sample_files
+from datagen.escaping import terminal_text
 from datagen.engine.shard import merge_shards
 
 
@@ -21,10 +22,12 @@ def merge(
     inputs = sample_files(list(inputs), rejects_readable=False)
     report = merge_shards(list(inputs), out, allow_missing=allow_missing)
     of = f" of {report.images_assigned}" if report.images_assigned is not None else " (images assigned: unknown)"
-    typer.echo(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: {report.images_done}"
-               f"{of} images done: {report.samples} samples -> {out}, {report.rejects} rejects")
+    # Shard labels and missing lines come from the shards' manifests: printed with control characters written out.
+    typer.echo(terminal_text(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: "
+                             f"{report.images_done}{of} images done: {report.samples} samples -> {out}, "
+                             f"{report.rejects} rejects"))
     for line in report.missing:
-        typer.echo(f"  missing: {line}", err=True)
+        typer.echo(f"  missing: {terminal_text(line)}", err=True)
 
 
 def register(app: typer.Typer) -> None:
