@@ -4,7 +4,7 @@ One rule per medium, here and nowhere else:
 - HTML: `html_text` for text and attribute values written into markup, `script_json` for data
   embedded in a `<script type="application/json">` element;
 - terminal: `terminal_text` makes control characters visible (for plain prints, error lines and rich
-  `Text` objects), `terminal_markup` also escapes rich markup (for strings rich parses as markup:
+  `Text` objects; `echo` is the CLI's one way to print a line, through it), `terminal_markup` also escapes rich markup (for strings rich parses as markup:
   panel and table titles, table cells, `console.print("...")`).
 Image paths have their own rule, beside the sample format: `datagen.sample.resolve_image`.
 """
@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+import typer
 from rich.markup import escape as _rich_escape
 
 # --- HTML -----------------------------------------------------------------------------------------
@@ -80,3 +81,10 @@ def terminal_text(value: object, multiline: bool = False) -> str:
 def terminal_markup(value: object, multiline: bool = False) -> str:
     """`terminal_text`, then rich markup escaped: for untrusted text inside a string rich parses as markup."""
     return _rich_escape(terminal_text(value, multiline))
+
+
+def echo(message: object = "", err: bool = False, nl: bool = True) -> None:
+    """Print a line of the CLI's own output (stdout, or stderr with `err`): file names, ids and anything else
+    read from files or given by the user inside it are shown as text, never acted on by the terminal (line
+    breaks and tabs kept)."""
+    typer.echo(terminal_text(message, multiline=True), err=err, nl=nl)

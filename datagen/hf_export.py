@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import typer
 
 from datagen.errors import VisinstructError
+from datagen.escaping import echo
 from datagen.hf_card import card_header, collect_provenance, render_card
 from datagen.hf_dataset import (
     DATA_FOLDER, EXTRA_COLUMN, HF_SPLIT, SAFE_SPLIT, HfExportOptions, HfExportReport, pyarrow_modules, arrow_schema, to_row,
@@ -269,10 +269,10 @@ def export_hf_command(
     if push_to_hub:
         summary["commit_url"] = push_folder(out, push_to_hub, private=private, endpoint=os.environ.get("HF_ENDPOINT"))
     if json_output:
-        typer.echo(json.dumps(summary, indent=2))
+        echo(json.dumps(summary, indent=2))
         return
     parts = ", ".join(f"{s} {n}/{report.available[s]}" for s, n in sorted(report.per_split.items()))
-    typer.echo(f"{report.written} samples -> {out}/ ({parts}; {len(report.shards)} Parquet shard(s), card README.md)")
+    echo(f"{report.written} samples -> {out}/ ({parts}; {len(report.shards)} Parquet shard(s), card README.md)")
     notes = []
     if report.skipped_rejected:
         notes.append(f"{report.skipped_rejected} rejected samples skipped")
@@ -283,6 +283,6 @@ def export_hf_command(
     if report.duplicate_ids:
         notes.append(f"{report.duplicate_ids} second copies of a sample (same split and id) dropped")
     if notes:
-        typer.echo("  " + "; ".join(notes))
+        echo("  " + "; ".join(notes))
     if push_to_hub:
-        typer.echo(f"pushed to {push_to_hub}: {summary['commit_url']}")
+        echo(f"pushed to {push_to_hub}: {summary['commit_url']}")

@@ -223,3 +223,35 @@ def test_no_reading_command_passes_a_control_character_from_the_file_to_the_term
         assert code in (0, 2), (args, err)
         for stream in (out, err):
             assert not UNSAFE.search(stream.replace("\n", "")), (args, stream)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(name=TEXT)
+def test_writing_commands_print_a_hostile_output_name_as_text(capsys, tmp_path_factory, name):
+    """The name of a file a command writes (given by the user, or found by a glob) is echoed through the CLI's one
+    print path: whatever characters it holds, none reaches the terminal as a control character."""
+    safe = "".join(c for c in name if c not in "/\x00") or "x"  # what a file name can hold
+    folder = tmp_path_factory.mktemp("out")
+    src = folder / "detail.jsonl"
+    src.write_text(Path(__file__).parent.joinpath("fixtures", "good_samples.jsonl").read_text(encoding="utf-8"),
+                   encoding="utf-8")
+    for args in (["export", src, "--out", folder / f"{safe}.json", "--mix", "none"],
+                 ["review", src, "--html", folder / f"{safe}.html"],
+                 ["export", src, "--format", "hf", "--out", folder / f"{safe}-hf"]):
+        try:
+            code, out, err = run(capsys, *args)
+        except (OSError, UnicodeError):  # a name this file system refuses (too long, not encodable) is not the point
+            continue
+        assert code in (0, 2), (args, err)
+        for stream in (out, err):
+            assert not UNSAFE.search(stream.replace("\n", "").replace("\t", "")), (args, stream)
+
+
+def test_the_cli_prints_only_through_echo():
+    """`datagen.escaping.echo` is the one way the CLI prints its lines; a raw typer.echo would bypass the terminal
+    rule (the help text, printed by typer itself, is the one exception)."""
+    root = Path(__file__).resolve().parent.parent / "datagen"
+    raw = [f"{p.relative_to(root)}:{i}" for p in [*root.glob("cli/*.py"), root / "hf_export.py"]
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+           if "typer.echo(" in line and "get_help()" not in line]
+    assert not raw, raw

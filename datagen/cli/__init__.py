@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from datagen.cli import batch, cache, coco, generate, judge, merge, quality
 from datagen.errors import VisinstructError
-from datagen.escaping import terminal_text
+from datagen.escaping import echo, terminal_text
 from datagen.urls import redact_text
 
 EXIT_USER_ERROR = 2
@@ -39,7 +39,7 @@ def echo_error(message: str) -> None:
     The message may quote ids, file names or text from the input (controls written out, so one line) and
     an endpoint URL (credentials redacted).
     """
-    typer.echo(f"error: {terminal_text(redact_text(message))}", err=True)
+    echo(f"error: {terminal_text(redact_text(message))}", err=True)
 
 
 def _refuse_non_finite(command: Any) -> None:
@@ -129,7 +129,7 @@ def package_version() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"datagen (visinstruct) {package_version()}")
+        echo(f"datagen (visinstruct) {package_version()}")
         raise typer.Exit()
 
 

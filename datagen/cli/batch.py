@@ -18,7 +18,7 @@ from datagen.engine.batch_api import TERMINAL, BatchState, download_lines, refre
 from datagen.engine.cost import load_prices
 from datagen.engine.work import RunStats
 from datagen.errors import VisinstructError
-from datagen.escaping import terminal_text
+from datagen.escaping import echo, terminal_text
 from datagen.executors.batch import (BACKEND, add_request_files, collect_ready, load_state, plan_submit, prompts_of,
                                      read_request_file, task_of)
 from datagen.outputs import OutputLock
@@ -113,17 +113,17 @@ def _run_submit(config: BatchSubmitConfig) -> None:
         ids = select_ids(index, config.source.image_ids, config.source.limit, config.source.shard_spec)
         plan = plan_submit(task_of(state, index), layout, state, index.records(ids))
         if plan.from_cache:
-            typer.echo(f"{plan.from_cache} item(s) found in the cache and written to {layout.samples}")
+            echo(f"{plan.from_cache} item(s) found in the cache and written to {layout.samples}")
         files = add_request_files(state, plan.lines, layout.batch_dir)
     layout.batch_dir.mkdir(parents=True, exist_ok=True)
     state.save(sfile)
     if not files and all(e.status != "written" and e.status != "uploaded" for e in state.batches):
-        typer.echo(f"nothing to submit: every image is done, cached or in a batch ({sfile})")
+        echo(f"nothing to submit: every image is done, cached or in a batch ({sfile})")
         return
     for path, count in files:
-        typer.echo(f"wrote {count} requests to {path}")
+        echo(f"wrote {count} requests to {path}")
     if config.dry_run:
-        typer.echo("dry run: nothing uploaded; rerun without --dry-run to submit")
+        echo("dry run: nothing uploaded; rerun without --dry-run to submit")
         return
     backend = _client(state)
 
@@ -134,8 +134,8 @@ def _run_submit(config: BatchSubmitConfig) -> None:
             await backend.aclose()
 
     for entry in asyncio.run(go()):
-        typer.echo(f"batch {entry.batch_id}: {entry.count} requests, {entry.status}")
-    typer.echo(f"state: {sfile}; check with `datagen batch status --out {layout.samples}`")
+        echo(f"batch {entry.batch_id}: {entry.count} requests, {entry.status}")
+    echo(f"state: {sfile}; check with `datagen batch status --out {layout.samples}`")
 
 
 @batch_app.command("status")
@@ -161,7 +161,7 @@ def _status(layout: OutputLayout) -> None:
         done = f", collected ({entry.succeeded} ok, {entry.failed} to resubmit)" if entry.collected else ""
         counts = " ".join(f"{k}={v}" for k, v in entry.counts.items())
         # Ids, statuses and counts come from the server's replies.
-        typer.echo(terminal_text(f"{entry.batch_id or '-'}  {entry.status:<11} {entry.count} requests {counts}{done}"))
+        echo(terminal_text(f"{entry.batch_id or '-'}  {entry.status:<11} {entry.count} requests {counts}{done}"))
 
 
 @batch_app.command("collect")
@@ -199,16 +199,16 @@ def _collect(layout: OutputLayout, out: Path) -> None:
                               lambda: state.save(sfile))
     for batch in collected:
         entry = batch.entry
-        typer.echo(terminal_text(f"batch {entry.batch_id} ({entry.status}): {batch.results} results, "
+        echo(terminal_text(f"batch {entry.batch_id} ({entry.status}): {batch.results} results, "
                                  f"{entry.failed} to resubmit" + (f" -> {batch.resubmit}" if batch.resubmit else "")))
     waiting = [e for e in state.batches if not e.collected and e.batch_id]
-    typer.echo(f"{stats.accepted} accepted, {stats.rejected} rejected; tokens {stats.prompt_tokens} in / "
+    echo(f"{stats.accepted} accepted, {stats.rejected} rejected; tokens {stats.prompt_tokens} in / "
                f"{stats.completion_tokens} out; cost {format_usd(stats.cost_usd)} at Batch API prices")
     if waiting:
-        typer.echo(f"{len(waiting)} batch(es) still running; rerun `datagen batch collect --out {out}` later")
+        echo(f"{len(waiting)} batch(es) still running; rerun `datagen batch collect --out {out}` later")
     resubmits = [e.resubmit_file for e in state.batches if e.resubmit_file]
     if any(batch.resubmit for batch in collected):
-        typer.echo(f"resubmit failed items with `datagen batch submit --split {state.split} --out {out} --requests FILE` "
+        echo(f"resubmit failed items with `datagen batch submit --split {state.split} --out {out} --requests FILE` "
                    f"(files: {', '.join(resubmits)})")
 
 

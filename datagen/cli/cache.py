@@ -8,7 +8,7 @@ import typer
 
 from datagen.engine.cache import ResponseCache, remove_cache
 from datagen.errors import VisinstructError
-from datagen.escaping import terminal_text
+from datagen.escaping import echo, terminal_text
 from datagen.sample import default_cache_path
 
 cache_app = typer.Typer(help="Inspect or empty the response cache.", no_args_is_help=True)
@@ -26,10 +26,10 @@ def cache_stats(cache: CacheFileOpt = None) -> None:
     store = ResponseCache(path, read_only=True)
     stats = store.stats()
     store.close()
-    typer.echo(f"{stats.path}: {stats.entries} responses, {stats.size_bytes / 1e6:.1f} MB, "
+    echo(f"{stats.path}: {stats.entries} responses, {stats.size_bytes / 1e6:.1f} MB, "
                f"tokens {stats.prompt_tokens} in / {stats.completion_tokens} out")
     for name, count in sorted(stats.by_model.items()):
-        typer.echo(f"  {terminal_text(name)}: {count}")
+        echo(f"  {terminal_text(name)}: {count}")
 
 
 @cache_app.command("clear")
@@ -47,14 +47,14 @@ def cache_clear(
         removed = remove_cache(path)
         if not removed:
             raise VisinstructError(f"no cache at {path}", "nothing to clear; pass --cache FILE if it lives elsewhere")
-        typer.echo(f"removed {', '.join(str(p) for p in removed)}")
+        echo(f"removed {', '.join(str(p) for p in removed)}")
         return
     if not path.exists():
         raise VisinstructError(f"no cache at {path}", "nothing to clear; pass --cache FILE if it lives elsewhere")
     store = ResponseCache(path)
     removed = store.clear(model)
     store.close()
-    typer.echo(f"removed {removed} responses from {path}")
+    echo(f"removed {removed} responses from {path}")
 
 
 def register(app: typer.Typer) -> None:

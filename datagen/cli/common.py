@@ -5,14 +5,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import typer
 
 from datagen.backends.base import Backend
 from datagen.cli.progress import format_usd
 from datagen.coco import CocoIndex
 from datagen.engine.shard import ShardSpec
 from datagen.engine.work import RunStats
-from datagen.escaping import terminal_text
+from datagen.escaping import echo, terminal_text
 from datagen.run_config import DEFAULT_OPENAI_MODEL
 from datagen.sample import OutputLayout, sample_inputs
 
@@ -39,7 +38,7 @@ def sample_files(paths: list[Path], with_rejects: bool = False, rejects_readable
     inputs = sample_inputs(paths, with_rejects, rejects_readable)
     note = inputs.note("--with-rejects" if rejects_readable else None)
     if note:
-        typer.echo(terminal_text(note), err=True)
+        echo(terminal_text(note), err=True)
     return inputs.read
 
 
@@ -65,20 +64,20 @@ def print_summary(split: str, layout: OutputLayout, stats: RunStats, budget: Opt
     """The end-of-run report: counts, tokens, cost, and where the files are."""
     total = stats.accepted + stats.rejected
     share = f" ({100 * stats.accepted / total:.0f}% accepted)" if total else ""
-    typer.echo(
+    echo(
         f"{split}: {stats.accepted} accepted, {stats.rejected} rejected, {stats.failed} failed, "
         f"{stats.skipped} already done{share}; tokens {stats.prompt_tokens} in / {stats.completion_tokens} out; "
         f"cost {format_usd(stats.cost_usd)}; {stats.requests} requests ({stats.retries} retries), "
         f"{stats.cache_hits} from cache; {stats.elapsed_s:.1f}s"
     )
     if stats.reject_reasons:
-        typer.echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
+        echo("  reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.reject_reasons.items())))
     for failure in stats.failures[:5]:
-        typer.echo(f"  failed: {terminal_text(failure)}", err=True)  # may quote a server's reply
+        echo(f"  failed: {terminal_text(failure)}", err=True)  # may quote a server's reply
     if stats.failed:
-        typer.echo(f"  {stats.failed} failed item(s) listed in {layout.failures}; rerun the same command to retry only them",
+        echo(f"  {stats.failed} failed item(s) listed in {layout.failures}; rerun the same command to retry only them",
                    err=True)
     if stats.budget_stopped:
-        typer.echo(f"  budget {format_usd(budget)} reached: {stats.budget_stopped} item(s) not started; "
+        echo(f"  budget {format_usd(budget)} reached: {stats.budget_stopped} item(s) not started; "
                    "rerun with a higher --budget to finish", err=True)
-    typer.echo(f"  samples: {layout.samples}\n  rejects: {layout.rejects}")
+    echo(f"  samples: {layout.samples}\n  rejects: {layout.rejects}")

@@ -27,6 +27,7 @@ from datagen.engine.tokens import PromptTokenCounter
 from datagen.engine.judging import Judge
 from datagen.engine.work import AlreadyDone, Endpoint, RequestPlanner, RunStats
 from datagen.errors import VisinstructError
+from datagen.escaping import echo
 from datagen.executors.local import make_judge, run_local
 from datagen.outputs import locked_outputs
 from datagen.prompts import load_prompt_set
@@ -184,7 +185,7 @@ def _run_locked(runs: list[SplitRun], configs: list[GenerateConfig], command: st
         run.done = run.config.layout().done_ids()
         if run.finished:
             # A finished run's rerun: say so without loading a model or opening a connection.
-            typer.echo(f"{run.split}: all {len(run.ids)} images already done in {run.config.layout().samples} "
+            echo(f"{run.split}: all {len(run.ids)} images already done in {run.config.layout().samples} "
                        "(and its rejects file); nothing to generate")
         else:
             pending.append(run)
@@ -209,11 +210,11 @@ def open_backend(config: GenerateConfig, splits: list[str]) -> Backend:
     if name != "local":
         return make_backend(name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
                             live.timeout, live.transport)
-    typer.echo(f"model: loading local {config.model.model_name()} once for {', '.join(splits)}")
+    echo(f"model: loading local {config.model.model_name()} once for {', '.join(splits)}")
     started = time.perf_counter()
     backend = make_backend(name, config.model.model, config.model.base_url, live.batch_size, live.concurrency,
                            live.timeout, live.transport)
-    typer.echo(f"model: loaded in {time.perf_counter() - started:.1f} s")
+    echo(f"model: loaded in {time.perf_counter() - started:.1f} s")
     return backend
 
 
@@ -271,7 +272,7 @@ def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: l
     timings = run.timings
     peaks = timings.worker_peak_rss_mb
     memory = f"; peak RSS per worker up to {max(peaks.values()):.0f} MB" if peaks else ""
-    typer.echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
+    echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
                f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work{memory}")
     return run.stats
 
@@ -308,21 +309,21 @@ def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids
     table = load_prices(engine_config.prices_path)
     price = table.lookup(model_name) if backend_name != "local" else None
     worst_out = pending * params.max_tokens
-    typer.echo(f"dry run, {split} with {backend_name}:{model_name}: {len(ids)} images, {already} already done, "
+    echo(f"dry run, {split} with {backend_name}:{model_name}: {len(ids)} images, {already} already done, "
                f"{cached} in the cache, {pending} to request")
-    typer.echo(f"  prompt tokens: {prompt_tokens:,} (cl100k_base count; {prompt_tokens / max(pending, 1):,.0f} per request)")
-    typer.echo(f"  completion tokens: at most {worst_out:,} ({params.max_tokens} per request)")
+    echo(f"  prompt tokens: {prompt_tokens:,} (cl100k_base count; {prompt_tokens / max(pending, 1):,.0f} per request)")
+    echo(f"  completion tokens: at most {worst_out:,} ({params.max_tokens} per request)")
     if backend_name == "local":
-        typer.echo("  cost: $0 (local model)")
+        echo("  cost: $0 (local model)")
     elif price is None:
-        typer.echo(f"  cost: unknown, no price for {model_name!r}; pass --prices FILE")
+        echo(f"  cost: unknown, no price for {model_name!r}; pass --prices FILE")
     else:
         low, high = price.cost(prompt_tokens, 0), price.cost(prompt_tokens, worst_out)
         batch = table.batch(price)
-        typer.echo(f"  estimated cost: {format_usd(low)} for the prompts + up to {format_usd(high - low)} for completions "
+        echo(f"  estimated cost: {format_usd(low)} for the prompts + up to {format_usd(high - low)} for completions "
                    f"= at most {format_usd(high)} (Batch API: at most {format_usd(batch.cost(prompt_tokens, worst_out))})")
         if engine_config.budget_usd is not None and high > engine_config.budget_usd:
-            typer.echo(f"  note: --budget {format_usd(engine_config.budget_usd)} may stop the run before it finishes")
+            echo(f"  note: --budget {format_usd(engine_config.budget_usd)} may stop the run before it finishes")
 
 
 def register(app: typer.Typer) -> None:

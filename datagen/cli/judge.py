@@ -9,6 +9,7 @@ import typer
 from datagen.cli.common import make_backend
 from datagen.cli.options import BackendOpt, BaseUrlOpt, CocoSplitOpt
 from datagen.errors import VisinstructError
+from datagen.escaping import echo
 from datagen.judge import REASON_TOKENS, Scoring, run_judge
 from datagen.run_config import BackendName, ModelOptions
 from datagen.sample import default_cache_path
@@ -41,7 +42,7 @@ def judge(
                                "judge with --backend openai (e.g. a vLLM server's --base-url) or local")
     name = ModelOptions(backend=backend, base_url=base_url).backend_name()
     engine = make_backend(name, model, base_url, batch_size, concurrency)
-    typer.echo(run_judge(input, engine, min_score, coco_root, coco_split, out_dir,
+    echo(run_judge(input, engine, min_score, coco_root, coco_split, out_dir,
                          cache or default_cache_path(input.parent), concurrency,
                          scoring=scoring, reason_tokens=reason_tokens))
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from datagen.cli.common import sample_files
-from datagen.escaping import terminal_text
+from datagen.escaping import echo, terminal_text
 from datagen.engine.shard import merge_shards
 
 
@@ -23,11 +23,11 @@ def merge(
     report = merge_shards(list(inputs), out, allow_missing=allow_missing)
     of = f" of {report.images_assigned}" if report.images_assigned is not None else " (images assigned: unknown)"
     # Shard labels and missing lines come from the shards' manifests: printed with control characters written out.
-    typer.echo(terminal_text(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: "
+    echo(terminal_text(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: "
                              f"{report.images_done}{of} images done: {report.samples} samples -> {out}, "
                              f"{report.rejects} rejects"))
     for line in report.missing:
-        typer.echo(f"  missing: {terminal_text(line)}", err=True)
+        echo(f"  missing: {terminal_text(line)}", err=True)
 
 
 def register(app: typer.Typer) -> None:

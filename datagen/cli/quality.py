@@ -14,7 +14,7 @@ from rich.table import Table
 from datagen.cli.common import sample_files
 from datagen.cli.options import SAMPLE_SPLIT_HELP, SampleSplit
 from datagen.errors import VisinstructError
-from datagen.escaping import terminal_markup, terminal_text
+from datagen.escaping import echo, terminal_markup, terminal_text
 from datagen.hf_export import export_hf_command
 from datagen.parse import PARSE_REASON_CODES
 from datagen.quality.checks import REASON_CODES, REASON_DESCRIPTIONS, QualityChecker
@@ -101,7 +101,7 @@ def check(
     lookup = open_lookup(coco_root, coco_split)
     summary = check_file(in_file, out_accepted, out_rejected, cfg, lookup, split=_value(split))
     if json_output:
-        typer.echo(json.dumps(summary.as_dict(), indent=2))
+        echo(json.dumps(summary.as_dict(), indent=2))
         return
     console = _console()
     table = Table(title=f"datagen check {terminal_markup(in_file)}", title_justify="left")
@@ -144,7 +144,7 @@ def stats(
     result = compute_stats(files, open_lookup(coco_root, coco_split), split=_value(split),
                            count_hedged=cfg.count_hedged_mentions)
     if json_output:
-        typer.echo(json.dumps(result, indent=2))
+        echo(json.dumps(result, indent=2))
         return
     names = list(result)
     # Split names, question words and stored reasons come from the samples: every cell is escaped.
@@ -210,10 +210,10 @@ def review(
         items = items[:limit]
     if html is not None:
         if lookup is None:
-            typer.echo("note: no --coco-root: the page shows samples without images and boxes", err=True)
+            echo("note: no --coco-root: the page shows samples without images and boxes", err=True)
         default_title = files[0].name if len(files) == 1 else f"{files[0].name} and {len(files) - 1} more"
         count = write_html(items, html, lookup, embed_images, title or default_title)
-        typer.echo(f"{count} samples -> {html}")
+        echo(f"{count} samples -> {html}")
         return
     console = _console()
     page_terminal(items, console, interactive=sys.stdin.isatty() and console.is_terminal)
@@ -262,10 +262,10 @@ def export(
         keep_missing=keep_missing, keep_meta=keep_meta, split=_value(split),
     )
     if json_output:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        echo(json.dumps(report.as_dict(), indent=2))
         return
     parts = ", ".join(f"{s} {n}/{report.available[s]}" for s, n in sorted(report.per_split.items()))
-    typer.echo(f"{report.written} samples -> {out} ({terminal_text(parts)})")  # split names come from the samples
+    echo(f"{report.written} samples -> {out} ({terminal_text(parts)})")  # split names come from the samples
     notes = []
     if report.skipped_rejected:
         notes.append(f"{report.skipped_rejected} rejected samples skipped")
@@ -278,7 +278,7 @@ def export(
     if report.renamed_ids:
         notes.append(f"{report.renamed_ids} ids made unique")
     if notes:
-        typer.echo("  " + "; ".join(notes))
+        echo("  " + "; ".join(notes))
 
 
 def register(app: typer.Typer) -> None:
