@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 
+from datagen.escaping import echo
 from datagen.quality.checks import NEAR_DUPLICATE, QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
 from datagen.quality.gate import open_lookup
@@ -345,14 +346,14 @@ def main(
         raise typer.BadParameter(f"use one of {', '.join(PHRASES)}", param_hint="--phrasing")
     result = evaluate(list(read_samples(good_file)), open_lookup(coco_root, coco_split), phrasing=phrasing)
     if json_output:
-        typer.echo(json.dumps(result, indent=2))
+        echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"good samples: {result['good']}, false rejects: {result['false_rejects']} "
+    echo(f"good samples: {result['good']}, false rejects: {result['false_rejects']} "
                f"({100 * (result['false_reject_rate'] or 0):.1f}%) {result['false_reject_reasons']}")
-    typer.echo(f"bad variants: {result['bad']}, rejected: {result['caught']} ({100 * (result['catch_rate'] or 0):.1f}%), "
+    echo(f"bad variants: {result['bad']}, rejected: {result['caught']} ({100 * (result['catch_rate'] or 0):.1f}%), "
                f"with the expected code: {result['caught_with_expected_code']}")
     for name, r in result["variants"].items():
-        typer.echo(f"  {name:18s} {r['rejected']:3d}/{r['total']:<3d} rejected, {r['with_expected_code']:3d} with expected code"
+        echo(f"  {name:18s} {r['rejected']:3d}/{r['total']:<3d} rejected, {r['with_expected_code']:3d} with expected code"
                    + (f"; missed: {', '.join(r['missed_ids'][:4])}" if r["missed_ids"] else ""))
 
 
