@@ -327,3 +327,25 @@ def test_workers_see_a_killed_driver_at_once_and_a_new_process_on_its_pid_is_not
     assert not driver.alive(), "reaped"
     me = DriverProcess.this_process("n")
     assert me.pid == os.getpid() and me.alive()
+
+
+def test_a_workers_driver_watch_agrees_with_proc_killed_zombie_reaped_and_another_start_time():
+    """DriverWatch (a pidfd where there is one) answers as DriverProcess.alive does at every stage."""
+    from datagen.executors.ray_items import DriverProcess, _process_start
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        driver = DriverProcess("node-a", proc.pid, _process_start(proc.pid))
+        watch = driver.watch()
+        assert watch.alive() and watch.alive(), "asked twice: still running"
+        assert not DriverProcess("node-a", proc.pid, str(int(driver.started) + 1)).watch().alive()
+        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard: until the kernel has made it a zombie
+        while time.monotonic() < deadline and _process_start(proc.pid) is not None:
+            time.sleep(0.01)
+        assert not watch.alive(), "killed and not yet reaped"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not watch.alive() and not driver.watch().alive(), "reaped"
+    assert DriverProcess.this_process("n").watch().alive()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,40 @@ class DriverProcess:
 
     def alive(self) -> bool:
         return _process_start(self.pid) == self.started
+
+    def watch(self) -> "DriverWatch":
+        """What a worker on the driver's node asks before each request (opened in the worker's process)."""
+        return DriverWatch(self)
+
+
+class DriverWatch:
+    """`DriverProcess.alive` for a worker's every request, without reading /proc each time (~26 µs a read).
+
+    A pidfd (Linux >= 5.3) names one process, never a later one given its pid, and polls readable once that
+    process has ended (a zombie included). It is opened, then the driver's start time checked: if it matches,
+    the pidfd is the driver's. Where pidfds are not available the check reads /proc as `DriverProcess.alive`.
+    """
+
+    def __init__(self, driver: DriverProcess) -> None:
+        self.driver = driver
+        self.gone = False
+        self._poll: select.poll | None = None
+        try:
+            fd = os.pidfd_open(driver.pid)
+        except (AttributeError, OSError):  # no pidfds here, or no such process (then /proc says gone too)
+            return
+        if not driver.alive():  # the pid is another process's now, or the driver has ended already
+            os.close(fd)
+            self.gone = True
+            return
+        self._fd = fd  # kept open for the worker's lifetime: one descriptor per worker
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def alive(self) -> bool:
+        if self.gone:
+            return False
+        if self._poll is None:
+            return self.driver.alive()
+        self.gone = bool(self._poll.poll(0))  # readable: the driver has ended
+        return not self.gone
