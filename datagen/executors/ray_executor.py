@@ -65,7 +65,11 @@ CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work
 # Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
 WINDOW_ITEMS = 50_000
 # Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
-CALLS_PER_WORKER = 4
+# Together they hold four times the worker's share of --concurrency (chunks of half a share): a chunk keeps its
+# slots' worth of items until its slowest request, its cache store and its hand-off are done, and Ray Data hands
+# a worker its next chunk some milliseconds after one returns. At 4 calls of a half share each (2x the share)
+# the benchmark kept ~36-46 of 64 requests in flight; at 8 (4x), ~51-55 (bench/RESULTS.md, issue 8, 2026-11-29).
+CALLS_PER_WORKER = 8
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
@@ -86,8 +90,10 @@ class BackendSpec:
         the first call; the openai client itself is made later, inside the worker's event loop."""
         if self.name == "local":
             return self.build(self.batch_size)
-        import datagen.backends.openai_backend  # noqa: F401  (the openai SDK is slow to import)
+        import datagen.backends.openai_backend  # noqa: F401
 
+        if self.transport == "direct":
+            import aiohttp  # noqa: F401  (imported by the first request otherwise: ~0.15-0.3 s inside the run)
         return None
 
     def build(self, concurrency: int) -> Backend:
@@ -203,7 +209,8 @@ class EngineStage:
                  driver: DriverProcess | None = None) -> None:
         settle_worker()  # an actor's process judges for the job's lifetime (datagen.engine.heap)
         # On the driver's node: no request is sent once the driver is gone (see DriverProcess).
-        self.driver = driver if driver is not None and driver.watch_from(ray.get_runtime_context().get_node_id()) else None
+        self.driver = (driver.watch() if driver is not None and driver.watch_from(ray.get_runtime_context().get_node_id())
+                       else None)
         self.task = task
         self.spec = spec
         # Budget and pacing are the job's (the JobLimiter actor), not this worker's.
@@ -241,9 +248,9 @@ class EngineStage:
         for blob in batch["items"]:
             items: list[WorkItem] = pickle.loads(blob)
             # None: not sent because the run is stopping (a fatal error); the rerun does it.
-            results = [r for r in await asyncio.gather(*(self._one(item) for item in items)) if r is not None]
-            fresh = [(r.item.key, self.endpoint.backend, self.endpoint.model, r.item.request.key, r.completion)
-                     for r in results if isinstance(r, Completed) and r.fresh]
+            done = [r for r in await asyncio.gather(*(self._one_judged(item) for item in items)) if r is not None]
+            results = [result for result, _ in done]
+            fresh = [row for _, row in done if row is not None]
             if fresh and self.cache_writer is not None:
                 try:
                     await self.cache_writer.put_many.remote(fresh)  # stored before anything is handed on
@@ -254,7 +261,7 @@ class EngineStage:
                     # rather than written as samples that the cache would not know were paid for.
                     self.fatal = self.fatal or exc.cause
                     results = []
-            outputs.append(pickle.dumps(self._chunk_result([self._judged(r) for r in results], started_at)))
+            outputs.append(pickle.dumps(self._chunk_result(results, started_at)))
         return {"result": outputs}
 
     def _chunk_result(self, results: list[Result], started_at: float) -> ChunkResult:
@@ -274,6 +281,18 @@ class EngineStage:
         if isinstance(result, Failed):
             return Failed(slim, result.reason, result.attempts)
         return BudgetStopped(slim)
+
+    async def _one_judged(self, item: WorkItem) -> tuple[Result, tuple[str, str, str, str, Completion] | None] | None:
+        """`_one`, judged as soon as its completion is here (so the chunk's judging is spread over its requests
+        rather than done after the slowest one), with its cache row if the completion is fresh. Nothing is handed
+        on before the chunk's fresh completions are stored: a chunk whose store fails is dropped, verdicts too."""
+        result = await self._one(item)
+        if result is None:
+            return None
+        row = None
+        if isinstance(result, Completed) and result.fresh:
+            row = (item.key, self.endpoint.backend, self.endpoint.model, item.request.key, result.completion)
+        return self._judged(result), row
 
     async def _one(self, item: WorkItem) -> Result | None:
         """One item: cached, or budget-checked and requested with the engine's retries; None once the run stops."""
@@ -407,7 +426,7 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     clock = time.perf_counter()
     skipped = [0]
     # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
-    chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
+    chunk_size = max(CHUNK_MIN, math.ceil(4 * per_worker / CALLS_PER_WORKER))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False
