@@ -62,14 +62,21 @@ from datagen.task import LlavaTask
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
+# Each chunk is a Ray Data task: at c=64 (2,000 requests) chunks of 16 cost the Ray processes ~2.1-2.8 ms of CPU
+# per sample, of 32 ~1.7-1.9, of 64 ~1.5-1.7 (bench/RESULTS.md, issue 8, 2026-11-29). A crash pays again for
+# the answered requests of chunks not yet stored, so chunks stay at most this large.
+CHUNK_MAX = 64
 # Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
 WINDOW_ITEMS = 50_000
 # Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
-# Together they hold four times the worker's share of --concurrency (chunks of half a share): a chunk keeps its
-# slots' worth of items until its slowest request, its cache store and its hand-off are done, and Ray Data hands
-# a worker its next chunk some milliseconds after one returns. At 4 calls of a half share each (2x the share)
-# the benchmark kept ~36-46 of 64 requests in flight; at 8 (4x), ~51-55 (bench/RESULTS.md, issue 8, 2026-11-29).
-CALLS_PER_WORKER = 8
+# Local-model and vLLM workers compute rather than wait: 4 calls of half a share, so no worker queues much more
+# than it can run while another idles.
+CALLS_PER_WORKER = 4
+# openai workers: a chunk keeps its slots until its slowest request, its cache store and its hand-off are done,
+# and Ray Data hands a worker its next chunk some milliseconds after one returns, so the calls hold several times
+# the worker's share of --concurrency: at 4 calls of half a share each the benchmark kept ~36-46 of 64 requests in
+# flight, at 8 calls of half a share ~51-55, at 8 of two shares ~53-56 (bench/RESULTS.md, issue 8, 2026-11-29).
+OPENAI_CALLS_PER_WORKER = 8
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
@@ -425,8 +432,13 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                               config.cache_path if spec.name == "vllm" else None, on_progress)
     clock = time.perf_counter()
     skipped = [0]
-    # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little.
-    chunk_size = max(CHUNK_MIN, math.ceil(4 * per_worker / CALLS_PER_WORKER))
+    # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little;
+    # openai workers' chunks are two shares, at most CHUNK_MAX items: few tasks, their calls hold 4-16 shares.
+    calls = OPENAI_CALLS_PER_WORKER if spec.name == "openai" else CALLS_PER_WORKER
+    if spec.name == "openai":
+        chunk_size = max(CHUNK_MIN, min(CHUNK_MAX, 2 * per_worker))
+    else:
+        chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / calls))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False
@@ -454,8 +466,8 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                     fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer,
                                          driver),
                     compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
-                                                       max_concurrent_calls_per_actor=CALLS_PER_WORKER,
-                                                       max_tasks_in_flight_per_actor=2 * CALLS_PER_WORKER),
+                                                       max_concurrent_calls_per_actor=calls,
+                                                       max_tasks_in_flight_per_actor=2 * calls),
                     num_cpus=1 if spec.name == "local" else 0.5,
                     ray_remote_args_fn=spread_over_nodes,
                 )
