@@ -76,10 +76,10 @@ def start_server(latency: float, workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_client(name: str, argv: list[str], concurrency: int, count: int, env: dict | None = None,
-               timeout: float = 900) -> Result | None:
+               timeout: float = 900, cwd: Path = REPO) -> Result | None:
     """Run one client process and read its JSON line; None (logged) if it failed."""
     log.info("running %s at concurrency %d", name, concurrency)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         log.error("%s failed (exit %d): %s", name, proc.returncode, proc.stderr.strip()[-2000:])
@@ -120,6 +120,7 @@ class ClientRun:
 
     argv: list[str]
     env: dict[str, str] | None = None
+    cwd: Path = REPO  # Ray workers import from the driver's working directory: a checkout's own for its code
 
 
 def bare_client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
@@ -160,6 +161,18 @@ def baseline_ours(repo: Path):
     return client
 
 
+def baseline_on_ray(repo: Path):
+    """Another checkout's Ray executor (its workers import that checkout: it runs from there)."""
+
+    def client(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
+        argv = [sys.executable, str(repo / "bench" / "ours_ray.py"), "--count", str(ctx.count), "--base-url",
+                ctx.base_url, "--concurrency", str(conc),
+                "--workdir", str(ctx.workdir / f"baseline-ray-{conc}-{repeat}")]
+        return ClientRun(argv, {"PYTHONPATH": str(repo)}, cwd=repo)
+
+    return client
+
+
 def ours_on_ray(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
     """Our Ray Data executor with checks, on a local Ray of this machine's CPUs (start-up timed apart)."""
     return ClientRun([sys.executable, str(HERE / "ours_ray.py"), "--count", str(ctx.count), "--base-url", ctx.base_url,
@@ -167,6 +180,7 @@ def ours_on_ray(ctx: BenchContext, conc: int, repeat: int) -> ClientRun:
 
 
 RAY = "ours on Ray (engine + checks)"
+BASELINE_RAY = "baseline on Ray (engine + checks)"
 
 
 def ray_table(results: list[Result]) -> str:
@@ -174,14 +188,17 @@ def ray_table(results: list[Result]) -> str:
     rows = ["| concurrency | Ray req/s (median) | local req/s (median) | Ray / local (median of per-repeat ratios) | "
             "Ray cluster start-up s (median, not in the ratio) |", "|---:|---:|---:|---:|---:|"]
     for conc in sorted({r.concurrency for r in results}):
-        ray_runs = [r for r in results if r.client == RAY and r.concurrency == conc]
-        local = {r.repeat: r for r in results if r.client == OURS and r.concurrency == conc}
-        ratios = [r.rps / local[r.repeat].rps for r in ray_runs if r.repeat in local and local[r.repeat].rps]
-        if not ray_runs or not ratios:
-            continue
-        rows.append(f"| {conc} | {median([r.rps for r in ray_runs]):,.0f} | {median([r.rps for r in local.values()]):,.0f} | "
-                    f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) | "
-                    f"{median([r.startup_s for r in ray_runs]):.1f} |")
+        for name in (RAY, BASELINE_RAY):  # the baseline's Ray executor against our local engine of the same round
+            ray_runs = [r for r in results if r.client == name and r.concurrency == conc]
+            local = {r.repeat: r for r in results if r.client == OURS and r.concurrency == conc}
+            ratios = [r.rps / local[r.repeat].rps for r in ray_runs if r.repeat in local and local[r.repeat].rps]
+            if not ray_runs or not ratios:
+                continue
+            label = f"{conc}" if name == RAY else f"{conc} (baseline's Ray)"
+            rows.append(f"| {label} | {median([r.rps for r in ray_runs]):,.0f} | "
+                        f"{median([r.rps for r in local.values()]):,.0f} | "
+                        f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                        f"{median([r.startup_s for r in ray_runs]):.1f} |")
     return "\n".join(rows)
 
 
@@ -247,6 +264,9 @@ def main() -> None:
     if args.baseline:
         CLIENTS["baseline (engine + checks)"] = baseline_ours(args.baseline.resolve())
         args.clients.append("baseline (engine + checks)")
+        if RAY in args.clients:  # the baseline's Ray executor too, in the same rounds
+            CLIENTS[BASELINE_RAY] = baseline_on_ray(args.baseline.resolve())
+            args.clients.append(BASELINE_RAY)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     clients = [c for c in args.clients if not (args.skip_curator and c.startswith("curator"))]
     if "curator 0.1.31" in clients and not args.curator_python.exists():
@@ -265,7 +285,7 @@ def main() -> None:
                     run = CLIENTS[name](ctx, conc, repeat)
                     if run is None:
                         continue
-                    result = run_client(name, run.argv, conc, args.count, run.env)
+                    result = run_client(name, run.argv, conc, args.count, run.env, cwd=run.cwd)
                     if result is not None:
                         result.repeat = repeat
                         results.append(result)
