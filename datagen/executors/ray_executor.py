@@ -62,8 +62,8 @@ from datagen.task import LlavaTask
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
-# Each chunk is a Ray Data task: at c=64 (2,000 requests) chunks of 16 cost the Ray processes ~2.1-2.8 ms of CPU
-# per sample, of 32 ~1.7-1.9, of 64 ~1.5-1.7 (bench/RESULTS.md, issue 8, 2026-11-29). A crash pays again for
+# Each chunk is a Ray Data task: at c=64 (2,000 requests) chunks of 16 cost the Ray processes ~2.1-2.9 ms of CPU
+# per sample, of 32 ~1.7-2.1, of 64 ~1.5-1.7 (bench/RESULTS.md, issue 8, 2026-11-29). A crash pays again for
 # the answered requests of chunks not yet stored, so chunks stay at most this large.
 CHUNK_MAX = 64
 # Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
