@@ -2,7 +2,8 @@
 
 The endpoint (tests/fake_openai_server.py, in its own process) answers every chat completion after a fixed
 latency with a ~250-token completion. Each client runs in its own process on the same requests; each reports
-its wall time, the CPU time of its process (threads included, interpreter start excluded) and its peak RSS.
+its wall time, the CPU time of its process (threads included; interpreter start and imports excluded: ours.py
+imports aiohttp, which the engine imports on first use, before its clock as bare_client.py does) and its peak RSS.
 """
 from __future__ import annotations
 

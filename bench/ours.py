@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import aiohttp  # noqa: E402,F401 - imported before the clock, as the bare client does (the engine imports it on first use)
 from bench_workload import workload  # noqa: E402
 
 from datagen.backends.base import SamplingParams  # noqa: E402
