@@ -422,3 +422,31 @@ def test_position_claims_match_the_word_by_word_reading():
         assert position_claims(text, matcher) == expected, text
         claims += len(expected)
     assert claims > 1000
+
+
+# --- word and token cutting: the ASCII fast paths against the regexes they replace -----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from datagen.quality.words import tokens, words  # noqa: E402
+
+# Letters, digits, every clause mark, the ASCII whitespace and other punctuation, control characters and a few
+# non-ASCII letters and digits (the regex path), drawn densely so that letter-digit and mark-letter contacts occur.
+_CUT_ALPHABET = list("abcxyz0159.,;:!?()\"'-_/*[]{}<>@#$%&=+~`|\\ \t\n\r\x0b\x0c\x00\x7f") + ["é", "ß", "٣", "Ⅻ", "\u00a0"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(_CUT_ALPHABET), max_size=60))
+def test_words_and_tokens_are_the_regex_matches(text):
+    text = text.lower()
+    assert words(text) == re.findall(r"[a-z0-9]+", text)
+    assert tokens(text) == re.findall(r"[a-z]+|[0-9]+|[.,;:!?()\"]", text)
+
+
+def test_words_and_tokens_on_the_fragments_joined():
+    rng = random.Random(29)
+    for _ in range(3000):
+        text = " ".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12))).lower()
+        assert words(text) == re.findall(r"[a-z0-9]+", text)
+        assert tokens(text) == re.findall(r"[a-z]+|[0-9]+|[.,;:!?()\"]", text)

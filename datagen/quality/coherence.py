@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from datagen.quality.minhash import jaccard
+from datagen.quality.words import words
 
 if TYPE_CHECKING:  # the check registry imports this module; the types are for reading only
     from datagen.quality.view import CheckEnv, SampleView
@@ -104,7 +105,6 @@ def _shape_of(question: str) -> QuestionShape:
     return QuestionShape(raw, stems, frozenset(w for w in stems if w not in _FUNCTION_STEMS), question_kind(list(raw)))
 
 
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def question_word_sets(view: SampleView, env: CheckEnv) -> list[set[str]]:
@@ -113,7 +113,7 @@ def question_word_sets(view: SampleView, env: CheckEnv) -> list[set[str]]:
     key = ("question_word_sets", *view.questions)  # keyed by the questions: right even where memo was not cleared
     sets = env.memo.get(key)
     if sets is None:
-        sets = env.memo[key] = [set(_WORD.findall(q.lower())) for q in view.questions]
+        sets = env.memo[key] = [set(words(q.lower())) for q in view.questions]
     return sets
 
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from itertools import chain, repeat
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z0-9]+")
+from datagen.quality.words import words as lower_words
+
 _PRIME = (1 << 31) - 1  # hashes are 32-bit and multipliers < 2^31, so a*h + b fits in uint64
 _P64 = np.uint64(_PRIME)
 _SHIFT = np.uint64(31)
@@ -20,7 +20,7 @@ _NO_ROWS: dict[str, int] = {}  # a first word with no pair kept (read only)
 
 def shingles(text: str, size: int) -> set[str]:
     """Word n-grams of the lower-cased text; a text shorter than n words is one shingle."""
-    words = _WORD.findall(text.lower())
+    words = lower_words(text.lower())
     if len(words) <= size:
         return {" ".join(words)} if words else set()
     # zip of the shifted word lists: the n-grams at every start, without slicing per start
@@ -155,7 +155,7 @@ class NearDuplicateIndex:
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of the text's shingles."""
         if self.shingle_size == 2:
-            words = _WORD.findall(text.lower())
+            words = lower_words(text.lower())
             if len(words) > 2:
                 return self.hasher.pair_signature(words)
         return self.hasher.signature(shingles(text, self.shingle_size))

@@ -9,9 +9,8 @@ from importlib import resources
 from pathlib import Path
 
 from datagen.coco import ImageRecord
+from datagen.quality.words import tokens
 
-# Tokens: words, numbers, and the punctuation that ends a clause (negation does not cross it).
-_TOKEN = re.compile(r"[a-z]+|[0-9]+|[.,;:!?()\"]")
 _CLAUSE_END = frozenset(".,;:!?()\"")
 NEGATORS = frozenset({"no", "not", "without", "nor", "neither", "never", "none"})
 NEGATION_WINDOW = 4
@@ -33,8 +32,8 @@ COLOURS = frozenset("white black red blue green yellow brown gray grey pink purp
 
 def tokenize(text: str) -> list[str]:
     """Lower-case word and clause-punctuation tokens; "isn't" becomes "is not", hyphens split words."""
-    text = text.lower().replace("n't", " not").replace("-", " ")
-    return _TOKEN.findall(text)
+    # Tokens: words, numbers, and the punctuation that ends a clause (negation does not cross it).
+    return tokens(text.lower().replace("n't", " not").replace("-", " "))
 
 
 def plural(word: str) -> str:
