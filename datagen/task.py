@@ -79,6 +79,11 @@ class Rejected:
         return Rejected(self.item_id, [*self.reasons, code], self.base, self.detail, self.evidence, self.signature,
                         self.bands)
 
+    def __reduce__(self):
+        """Pickled as its fields, the signature as raw bytes (verdicts cross processes once per sample)."""
+        return (_rejected, (self.item_id, self.reasons, self.base, self.detail, self.evidence,
+                            _signature_bytes(self.signature), self.bands))
+
 
 @dataclass(frozen=True)
 class Accepted:
@@ -97,6 +102,26 @@ class Accepted:
 
     def rejected(self, reasons: list[str], detail: str) -> Rejected:
         return Rejected(self.item_id, reasons, self.record, detail, self.evidence)
+
+    def __reduce__(self):
+        """As `Rejected.__reduce__`: about a third less pickling than a dataclass with an array."""
+        return (_accepted, (self.item_id, self.record, _signature_bytes(self.signature), self.evidence, self.bands))
+
+
+def _signature_bytes(signature: np.ndarray | None) -> bytes | None:
+    return None if signature is None else np.ascontiguousarray(signature, dtype=np.uint32).tobytes()
+
+
+def _signature_array(raw: bytes | None) -> np.ndarray | None:
+    return None if raw is None else np.frombuffer(raw, dtype=np.uint32)  # read-only: the gate only reads it
+
+
+def _rejected(item_id, reasons, base, detail, evidence, signature, bands) -> Rejected:
+    return Rejected(item_id, reasons, base, detail, evidence, _signature_array(signature), bands)
+
+
+def _accepted(item_id, record, signature, evidence, bands) -> Accepted:
+    return Accepted(item_id, record, _signature_array(signature), evidence, bands)
 
 
 Verdict = Accepted | Rejected
