@@ -105,8 +105,6 @@ def _shape_of(question: str) -> QuestionShape:
     return QuestionShape(raw, stems, frozenset(w for w in stems if w not in _FUNCTION_STEMS), question_kind(list(raw)))
 
 
-
-
 def question_word_sets(view: SampleView, env: CheckEnv) -> list[set[str]]:
     """Each question's set of lower-cased words, made once per sample for the checks that compare questions (read
     them, do not change them)."""
