@@ -160,14 +160,14 @@ def test_start_up_imports_neither_transformers_nor_the_openai_sdk(coco_root, tmp
              "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
              "print('transformers' in sys.modules, 'openai' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", probe, "generate", "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False False"
     with FakeOpenAIServer() as server:
         run = subprocess.run([sys.executable, "-c", probe, "generate", "--split", "conversation", "--coco-root",
                               str(coco_root), "--limit", "2", "--backend", "openai", "--base-url", server.base_url,
                               "--out", str(tmp_path / "c.jsonl"), "--no-cache"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OPENAI_API_KEY": "sk-t"})
+                             cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, "OPENAI_API_KEY": "sk-t"})
         assert server.state.count == 2
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "False False", run.stdout

@@ -305,6 +305,16 @@ def test_disk_full_on_the_driver_stops_the_ray_run_and_the_rerun_finishes(ray_ad
     assert sorted(final) == sorted({sample_id(i) for i in load_index(coco_root, SPLIT).image_ids()})
 
 
+def kill_to_zombie(proc: subprocess.Popen) -> None:
+    """SIGKILL a child and wait (not reaping it) until the kernel has made it a zombie: /proc shows no start time."""
+    from datagen.executors.ray_items import _process_start
+
+    proc.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard only
+    while time.monotonic() < deadline and _process_start(proc.pid) is not None:
+        time.sleep(0.01)
+
+
 def test_workers_see_a_killed_driver_at_once_and_a_new_process_on_its_pid_is_not_it():
     """DriverProcess.alive: true while the process runs; false once it is killed (a zombie, not yet reaped) and
     once it is reaped; a record with another start time (a later process given the same pid) is not alive."""
@@ -316,10 +326,7 @@ def test_workers_see_a_killed_driver_at_once_and_a_new_process_on_its_pid_is_not
         assert driver.started is not None and driver.alive()
         assert driver.watch_from("node-a") and not driver.watch_from("node-b")
         assert not DriverProcess("node-a", proc.pid, str(int(driver.started) + 1)).alive()
-        proc.send_signal(signal.SIGKILL)
-        deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard: until the kernel has made it a zombie
-        while time.monotonic() < deadline and _process_start(proc.pid) is not None:
-            time.sleep(0.01)
+        kill_to_zombie(proc)
         assert not driver.alive(), "killed and not yet reaped"
     finally:
         proc.kill()
@@ -339,10 +346,7 @@ def test_a_workers_driver_watch_agrees_with_proc_killed_zombie_reaped_and_anothe
         watch = driver.watch()
         assert watch.alive() and watch.alive(), "asked twice: still running"
         assert not DriverProcess("node-a", proc.pid, str(int(driver.started) + 1)).watch().alive()
-        proc.send_signal(signal.SIGKILL)
-        deadline = time.monotonic() + WAIT_GUARD_S  # a hang guard: until the kernel has made it a zombie
-        while time.monotonic() < deadline and _process_start(proc.pid) is not None:
-            time.sleep(0.01)
+        kill_to_zombie(proc)
         assert not watch.alive(), "killed and not yet reaped"
     finally:
         proc.kill()
