@@ -4,8 +4,8 @@ One rule per medium, here and nowhere else:
 - HTML: `html_text` for text and attribute values written into markup, `script_json` for data
   embedded in a `<script type="application/json">` element;
 - terminal: `terminal_text` makes control characters visible (for plain prints, error lines and rich
-  `Text` objects; `echo` is the CLI's one way to print a line, through it), `terminal_markup` also escapes rich markup (for strings rich parses as markup:
-  panel and table titles, table cells, `console.print("...")`).
+  `Text` objects); `echo` is the CLI's one way to print a line, through it; `terminal_markup` also escapes
+  rich markup (for strings rich parses as markup: panel and table titles, table cells, `console.print("...")`).
 Image paths have their own rule, beside the sample format: `datagen.sample.resolve_image`.
 """
 from __future__ import annotations

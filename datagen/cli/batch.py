@@ -200,16 +200,16 @@ def _collect(layout: OutputLayout, out: Path) -> None:
     for batch in collected:
         entry = batch.entry
         echo(terminal_text(f"batch {entry.batch_id} ({entry.status}): {batch.results} results, "
-                                 f"{entry.failed} to resubmit" + (f" -> {batch.resubmit}" if batch.resubmit else "")))
+                           f"{entry.failed} to resubmit" + (f" -> {batch.resubmit}" if batch.resubmit else "")))
     waiting = [e for e in state.batches if not e.collected and e.batch_id]
     echo(f"{stats.accepted} accepted, {stats.rejected} rejected; tokens {stats.prompt_tokens} in / "
-               f"{stats.completion_tokens} out; cost {format_usd(stats.cost_usd)} at Batch API prices")
+         f"{stats.completion_tokens} out; cost {format_usd(stats.cost_usd)} at Batch API prices")
     if waiting:
         echo(f"{len(waiting)} batch(es) still running; rerun `datagen batch collect --out {out}` later")
     resubmits = [e.resubmit_file for e in state.batches if e.resubmit_file]
     if any(batch.resubmit for batch in collected):
         echo(f"resubmit failed items with `datagen batch submit --split {state.split} --out {out} --requests FILE` "
-                   f"(files: {', '.join(resubmits)})")
+             f"(files: {', '.join(resubmits)})")
 
 
 def register(app: typer.Typer) -> None:

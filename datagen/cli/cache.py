@@ -27,7 +27,7 @@ def cache_stats(cache: CacheFileOpt = None) -> None:
     stats = store.stats()
     store.close()
     echo(f"{stats.path}: {stats.entries} responses, {stats.size_bytes / 1e6:.1f} MB, "
-               f"tokens {stats.prompt_tokens} in / {stats.completion_tokens} out")
+         f"tokens {stats.prompt_tokens} in / {stats.completion_tokens} out")
     for name, count in sorted(stats.by_model.items()):
         echo(f"  {terminal_text(name)}: {count}")
 

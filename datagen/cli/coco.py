@@ -12,7 +12,7 @@ from datagen.cli.options import AbsentObjectsOpt, CocoRootOpt, CocoSplitOpt, Coo
 from datagen.coco import CocoIndex, annotation_path, build_planned_index, open_index, plan_index
 from datagen.context import DEFAULT_ABSENT_OBJECTS, context_builder
 from datagen.errors import VisinstructError
-from datagen.escaping import echo, terminal_text
+from datagen.escaping import echo
 from datagen.fetch import fetch_coco
 from datagen.run_config import Split
 from datagen.task import LlavaTask
@@ -40,7 +40,7 @@ def coco_fetch(
     """Download COCO annotations and the first N images of a split (resumable)."""
     if old_split is not None:
         echo("warning: `coco fetch --split` is now `--coco-split` (--split names the kind of sample in every "
-                   "other command); the old name still works for now", err=True)
+             "other command); the old name still works for now", err=True)
         coco_split = old_split
     root = fetch_coco(split=coco_split, images=images, dest=to, base_url=check_base_url(base_url), verify=verify)
     echo(f"COCO {coco_split}: annotations and {images} images in {root}")
@@ -71,7 +71,7 @@ def coco_index(
     index = open_index(plan.path)
     what = "captions and boxes" if index.with_instances else "captions only"
     echo(f"{coco_split}: index {status}: {plan.path} ({plan.path.stat().st_size / 1e6:.1f} MB; "
-               f"{len(index.image_ids()):,} captioned images, {what})")
+         f"{len(index.image_ids()):,} captioned images, {what})")
 
 
 def render(
@@ -86,7 +86,7 @@ def render(
     """Print the symbolic context the LLM sees for one image, and nothing else."""
     index = CocoIndex(coco_root, coco_split, with_instances=LlavaTask.needs_boxes(split.value))
     builder = context_builder(split.value, index, cooccurrence_from, seed, absent_objects)
-    echo(terminal_text(builder.render(index.record(image_id))[0], multiline=True))  # captions are input text
+    echo(builder.render(index.record(image_id))[0])  # captions are input text: echo shows controls, keeps line breaks
 
 
 def captions(

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-
 from datagen.backends.base import Backend
 from datagen.cli.progress import format_usd
 from datagen.coco import CocoIndex
@@ -76,8 +75,8 @@ def print_summary(split: str, layout: OutputLayout, stats: RunStats, budget: Opt
         echo(f"  failed: {terminal_text(failure)}", err=True)  # may quote a server's reply
     if stats.failed:
         echo(f"  {stats.failed} failed item(s) listed in {layout.failures}; rerun the same command to retry only them",
-                   err=True)
+             err=True)
     if stats.budget_stopped:
         echo(f"  budget {format_usd(budget)} reached: {stats.budget_stopped} item(s) not started; "
-                   "rerun with a higher --budget to finish", err=True)
+             "rerun with a higher --budget to finish", err=True)
     echo(f"  samples: {layout.samples}\n  rejects: {layout.rejects}")

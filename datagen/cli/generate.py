@@ -186,7 +186,7 @@ def _run_locked(runs: list[SplitRun], configs: list[GenerateConfig], command: st
         if run.finished:
             # A finished run's rerun: say so without loading a model or opening a connection.
             echo(f"{run.split}: all {len(run.ids)} images already done in {run.config.layout().samples} "
-                       "(and its rejects file); nothing to generate")
+                 "(and its rejects file); nothing to generate")
         else:
             pending.append(run)
     if not pending:
@@ -273,7 +273,7 @@ def run_on_ray(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids: l
     peaks = timings.worker_peak_rss_mb
     memory = f"; peak RSS per worker up to {max(peaks.values()):.0f} MB" if peaks else ""
     echo(f"ray: {timings.workers} worker(s); start-up {timings.connect_s + timings.first_request_after_s:.1f}s "
-               f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work{memory}")
+         f"(cluster {timings.connect_s:.1f}s), then {timings.work_s:.1f}s of work{memory}")
     return run.stats
 
 
@@ -310,7 +310,7 @@ def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids
     price = table.lookup(model_name) if backend_name != "local" else None
     worst_out = pending * params.max_tokens
     echo(f"dry run, {split} with {backend_name}:{model_name}: {len(ids)} images, {already} already done, "
-               f"{cached} in the cache, {pending} to request")
+         f"{cached} in the cache, {pending} to request")
     echo(f"  prompt tokens: {prompt_tokens:,} (cl100k_base count; {prompt_tokens / max(pending, 1):,.0f} per request)")
     echo(f"  completion tokens: at most {worst_out:,} ({params.max_tokens} per request)")
     if backend_name == "local":
@@ -321,7 +321,7 @@ def print_dry_run(config: GenerateConfig, task: LlavaTask, index: CocoIndex, ids
         low, high = price.cost(prompt_tokens, 0), price.cost(prompt_tokens, worst_out)
         batch = table.batch(price)
         echo(f"  estimated cost: {format_usd(low)} for the prompts + up to {format_usd(high - low)} for completions "
-                   f"= at most {format_usd(high)} (Batch API: at most {format_usd(batch.cost(prompt_tokens, worst_out))})")
+             f"= at most {format_usd(high)} (Batch API: at most {format_usd(batch.cost(prompt_tokens, worst_out))})")
         if engine_config.budget_usd is not None and high > engine_config.budget_usd:
             echo(f"  note: --budget {format_usd(engine_config.budget_usd)} may stop the run before it finishes")
 

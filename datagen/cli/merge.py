@@ -24,8 +24,8 @@ def merge(
     of = f" of {report.images_assigned}" if report.images_assigned is not None else " (images assigned: unknown)"
     # Shard labels and missing lines come from the shards' manifests: printed with control characters written out.
     echo(terminal_text(f"merged {len(inputs)} file(s), shards {', '.join(report.shards) or 'unknown'}: "
-                             f"{report.images_done}{of} images done: {report.samples} samples -> {out}, "
-                             f"{report.rejects} rejects"))
+                       f"{report.images_done}{of} images done: {report.samples} samples -> {out}, "
+                       f"{report.rejects} rejects"))
     for line in report.missing:
         echo(f"  missing: {terminal_text(line)}", err=True)
 

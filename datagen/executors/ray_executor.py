@@ -434,11 +434,10 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     skipped = [0]
     # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little;
     # openai workers' chunks are two shares, at most CHUNK_MAX items: few tasks, their calls hold 4-16 shares.
-    calls = OPENAI_CALLS_PER_WORKER if spec.name == "openai" else CALLS_PER_WORKER
     if spec.name == "openai":
-        chunk_size = max(CHUNK_MIN, min(CHUNK_MAX, 2 * per_worker))
+        calls, chunk_size = OPENAI_CALLS_PER_WORKER, max(CHUNK_MIN, min(CHUNK_MAX, 2 * per_worker))
     else:
-        chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / calls))
+        calls, chunk_size = CALLS_PER_WORKER, max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False

@@ -349,12 +349,12 @@ def main(
         echo(json.dumps(result, indent=2))
         return
     echo(f"good samples: {result['good']}, false rejects: {result['false_rejects']} "
-               f"({100 * (result['false_reject_rate'] or 0):.1f}%) {result['false_reject_reasons']}")
+         f"({100 * (result['false_reject_rate'] or 0):.1f}%) {result['false_reject_reasons']}")
     echo(f"bad variants: {result['bad']}, rejected: {result['caught']} ({100 * (result['catch_rate'] or 0):.1f}%), "
-               f"with the expected code: {result['caught_with_expected_code']}")
+         f"with the expected code: {result['caught_with_expected_code']}")
     for name, r in result["variants"].items():
         echo(f"  {name:18s} {r['rejected']:3d}/{r['total']:<3d} rejected, {r['with_expected_code']:3d} with expected code"
-                   + (f"; missed: {', '.join(r['missed_ids'][:4])}" if r["missed_ids"] else ""))
+             + (f"; missed: {', '.join(r['missed_ids'][:4])}" if r["missed_ids"] else ""))
 
 
 if __name__ == "__main__":
