@@ -450,3 +450,30 @@ def test_words_and_tokens_on_the_fragments_joined():
         text = " ".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12))).lower()
         assert words(text) == re.findall(r"[a-z0-9]+", text)
         assert tokens(text) == re.findall(r"[a-z]+|[0-9]+|[.,;:!?()\"]", text)
+
+
+# --- object findings: captions scanned only for objects named but not boxed ----------------------------------------
+
+_FINDING_WORDS = ["a dog", "two dogs", "no cat", "the hot dog", "a person", "people", "an orange on the table",
+                  "orange and white", "a tie", "bus stop", "cell phone", "might be a laptop", "the", "and", ".", ","]
+_CATEGORIES = ["dog", "cat", "person", "orange", "tie", "cell phone", "laptop", "hot dog", "car"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(answers=st.lists(st.lists(st.sampled_from(_FINDING_WORDS), max_size=12).map(" ".join), min_size=1, max_size=4),
+       captions=st.lists(st.lists(st.sampled_from(_FINDING_WORDS), max_size=10).map(" ".join), max_size=5),
+       boxed=st.lists(st.sampled_from(_CATEGORIES), max_size=5), cache_size=st.sampled_from([1, 4096]))
+def test_object_findings_are_the_mentions_less_the_whole_ground_truth(answers, captions, boxed, cache_size):
+    record = ImageRecord(id=len(answers), file_name="x.jpg", width=1, height=1, captions=captions,
+                         objects=[ObjectBox(category=c, bbox=(0, 0, 1, 1)) for c in boxed])
+    turns = [t for n, a in enumerate(answers) for t in (("human", ("<image>\n" if n == 0 else "") + "What is it?"),
+                                                        ("gpt", a))]
+    view = SampleView(key="s", turns=turns, split="conversation", record=record)
+    checker = QualityChecker()
+    checker.env.TRUTH_CACHE_SIZE = cache_size
+    checker.env.truths[-1] = {"dog"}  # another image's truth: with a cache of 1 it is dropped, not used
+    hedged = checker.config.count_hedged_mentions
+    for _ in range(2):  # the second time from the remembered truth (or a cache started over)
+        mentioned, hallucinated = checks.object_findings(view, checker.env)
+        assert mentioned == checker.env.matcher.categories("\n".join(answers), include_hedged=hedged)
+        assert hallucinated == mentioned - ground_truth(record, checker.env.matcher)

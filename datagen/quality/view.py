@@ -92,10 +92,17 @@ class CheckEnv:
     # Results one check computes and another reuses for the same sample (cleared before each sample).
     memo: dict[tuple, Any] = field(default_factory=dict)
 
+    TRUTH_CACHE_SIZE = 4096  # records whose truth is kept (best-of-N and re-judging ask again); then it starts over
+
     def truth(self, record: ImageRecord) -> set[str]:
-        if record.id not in self.truths:
-            self.truths[record.id] = ground_truth(record, self.matcher)
-        return self.truths[record.id]
+        """The categories the image is known to contain (datagen.quality.objects.ground_truth), remembered."""
+        truths = self.truths
+        found = truths.get(record.id)
+        if found is None:
+            if len(truths) >= self.TRUTH_CACHE_SIZE:
+                truths.clear()  # bounded: a run over a whole COCO split would otherwise keep one set per image
+            found = truths[record.id] = ground_truth(record, self.matcher)
+        return found
 
     def mentioned(self, text: str, include_hedged: bool) -> set[str]:
         """Categories the text names (the matcher's answer, remembered for the same text)."""
