@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools.coco import COCO
 
-from datagen.coco import CocoIndex, ensure_index, open_index
+from datagen.coco import CocoIndex, ImageRecord, ObjectBox, ensure_index, open_index
 from datagen.coco_stream import NotAnObjectError, stream_top_level
 from datagen.context import render_context
 from datagen.errors import VisinstructError
@@ -200,3 +201,45 @@ def test_coco_index_command_builds_reports_and_rebuilds_a_stale_index(coco_root,
     assert missing.returncode == 2 and missing.stderr.startswith("error: COCO root not found")
     no_split = datagen_here("coco", "index", "--coco-root", str(root), "--coco-split", "train2014", env=env)
     assert no_split.returncode == 2 and "annotation file not found" in no_split.stderr
+
+
+# --- records sent to judge processes and Ray workers: pickled as fields, boxes as tuples --------------------------
+
+_BOXES = st.builds(
+    lambda category, box, crowd: ObjectBox(category=category, bbox=box, iscrowd=crowd),
+    st.text(max_size=12), st.tuples(*[st.floats(allow_nan=False, width=64)] * 4), st.booleans(),
+)
+_RECORDS = st.builds(
+    lambda image_id, name, size, captions, boxes: ImageRecord(id=image_id, file_name=name, width=size[0],
+                                                              height=size[1], captions=captions, objects=boxes),
+    st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1), st.text(max_size=30),
+    st.tuples(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6)), st.lists(st.text(max_size=40), max_size=6),
+    st.lists(_BOXES, max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_RECORDS, st.sampled_from([2, 4, 5]))
+def test_records_pickle_to_equal_records(record, protocol):
+    blob = pickle.dumps(record, protocol=protocol)
+    again = pickle.loads(blob)
+    assert type(again) is ImageRecord and again == record
+    assert again.model_dump() == record.model_dump()
+    assert all(type(box) is ObjectBox for box in again.objects)
+    assert copy.deepcopy(record) == record
+
+
+def test_records_pickle_smaller_than_pydantic_state():
+    record = ImageRecord(id=1, file_name="a.jpg", width=640, height=480, captions=["a dog on a sofa"] * 5,
+                         objects=[ObjectBox(category="dog", bbox=(1.5, 2.0, 30.0, 40.0))] * 9)
+    assert len(pickle.dumps(record)) < 0.7 * len(pickle.dumps(record.__getstate__()))
+
+
+class _Tagged(ImageRecord):
+    tag: str = ""
+
+
+def test_record_subclasses_keep_their_type_and_fields_when_pickled():
+    record = _Tagged(id=2, file_name="b.jpg", width=1, height=1, captions=["x"], tag="kept")
+    again = pickle.loads(pickle.dumps(record))
+    assert type(again) is _Tagged and again.tag == "kept" and again == record
