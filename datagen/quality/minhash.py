@@ -16,6 +16,7 @@ _HASH_CACHE_SIZE = 1 << 16  # shingle hashes kept per MinHasher
 # Shingles whose values under every hash function are kept per MinHasher (num_perm uint32 each: 8 MB at 128).
 _ROW_CACHE_SIZE = 1 << 14
 _NO_ROWS: dict[str, int] = {}  # a first word with no pair kept (read only)
+_BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it modulo 2^64 loses no bits
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -76,7 +77,7 @@ class MinHasher:
                 missing = list(items)
             self._add_rows(missing)
         rows = np.fromiter(map(row_of.__getitem__, items), dtype=np.intp, count=len(items))
-        return self._rows[rows].min(axis=0)
+        return self._rows.take(rows, axis=0).min(axis=0)
 
     def _add_rows(self, new: list[str]) -> None:
         """Rows for distinct items not kept yet (the caller made room for them)."""
@@ -113,7 +114,7 @@ class MinHasher:
                 inner[seconds[k]] = row
             if signature is not None:
                 return signature
-        return self._rows[np.fromiter(rows, dtype=np.intp, count=len(rows))].min(axis=0)
+        return self._rows.take(np.fromiter(rows, dtype=np.intp, count=len(rows)), axis=0).min(axis=0)
 
     def values(self, items: list[str]) -> np.ndarray:
         """Each item's value under each hash function, (a * hash + b) mod (2^31 - 1): one uint32 row per item."""
@@ -149,6 +150,7 @@ class NearDuplicateIndex:
         self.signatures = np.empty((64, num_perm), dtype=np.uint32)
         # A signature within the threshold differs in at most num_perm - min_agree rows, each spoiling one band at
         # most: a candidate sharing fewer bands than this cannot be a match (see `match`).
+        self._band_positions = np.arange(num_perm // rows_per_band, dtype=np.uint64)
         min_agree = next(a for a in range(num_perm + 1) if a / num_perm >= threshold)
         self.min_shared_bands = max(0, num_perm // rows_per_band - (num_perm - min_agree))
 
@@ -161,12 +163,19 @@ class NearDuplicateIndex:
         return self.hasher.signature(shingles(text, self.shingle_size))
 
     def band_keys(self, sig: np.ndarray) -> tuple[int, ...]:
-        """One int per band: the band's rows (their bytes as one number) and its position, so two signatures share
-        a key exactly when they agree on every row of that band. Cheap to send between processes."""
-        raw = np.ascontiguousarray(sig, dtype=np.uint32).tobytes()
-        width = self.rows * 4
-        count = len(sig) // self.rows
-        return tuple(int.from_bytes(raw[b * width:(b + 1) * width], "little") * count + b for b in range(count))
+        """One 64-bit int per band: a polynomial hash of the band's rows and its position (arithmetic modulo 2^64).
+
+        Two signatures that agree on every row of a band share its key; two that do not, only by a 64-bit collision
+        (odds about 2^-64 per pair of bands), which at most adds a candidate that `match` then compares on the whole
+        signatures. The same in every process (no per-process hash seed), and cheap to send.
+        """
+        bands = np.asarray(sig).reshape(-1, self.rows).astype(np.uint64)
+        keys = bands[:, 0] * _BAND_MULTIPLIER
+        for row in range(1, self.rows):
+            keys += bands[:, row]
+            keys *= _BAND_MULTIPLIER
+        keys += self._band_positions[:len(keys)]
+        return tuple(keys.tolist())
 
     def match(self, sig: np.ndarray, bands: tuple[int, ...] | None = None) -> tuple[str, float] | None:
         """The most similar remembered text at or above the threshold: (key, estimated Jaccard).
