@@ -93,3 +93,58 @@ def test_mixed_faults_every_image_accounted_for_once(coco_root, tmp_path):
     # One attempt per image plus one per injected fault; a timeout a busy machine adds on a healthy answer is a retry
     # more, never a lost or doubled image.
     assert stats.requests == server.state.count >= 79 + sum(server.state.faults.values())
+
+
+# --- response bodies: whatever JSON comes back is a Completion or a MalformedResponseError ---------------------
+
+from dataclasses import replace  # noqa: E402
+
+from hypothesis import event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from datagen.backends.base import Completion  # noqa: E402
+from datagen.backends.openai_backend import completion_from_body  # noqa: E402
+from datagen.engine.errors import MalformedResponseError  # noqa: E402
+
+
+def _reference_completion(body, fallback_model):
+    """The plain reading: every choice in index order, usage on the first, the others with no tokens."""
+    try:
+        choices = sorted(body["choices"], key=lambda c: int(c.get("index") or 0))
+        usage = body.get("usage") or {}
+        model = body.get("model") or fallback_model
+        made = [Completion(text=c["message"].get("content") or "", finish_reason=c.get("finish_reason") or "stop",
+                           prompt_tokens=0, completion_tokens=0, model=model) for c in choices]
+        return replace(made[0], prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                       completion_tokens=int(usage.get("completion_tokens") or 0), alternatives=tuple(made[1:]))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        return "malformed"
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.text(max_size=4), st.just("12"), st.just(""))
+_TEXT = st.one_of(st.text(max_size=6), st.none(), st.just(""))
+# Mostly well-formed pieces (so that many bodies read), each of which may be replaced by a stray scalar.
+_GOOD_CHOICE = st.fixed_dictionaries({"message": st.fixed_dictionaries({"content": _TEXT})},
+                                     optional={"index": st.integers(0, 3), "finish_reason": _TEXT})
+_CHOICE = st.one_of(_GOOD_CHOICE, _GOOD_CHOICE, _GOOD_CHOICE,
+                    st.fixed_dictionaries({}, optional={"message": _SCALARS, "index": _SCALARS}), _SCALARS)
+_USAGE = st.one_of(st.fixed_dictionaries({}, optional={"prompt_tokens": st.one_of(st.integers(0, 9), _SCALARS),
+                                                       "completion_tokens": st.one_of(st.integers(0, 9), _SCALARS)}),
+                   _SCALARS)
+_BODY = st.one_of(
+    st.fixed_dictionaries({"choices": st.lists(_GOOD_CHOICE, min_size=1, max_size=3)},
+                          optional={"usage": _USAGE, "model": _TEXT}),
+    st.fixed_dictionaries({"choices": st.lists(_CHOICE, max_size=3)}, optional={"usage": _USAGE, "model": _TEXT}),
+    st.fixed_dictionaries({}, optional={"choices": _SCALARS, "usage": _USAGE}), _SCALARS, st.lists(_SCALARS, max_size=2))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_BODY)
+def test_any_response_body_reads_as_the_plain_reading_or_is_malformed(body):
+    expected = _reference_completion(body, "fallback")
+    try:
+        got = completion_from_body(body, "fallback")
+    except MalformedResponseError:
+        got = "malformed"
+    assert got == expected
+    event("read" if got != "malformed" else "malformed")

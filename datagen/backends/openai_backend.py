@@ -6,7 +6,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from datagen.backends.base import TRANSPORTS, ChatRequest, Completion, SamplingParams
@@ -96,10 +95,13 @@ def completion_from_body(body: Any, fallback_model: str) -> Completion:
         usage = body.get("usage") or {}
         model = body.get("model") or fallback_model
         # Usage is the request's total: the prompt once and every choice's tokens, all counted on the first choice.
-        made = [Completion(text=choice["message"].get("content") or "", finish_reason=choice.get("finish_reason") or "stop",
-                           prompt_tokens=0, completion_tokens=0, model=model) for choice in choices]
-        return replace(made[0], prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                       completion_tokens=int(usage.get("completion_tokens") or 0), alternatives=tuple(made[1:]))
+        others = tuple(Completion(text=choice["message"].get("content") or "",
+                                  finish_reason=choice.get("finish_reason") or "stop", prompt_tokens=0,
+                                  completion_tokens=0, model=model) for choice in choices[1:])
+        first = choices[0]
+        return Completion(text=first["message"].get("content") or "", finish_reason=first.get("finish_reason") or "stop",
+                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                          completion_tokens=int(usage.get("completion_tokens") or 0), model=model, alternatives=others)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise MalformedResponseError("response is not a chat completion") from None
 
