@@ -477,3 +477,43 @@ def test_object_findings_are_the_mentions_less_the_whole_ground_truth(answers, c
         mentioned, hallucinated = checks.object_findings(view, checker.env)
         assert mentioned == checker.env.matcher.categories("\n".join(answers), include_hedged=hedged)
         assert hallucinated == mentioned - ground_truth(record, checker.env.matcher)
+
+
+# --- counts: the captions read only for a claim the boxes alone refuse ---------------------------------------------
+
+_COUNT_WORDS = ["two dogs", "three cats", "a dog", "one cat", "several dogs", "twelve people", "4 people", "a pair of dogs",
+                "there are two dogs", "both cats", "the", "and", ".", ",", "a person", "no dogs"]
+
+
+def _ref_wrong_count(view: SampleView, env) -> str | None:
+    from datagen.quality.counting import box_counts, count_claims, count_problem
+    record = view.record
+    if record is None or not record.objects:
+        return None
+    counts, crowd = box_counts(record)
+    stated = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
+              if c.count is not None}
+    for i, answer in enumerate(view.answers):
+        for claim in count_claims(answer, env.matcher):
+            boxes = counts.get(claim.category, 0)
+            if boxes == 0 and claim.category not in crowd:
+                continue
+            problem = count_problem(claim, boxes, claim.category in crowd, stated)
+            if problem:
+                return f"answer {i + 1}: {problem}"
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(answers=st.lists(st.lists(st.sampled_from(_COUNT_WORDS), max_size=10).map(" ".join), min_size=1, max_size=3),
+       captions=st.lists(st.lists(st.sampled_from(_COUNT_WORDS), max_size=8).map(" ".join), max_size=4),
+       boxed=st.lists(st.tuples(st.sampled_from(["dog", "cat", "person"]), st.booleans()), max_size=6))
+def test_wrong_count_is_the_reading_with_every_caption_count(answers, captions, boxed):
+    from datagen.quality.counting import check_wrong_count
+    record = ImageRecord(id=1, file_name="x.jpg", width=1, height=1, captions=captions,
+                         objects=[ObjectBox(category=c, bbox=(0, 0, 1, 1), iscrowd=crowd) for c, crowd in boxed])
+    turns = [t for n, a in enumerate(answers) for t in (("human", ("<image>\n" if n == 0 else "") + "How many?"),
+                                                        ("gpt", a))]
+    view = SampleView(key="s", turns=turns, split="conversation", record=record)
+    env = QualityChecker().env
+    assert check_wrong_count(view, env) == _ref_wrong_count(view, env)

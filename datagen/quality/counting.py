@@ -120,15 +120,16 @@ def check_wrong_count(view: "SampleView", env: "CheckEnv") -> str | None:
             boxes = counts.get(claim.category, 0)
             if boxes == 0 and claim.category not in crowd:
                 continue  # not boxed: whether it is there at all is the object check's question
-            problem = count_problem(claim, boxes, claim.category in crowd, _caption_counts(record, env))
-            if problem:
+            # A count the captions state is tolerated: they are read only for a claim the boxes alone refuse.
+            problem = count_problem(claim, boxes, claim.category in crowd, frozenset())
+            if problem and (claim.count is None or (claim.category, claim.count) not in _caption_counts(record, env)):
                 return f"answer {i + 1}: {problem}"
     return None
 
 
 def _caption_counts(record: ImageRecord, env: "CheckEnv") -> set[tuple[str, int]]:
-    """(category, number) the captions state; read once per sample, and only when a claim about a boxed object
-    needs it (most samples make none)."""
+    """(category, number) the captions state; read once per sample, and only when the boxes alone refuse a count
+    (most samples make no such claim)."""
     key = ("caption_counts",)
     if key not in env.memo:
         env.memo[key] = {(c.category, c.count) for cap in record.captions for c in count_claims(cap, env.matcher)
