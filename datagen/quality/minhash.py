@@ -148,9 +148,9 @@ class NearDuplicateIndex:
         self.keys: list[str] = []
         # Signatures as rows of one growing matrix, so candidates are compared in one numpy step.
         self.signatures = np.empty((64, num_perm), dtype=np.uint32)
+        self._band_positions = np.arange(num_perm // rows_per_band, dtype=np.uint64)  # the last term of each band key
         # A signature within the threshold differs in at most num_perm - min_agree rows, each spoiling one band at
         # most: a candidate sharing fewer bands than this cannot be a match (see `match`).
-        self._band_positions = np.arange(num_perm // rows_per_band, dtype=np.uint64)
         min_agree = next(a for a in range(num_perm + 1) if a / num_perm >= threshold)
         self.min_shared_bands = max(0, num_perm // rows_per_band - (num_perm - min_agree))
 
