@@ -370,10 +370,7 @@ def object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]
     mentioned = env.mentioned("\n".join(answers), env.config.count_hedged_mentions)
     if view.record is None:
         return mentioned, set()
-    # The image's truth is its boxes plus what its captions name; the captions are scanned only for objects named
-    # but not boxed (most answers name only boxed ones), which gives the same difference.
-    unboxed = mentioned - {obj.category for obj in view.record.objects}
-    return mentioned, (unboxed - env.truth(view.record)) if unboxed else unboxed
+    return mentioned, env.unknown(view.record, mentioned)
 
 
 @dataclass(frozen=True)

@@ -123,11 +123,11 @@ def asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str
 
 def _asked_absent(view: "SampleView", env: "CheckEnv") -> list[tuple[int, set[str], set[str]]]:
     listed = set(view.absent_objects)
-    truth = env.truth(view.record) if view.record is not None else None
     out = []
     for i, question in enumerate(view.questions):
         named = {m.category for m in env.matcher.mentions(question)} | _names_listed(question, listed, env.matcher)
-        asked = {c for c in named if c in listed or (truth is not None and c not in truth)}
+        unknown = env.unknown(view.record, named) if view.record is not None else set()
+        asked = {c for c in named if c in listed or c in unknown}
         out.append((i, asked, listed))
     return out
 

@@ -104,6 +104,12 @@ class CheckEnv:
             found = truths[record.id] = ground_truth(record, self.matcher)
         return found
 
+    def unknown(self, record: ImageRecord, categories: set[str]) -> set[str]:
+        """Those of `categories` the image is not known to contain (neither boxed nor named by a caption). The
+        captions are read only for categories without a box, which most answers and questions never name."""
+        unboxed = categories - {obj.category for obj in record.objects}
+        return unboxed - self.truth(record) if unboxed else unboxed
+
     def mentioned(self, text: str, include_hedged: bool) -> set[str]:
         """Categories the text names (the matcher's answer, remembered for the same text)."""
         last = self.last_mentioned
