@@ -498,7 +498,9 @@ def _ref_wrong_count(view: SampleView, env) -> str | None:
             boxes = counts.get(claim.category, 0)
             if boxes == 0 and claim.category not in crowd:
                 continue
-            problem = count_problem(claim, boxes, claim.category in crowd, stated)
+            if claim.count is not None and (claim.category, claim.count) in stated:
+                continue
+            problem = count_problem(claim, boxes, claim.category in crowd)
             if problem:
                 return f"answer {i + 1}: {problem}"
     return None

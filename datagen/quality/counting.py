@@ -91,14 +91,15 @@ def box_counts(record: ImageRecord) -> tuple[Counter, set[str]]:
     return counts, crowd
 
 
-def count_problem(claim: CountClaim, boxes: int, crowd: bool, caption_counts: set[tuple[str, int]]) -> str | None:
-    """Why a claim contradicts the boxes, or None (crowd boxes and counts the captions state are tolerated)."""
+def count_problem(claim: CountClaim, boxes: int, crowd: bool) -> str | None:
+    """Why a claim contradicts the boxes, or None (crowd boxes are tolerated; so is a count the captions state, which
+    `check_wrong_count` looks up only for a claim this refuses)."""
     if claim.count is None:
         if boxes + crowd >= 2:
             return None
         return f"{claim.phrase!r} but the image has {boxes} {claim.category} box"
     n = claim.count
-    if (claim.category, n) in caption_counts or n == boxes:
+    if n == boxes:
         return None
     if n > boxes:
         if crowd:
@@ -120,8 +121,7 @@ def check_wrong_count(view: "SampleView", env: "CheckEnv") -> str | None:
             boxes = counts.get(claim.category, 0)
             if boxes == 0 and claim.category not in crowd:
                 continue  # not boxed: whether it is there at all is the object check's question
-            # A count the captions state is tolerated: they are read only for a claim the boxes alone refuse.
-            problem = count_problem(claim, boxes, claim.category in crowd, frozenset())
+            problem = count_problem(claim, boxes, claim.category in crowd)
             if problem and (claim.count is None or (claim.category, claim.count) not in _caption_counts(record, env)):
                 return f"answer {i + 1}: {problem}"
     return None
