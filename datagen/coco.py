@@ -57,12 +57,13 @@ class ImageRecord(BaseModel):
         if type(self) is not ImageRecord:
             return super().__reduce_ex__(protocol)
         boxes = [(box.category, box.bbox, box.iscrowd) for box in self.objects]
-        return _record_from_fields, (self.id, self.file_name, self.width, self.height, self.captions, boxes)
+        return record_from_fields, (self.id, self.file_name, self.width, self.height, self.captions, boxes)
 
 
-def _record_from_fields(image_id: int, file_name: str, width: int, height: int, captions: list[str],
-                        boxes: list[tuple[str, tuple[float, float, float, float], bool]]) -> ImageRecord:
-    """The ImageRecord that `ImageRecord.__reduce_ex__` took apart."""
+def record_from_fields(image_id: int, file_name: str, width: int, height: int, captions: list[str],
+                       boxes: Iterable[tuple[str, Any, bool]]) -> ImageRecord:
+    """An ImageRecord from plain fields, boxes as (category, [x, y, w, h], crowd), validated in one pydantic-core call
+    (the index reads records this way, and `ImageRecord.__reduce_ex__` rebuilds them so)."""
     return ImageRecord.model_validate({
         "id": image_id, "file_name": file_name, "width": width, "height": height, "captions": captions,
         "objects": [{"category": category, "bbox": bbox, "iscrowd": crowd} for category, bbox, crowd in boxes],
@@ -326,7 +327,7 @@ class CocoIndex:
                 f"image id {image_id} has no captions in {annotation_path(self.root, 'captions', self.split)}",
                 "check --image-id/--image-ids and --coco-split",
             )
-        objects: list[dict[str, Any]] = []  # validated with the record, in one pydantic-core call
+        objects: list[tuple[str, list[float], bool]] = []
         if self.with_instances:
             store = self._store
             start, end = store["obj_start"][row:row + 2].tolist()
@@ -340,12 +341,9 @@ class CocoIndex:
                         f"annotation {int(store['obj_ann_id'][start + offset])} names unknown category {category_id}",
                         "check the instances file's categories list",
                     )
-                objects.append({"category": name, "bbox": box, "iscrowd": bool(is_crowd)})
+                objects.append((name, box, bool(is_crowd)))
         info = self._info(row)
-        return ImageRecord.model_validate({
-            "id": image_id, "file_name": info["file_name"], "width": info["width"], "height": info["height"],
-            "captions": captions, "objects": objects,
-        })
+        return record_from_fields(image_id, info["file_name"], info["width"], info["height"], captions, objects)
 
     def category_sets(self) -> Iterator[set[str]]:
         """The set of boxed category names of each image with boxes (what co-occurrence is counted over)."""
