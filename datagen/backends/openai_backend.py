@@ -95,15 +95,19 @@ def completion_from_body(body: Any, fallback_model: str) -> Completion:
         usage = body.get("usage") or {}
         model = body.get("model") or fallback_model
         # Usage is the request's total: the prompt once and every choice's tokens, all counted on the first choice.
-        others = tuple(Completion(text=choice["message"].get("content") or "",
-                                  finish_reason=choice.get("finish_reason") or "stop", prompt_tokens=0,
-                                  completion_tokens=0, model=model) for choice in choices[1:])
-        first = choices[0]
-        return Completion(text=first["message"].get("content") or "", finish_reason=first.get("finish_reason") or "stop",
-                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0), model=model, alternatives=others)
+        others = tuple(_choice(choice, model) for choice in choices[1:])
+        return _choice(choices[0], model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                       others)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise MalformedResponseError("response is not a chat completion") from None
+
+
+def _choice(choice: Any, model: str, prompt_tokens: int = 0, completion_tokens: int = 0,
+            alternatives: tuple[Completion, ...] = ()) -> Completion:
+    """One choice of a chat.completion body (the caller maps the errors of a malformed one)."""
+    return Completion(text=choice["message"].get("content") or "", finish_reason=choice.get("finish_reason") or "stop",
+                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model=model,
+                      alternatives=alternatives)
 
 
 def _error_message(content: bytes) -> str:
