@@ -119,8 +119,8 @@ class MinHasher:
         """Each item's value under each hash function, (a * hash + b) mod (2^31 - 1): one uint32 row per item."""
         values = np.multiply.outer(self.hashes(items), self.a)
         values += self.b
-        # numpy divides integer arrays by one scalar without a hardware division per element, so a plain modulo
-        # beats folding the high bits by hand (3-4x on the few rows a text adds, 3x on a few hundred).
+        # A plain modulo by the one scalar: measured faster than folding the high bits by hand, 3-4x on the few rows
+        # a text adds and 3x on a few hundred (bench/RESULTS.md, issue 8, second session).
         values %= _P64
         return values.astype(np.uint32)
 
@@ -166,7 +166,7 @@ class NearDuplicateIndex:
         for row in range(1, self.rows):
             keys += bands[:, row]
             keys *= _BAND_MULTIPLIER
-        keys += self._band_positions[:len(keys)]
+        keys += self._band_positions
         return tuple(keys.tolist())
 
     def match(self, sig: np.ndarray, bands: tuple[int, ...] | None = None) -> tuple[str, float] | None:
