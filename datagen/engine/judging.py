@@ -7,12 +7,20 @@ concurrency the event loop keeps the requests flowing while another core checks.
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
+import os
+import pickle
+import queue
+import signal
+import threading
+import traceback
+from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from datagen.backends.base import Completion
 from datagen.engine.heap import settle_worker
+from datagen.errors import VisinstructError
 
 
 class JudgingTask(Protocol):
@@ -42,19 +50,6 @@ class Ready:
         return self.verdicts
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """Verdicts being reached by worker processes, one contiguous part of the batch each."""
-
-    parts: list[Future]
-
-    def done(self) -> bool:
-        return all(part.done() for part in self.parts)
-
-    def result(self) -> list[Any]:
-        return [verdict for part in self.parts for verdict in part.result()]
-
-
 class Judge(Protocol):
     """Turns (subject, completion) pairs into verdicts, in order: at once (`judge_many`), or while the caller
     goes on (`submit`)."""
@@ -82,24 +77,139 @@ class InlineJudge:
         return None
 
 
-class _WorkerTask:
-    """The task of this worker process, installed once by the pool's initializer (one per process by design)."""
-
-    task: JudgingTask | None = None
+_STOP = b""  # the parent's last message to a worker (a pickled batch is never empty)
 
 
-def _install(task: JudgingTask) -> None:
+def _serve(task: JudgingTask, conn: Connection, inherited: list[Connection]) -> None:
+    """A judge worker's life: batches in, verdicts out, in the order they came, until the parent says stop or
+    goes away."""
+    for other in inherited:
+        # The parent's ends of this and earlier workers' pipes: held here, they would hide the parent's
+        # death (no end-of-file), and an orphaned worker would wait for batches forever.
+        other.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     settle_worker()  # the inherited heap frozen, the collector run less often (datagen.engine.heap)
-    _WorkerTask.task = task
+    inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def take() -> None:
+        # Batches are read as they come, so the parent never blocks sending while this process has verdicts
+        # it has not read yet (each side would wait on the other).
+        try:
+            while True:
+                inbox.put(conn.recv_bytes())
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    def give() -> None:
+        # Verdicts wait here, not in this process's judging, until the parent reads them (it reads when it
+        # collects a batch, and a pipe holds about one part's verdicts).
+        while (reply := outbox.get()) is not None:
+            try:
+                conn.send_bytes(reply)
+            except OSError:  # the parent is gone
+                return
+
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    threading.Thread(target=take, name="datagen-judge-inbox", daemon=True).start()
+    sender = threading.Thread(target=give, name="datagen-judge-outbox")
+    sender.start()
+    while batch := inbox.get():  # b"": stop; None: the parent is gone
+        try:
+            reply = pickle.dumps((True, [task.judge(subject, completion) for subject, completion in pickle.loads(batch)]),
+                                 pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - a bug in the task: raised in the parent, with where it happened
+            reply = pickle.dumps((False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), pickle.HIGHEST_PROTOCOL)
+        outbox.put(reply)
+    if batch is None:
+        os._exit(0)  # the parent is gone: nobody reads what is still waiting to be sent
+    outbox.put(None)
+    sender.join()
 
 
-def _judge_many(pairs: list[tuple[Any, Completion]]) -> list[Any]:
-    task = _WorkerTask.task
-    return [task.judge(subject, completion) for subject, completion in pairs]
+class JudgeWorkerError(VisinstructError):
+    """A judge worker process ended, or failed, while batches were out with it."""
 
 
-def _ready() -> None:
-    return None
+class _Worker:
+    """One forked judge process and the pipe to it. Each batch part sent gets one reply, in the order sent."""
+
+    def __init__(self, context: Any, task: JudgingTask, others: list["_Worker"]) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, name="datagen-judge", daemon=True,
+                                       args=(task, child, [self.conn, *(w.conn for w in others)]))
+        self.process.start()
+        child.close()
+        self.waiting: deque[_Part] = deque()
+
+    def send(self, pairs: list[tuple[Any, Completion]]) -> "_Part":
+        self.conn.send_bytes(pickle.dumps(pairs, pickle.HIGHEST_PROTOCOL))
+        part = _Part(self)
+        self.waiting.append(part)
+        return part
+
+    def receive(self) -> None:
+        """Wait for the next reply; it belongs to the oldest part still waiting."""
+        try:
+            reply = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            self.process.join(1)
+            raise JudgeWorkerError(
+                f"a judge worker process (pid {self.process.pid}) ended with exit code {self.process.exitcode} "
+                "while checking samples",
+                "rerun the same command to resume (finished samples are kept); if it was killed for memory, "
+                "set DATAGEN_JUDGE_WORKERS=1",
+            ) from None
+        ok, payload = pickle.loads(reply)
+        self.waiting.popleft().settle(ok, payload)
+
+    def close(self) -> None:
+        try:
+            self.conn.send_bytes(_STOP)
+        except OSError:  # it is gone already
+            pass
+        self.conn.close()
+        self.process.join(5)
+        if self.process.is_alive():  # still judging what it was sent: not needed any more
+            self.process.kill()
+            self.process.join()
+
+
+class _Part:
+    """The verdicts of one worker's share of a batch, once its reply has been read."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.ok: bool | None = None
+        self.payload: Any = None
+
+    def settle(self, ok: bool, payload: Any) -> None:
+        self.ok, self.payload = ok, payload
+
+    def done(self) -> bool:
+        worker = self.worker
+        while self.ok is None and worker.conn.poll():
+            worker.receive()
+        return self.ok is not None
+
+    def result(self) -> list[Any]:
+        while self.ok is None:
+            self.worker.receive()
+        if not self.ok:
+            raise RuntimeError(f"checking a batch failed in a judge worker process: {self.payload}")
+        return self.payload
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """Verdicts being reached by worker processes, one contiguous part of the batch each."""
+
+    parts: list[_Part]
+
+    def done(self) -> bool:
+        return all(part.done() for part in self.parts)
+
+    def result(self) -> list[Any]:
+        return [verdict for part in self.parts for verdict in part.result()]
 
 
 class ProcessJudge:
@@ -109,14 +219,20 @@ class ProcessJudge:
     made, which callers do before starting threads, sockets or SQLite connections of their own
     (see executors.local.run_local); they only ever run `task.judge`. A batch is cut into one contiguous
     part per worker and the verdicts come back in the batch's order.
+
+    Each worker has one pipe: the calling thread pickles and sends a part, and reads the reply when it
+    collects the verdicts, so no thread of the parent's runs for the workers (a process pool's two
+    hand-off threads contend for the GIL with the event loop: bench/RESULTS.md, issue 8, third session).
+    A worker reads batches as they come (a thread of its own), so sending never waits on unread verdicts,
+    and it exits when the parent says stop or dies.
     """
 
     def __init__(self, task: JudgingTask, workers: int = 1) -> None:
         context = multiprocessing.get_context("fork")
         self.workers = max(1, workers)
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_install, initargs=(task,))
-        # Start the workers now, while the first requests are in flight.
-        self.warm: list[Future] = [self.pool.submit(_ready) for _ in range(self.workers)]
+        self._pool: list[_Worker] = []
+        for _ in range(self.workers):
+            self._pool.append(_Worker(context, task, self._pool))
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]:
         return self.submit(pairs).result()
@@ -127,7 +243,9 @@ class ProcessJudge:
             return Ready([])
         slim = [(getattr(subject, "subject", subject), completion) for subject, completion in pairs]
         size = -(-len(slim) // self.workers)
-        return _Parts([self.pool.submit(_judge_many, slim[start:start + size]) for start in range(0, len(slim), size)])
+        return _Parts([worker.send(slim[start:start + size])
+                       for worker, start in zip(self._pool, range(0, len(slim), size))])
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self._pool:
+            worker.close()

@@ -1,10 +1,12 @@
 """The live engine: work items -> completions | failures, with the limiter, retries, cache and budget.
 
-It knows nothing of LLaVA. Three stages keep the event loop free for network I/O: a feeder thread
-plans requests (the task's preparation, cache keys, cache lookups), the event loop runs them (rate
-limiter, retries, budget), and a store thread hands finished results to a `ResultRecorder` (cache
-write, then the task's judgement and the sink). Bounded queues between them keep memory flat however
-many records a run has.
+It knows nothing of LLaVA. The event loop plans requests a chunk at a time (the task's preparation,
+cache keys, cache lookups) and runs them (rate limiter, retries, budget); a store thread hands finished
+results to a `ResultRecorder` (cache write, then the task's judgement and the sink), because that
+thread waits: on the judge processes' verdicts and on the disk. Planning has no such wait, and a thread
+of its own would not take its CPU off the loop (the GIL): it would only add GIL hand-offs, each a
+futex call and a context switch (bench/RESULTS.md, issue 8, third session). Bounded queues keep
+memory flat however many records a run has.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint
 from datagen.errors import VisinstructError
 from datagen.outputs import write_error
 
-FEED_CHUNK = 64  # records prepared per hop to the feeder thread: amortises the thread switch
+FEED_CHUNK = 64  # records planned before the loop turns to its other tasks (cache lookups block it briefly)
 # Batches whose judgement may still be running while the recorder takes the next ones: keeps the judge workers
 # busy while the recording thread writes, and bounds what is held in memory.
 JUDGE_BATCHES_AHEAD = 4
@@ -195,14 +197,13 @@ class LiveEngine:
         return bool(self.config.tpm) or self.budget is not None
 
     async def run(self, planner: RequestPlanner, records: Iterable[Any], recorder: ResultRecorder) -> RunStats:
-        """Plan `records` in a feeder thread, request them here, record results in a store thread.
+        """Plan `records` and request them here, record results in a store thread.
 
-        Planner and recorder are opened and closed in their own threads (SQLite connections belong to
+        The recorder is opened and closed in the store thread, the planner here (SQLite connections belong to
         the thread that made them); the recorder first, so the cache file exists when the planner looks.
         """
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        feed_thread = ThreadPoolExecutor(1, thread_name_prefix="datagen-feed")
         store_thread = ThreadPoolExecutor(1, thread_name_prefix="datagen-store")
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * self.concurrency)
         self._wakeup = asyncio.Event()
@@ -212,11 +213,11 @@ class LiveEngine:
         try:
             await loop.run_in_executor(store_thread, recorder.open)
             opened = True
-            await loop.run_in_executor(feed_thread, planner.open)
+            planner.open()
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
             # Feeding and requesting run as one task, which a failed store (a full disk) cancels: nothing may
             # wait on a store that will not drain again.
-            self._work = asyncio.create_task(self._produce(loop, feed_thread, planner.plan(records), queue, workers))
+            self._work = asyncio.create_task(self._produce(planner.plan(records), queue, workers))
             store_task = asyncio.create_task(self._drain(loop, store_thread, recorder))
             try:
                 await self._work
@@ -235,8 +236,7 @@ class LiveEngine:
             # store only the files are closed (the first error is the one reported).
             if opened:
                 await loop.run_in_executor(store_thread, self._finish, recorder)
-            await loop.run_in_executor(feed_thread, planner.close)
-            feed_thread.shutdown(wait=False)
+            planner.close()
             store_thread.shutdown(wait=False)
             self.stats.elapsed_s = time.perf_counter() - started
             self.stats.rate_limited_s = self.limiter.waited_s
@@ -259,15 +259,16 @@ class LiveEngine:
         finally:
             recorder.close()
 
-    async def _produce(self, loop, feed_thread, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue,
+    async def _produce(self, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue,
                        workers: list[asyncio.Task]) -> None:
-        await self._feed(loop, feed_thread, planned, queue)
+        await self._feed(planned, queue)
         await asyncio.gather(*workers)
 
-    async def _feed(self, loop, feed_thread, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue) -> None:
+    async def _feed(self, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue) -> None:
         exhausted = False
         while not exhausted and not self.fatal:
-            items, skipped, exhausted = await loop.run_in_executor(feed_thread, RequestPlanner.next_chunk, planned, FEED_CHUNK)
+            items, skipped, exhausted = RequestPlanner.next_chunk(planned, FEED_CHUNK)
+            await asyncio.sleep(0)  # a chunk of done ids puts nothing on the queue: let the requests run anyway
             if skipped:
                 self._emit(AlreadyDone(skipped))
             for item in items:
