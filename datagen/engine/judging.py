@@ -162,12 +162,15 @@ class _Worker:
         ok, payload = pickle.loads(reply)
         self.waiting.popleft().settle(ok, payload)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Tell the worker to finish (it exits once it has sent what it was judging)."""
         try:
             self.conn.send_bytes(_STOP)
         except OSError:  # it is gone already
             pass
         self.conn.close()
+
+    def join(self) -> None:
         self.process.join(5)
         if self.process.is_alive():  # still judging what it was sent: not needed any more
             self.process.kill()
@@ -247,5 +250,12 @@ class ProcessJudge:
                        for worker, start in zip(self._pool, range(0, len(slim), size))])
 
     def close(self) -> None:
+        """Stop the workers. They exit on their own (tearing down a process's memory takes a few ms); a thread
+        reaps them, so a run's end does not wait for that."""
         for worker in self._pool:
-            worker.close()
+            worker.stop()
+        threading.Thread(target=self._reap, name="datagen-judge-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        for worker in self._pool:
+            worker.join()

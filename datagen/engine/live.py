@@ -84,20 +84,32 @@ class ResultRecorder:
         self.sink.open()
 
     def close(self) -> None:
-        """Wait for the batches still being judged, close the sink (it writes what it still holds), then the
-        cache and the judge."""
+        """Close the cache (nothing more is recorded), wait for the batches still being judged, then close the
+        sink (it writes what it still holds) and the judge.
+
+        The cache goes first: closing its last connection copies the write-ahead log into the database file
+        (~10 ms for a few thousand rows), which then overlaps the judges' last batches instead of adding to the
+        run's end. Its rows are committed already, before any line that needs them.
+        """
         try:
+            self._close_cache()
             self._settle(wait=True)
         finally:
             self._close()
+
+    def _close_cache(self) -> None:
+        if self.cache is not None:
+            cache, self.cache = self.cache, None
+            cache.close()
 
     def _close(self) -> None:
         try:
             self.sink.close()
         finally:
-            if self.cache is not None:
-                self.cache.close()
-            self.judge.close()
+            try:
+                self._close_cache()
+            finally:
+                self.judge.close()
 
     def record(self, results: list[Result]) -> None:
         """Store a batch of results; their cache rows go in one transaction before any output line."""
@@ -217,7 +229,7 @@ class LiveEngine:
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
             # Feeding and requesting run as one task, which a failed store (a full disk) cancels: nothing may
             # wait on a store that will not drain again.
-            self._work = asyncio.create_task(self._produce(planner.plan(records), queue, workers))
+            self._work = asyncio.create_task(self._produce(planner, records, queue, workers))
             store_task = asyncio.create_task(self._drain(loop, store_thread, recorder))
             try:
                 await self._work
@@ -259,9 +271,11 @@ class LiveEngine:
         finally:
             recorder.close()
 
-    async def _produce(self, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue,
+    async def _produce(self, planner: RequestPlanner, records: Iterable[Any], queue: asyncio.Queue,
                        workers: list[asyncio.Task]) -> None:
-        await self._feed(planned, queue)
+        await self._feed(planner.plan(records), queue)
+        # Planned: its cache connection is closed now, while requests run, not in the run's serial end.
+        planner.close()
         await asyncio.gather(*workers)
 
     async def _feed(self, planned: Iterator[WorkItem | AlreadyDone], queue: asyncio.Queue) -> None:
