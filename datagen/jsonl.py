@@ -48,6 +48,11 @@ def iter_jsonl(path: Path, skip_partial_tail: bool = False) -> Iterator[dict[str
         yield record
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a line of the files this package writes (without the newline; non-ASCII kept as is)."""
+    return json.dumps(record, ensure_ascii=False)
+
+
 class JsonlWriter:
     """Appends complete JSON lines to a file this run owns (under its output lock), each batch all or nothing.
 
@@ -69,8 +74,12 @@ class JsonlWriter:
 
     def write_many(self, records: list[dict[str, Any]]) -> None:
         """Append several records with one write (a crash may cut only the last line)."""
-        if records:
-            self._out.append("".join([json.dumps(record, ensure_ascii=False) + "\n" for record in records]))
+        self.write_lines([json_line(record) for record in records])
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Append records already encoded by `json_line`, with one write."""
+        if lines:
+            self._out.append("\n".join(lines) + "\n")
 
     def close(self) -> None:
         self._out.close()

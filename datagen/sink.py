@@ -44,7 +44,7 @@ class OutputSink:
         self.rejected: JsonlWriter | None = None
         self.failures_fh: LineAppender | None = None
         self.lock: OutputLock | None = None
-        self.pending_accepted: list[dict[str, Any]] = []  # lines waiting for `flush`: one write per batch
+        self.pending_accepted: list[str] = []  # lines waiting for `flush`: one write per batch
         self.pending_rejected: list[dict[str, Any]] = []
         self.next_seq = 0  # the first item of the run not yet decided
         self.held: dict[int, Verdict | None] = {}  # decided items after next_seq (None: nothing to write)
@@ -64,7 +64,7 @@ class OutputSink:
     def flush(self) -> None:
         """Append the lines decided since the last flush (issue 9: the atomic-append point)."""
         if self.pending_accepted:
-            self.accepted.write_many(self.pending_accepted)
+            self.accepted.write_lines(self.pending_accepted)
             self.pending_accepted = []
         if self.pending_rejected:
             self.rejected.write_many(self.pending_rejected)
@@ -135,7 +135,7 @@ class OutputSink:
         stats = self.stats
         if isinstance(verdict, Accepted):
             stats.accepted += 1
-            self.pending_accepted.append(verdict.record)
+            self.pending_accepted.append(verdict.line)
             return
         stats.rejected += 1
         for code in verdict.reasons:

@@ -8,6 +8,7 @@ happens to finish first.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.coco import ImageRecord
 from datagen.context import ContextBuilder, context_meta
-from datagen.jsonl import repair_tail
+from datagen.jsonl import json_line, repair_tail
 from datagen.parse import ParseError, build_sample
 from datagen.prompts import PromptSet, pick_instruction
 from datagen.quality.checks import NEAR_DUPLICATE, QualityChecker, SampleView
@@ -85,27 +86,54 @@ class Rejected:
                             _signature_bytes(self.signature), self.bands))
 
 
-@dataclass(frozen=True)
 class Accepted:
     """A completion that passed every check that looks at one sample alone.
 
-    `record` is the sample as written; `signature` its answers' MinHash for the near-duplicate gate
-    (None: the split is exempt or the gate is off) and `bands` its band keys; `evidence` goes into the
-    rejects file if that gate refuses it.
+    `record` is the sample as written and `line` its JSON line; `signature` its answers' MinHash for the
+    near-duplicate gate (None: the split is exempt or the gate is off) and `bands` its band keys; `evidence`
+    goes into the rejects file if that gate refuses it.
+
+    It crosses processes (judge workers, Ray workers) as its line, encoded where it was judged: the process
+    that writes it then neither unpickles the sample's dicts nor encodes them again, and reads the record
+    back only if the gate refuses it.
     """
 
-    item_id: str
-    record: dict[str, Any]
-    signature: np.ndarray | None = field(default=None, repr=False)
-    evidence: dict[str, Any] = field(default_factory=dict, repr=False)
-    bands: tuple[int, ...] | None = field(default=None, repr=False)
+    __slots__ = ("item_id", "signature", "evidence", "bands", "_record", "_line")
+
+    def __init__(self, item_id: str, record: dict[str, Any] | None, signature: np.ndarray | None = None,
+                 evidence: dict[str, Any] | None = None, bands: tuple[int, ...] | None = None,
+                 line: str | None = None) -> None:
+        if record is None and line is None:
+            raise ValueError("an accepted sample needs its record or its line")
+        self.item_id = item_id
+        self.signature = signature
+        self.evidence = {} if evidence is None else evidence
+        self.bands = bands
+        self._record = record
+        self._line = line
+
+    @property
+    def record(self) -> dict[str, Any]:
+        if self._record is None:
+            self._record = json.loads(self._line)
+        return self._record
+
+    @property
+    def line(self) -> str:
+        """The sample's line in the output file (datagen.jsonl.json_line, without the newline)."""
+        if self._line is None:
+            self._line = json_line(self._record)
+        return self._line
 
     def rejected(self, reasons: list[str], detail: str) -> Rejected:
         return Rejected(self.item_id, reasons, self.record, detail, self.evidence)
 
+    def __repr__(self) -> str:
+        return f"Accepted(item_id={self.item_id!r})"
+
     def __reduce__(self):
-        """As `Rejected.__reduce__`: about a third less pickling than a dataclass with an array."""
-        return (_accepted, (self.item_id, self.record, _signature_bytes(self.signature), self.evidence, self.bands))
+        """Pickled as its line, the signature as raw bytes (see the class docs and `Rejected.__reduce__`)."""
+        return (_accepted, (self.item_id, self.line, _signature_bytes(self.signature), self.evidence, self.bands))
 
 
 def _signature_bytes(signature: np.ndarray | None) -> bytes | None:
@@ -120,8 +148,8 @@ def _rejected(item_id, reasons, base, detail, evidence, signature, bands) -> Rej
     return Rejected(item_id, reasons, base, detail, evidence, _signature_array(signature), bands)
 
 
-def _accepted(item_id, record, signature, evidence, bands) -> Accepted:
-    return Accepted(item_id, record, _signature_array(signature), evidence, bands)
+def _accepted(item_id, line, signature, evidence, bands) -> Accepted:
+    return Accepted(item_id, None, _signature_array(signature), evidence, bands, line=line)
 
 
 Verdict = Accepted | Rejected

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import random
+
+import numpy as np
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +20,7 @@ from datagen.engine.judging import InlineJudge, ProcessJudge
 from datagen.engine.live import backoff_s
 from datagen.engine.work import RunStats
 from datagen.executors.local import run_local
+from datagen.jsonl import JsonlWriter
 from datagen.prompts import load_prompt_set
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
@@ -98,6 +102,35 @@ def test_verdicts_say_what_they_are(judged):
     assert isinstance(judged[0], Accepted) and judged[0].signature is not None
     assert isinstance(judged[7], Rejected) and judged[7].entry["reject_reasons"] == ["no_qa_format"]
     assert judged[7].entry["raw"] == "no questions here" and "context" in judged[7].entry
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(record=st.dictionaries(st.text(), _JSON_VALUES, max_size=6),
+       signature=st.none() | st.lists(st.integers(0, 2**31 - 2), min_size=8, max_size=8),
+       bands=st.none() | st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+       protocol=st.sampled_from([2, pickle.HIGHEST_PROTOCOL]))
+def test_an_accepted_verdict_crosses_processes_as_the_line_the_sink_writes(tmp_path_factory, record, signature, bands,
+                                                                           protocol):
+    sig = None if signature is None else np.array(signature, dtype=np.uint32)
+    verdict = Accepted("000000000001", record, sig, {"raw": "text"}, bands)
+    back = pickle.loads(pickle.dumps(verdict, protocol))
+    assert back.line == json.dumps(record, ensure_ascii=False)  # the bytes written before lines were sent
+    assert back.record == json.loads(json.dumps(record))  # what reading the line back gives (tuples as lists)
+    assert back.item_id == verdict.item_id and back.bands == bands and back.evidence == {"raw": "text"}
+    assert (back.signature is None) == (sig is None) and (sig is None or np.array_equal(back.signature, sig))
+    assert back.rejected(["near_duplicate"], "x").entry["reject_reasons"] == ["near_duplicate"]
+    path = tmp_path_factory.mktemp("lines") / "out.jsonl"
+    writer = JsonlWriter(path)
+    writer.write_lines([back.line])
+    writer.write_many([record])
+    writer.close()
+    first, second, end = path.read_bytes().split(b"\n")  # JSONL lines end at "\n" only (U+2028 stays in a line)
+    assert first == second and end == b""
 
 
 def test_checks_in_a_worker_process_write_the_same_files(tmp_path, task, coco_root):
