@@ -129,3 +129,37 @@ def test_ctrl_c_is_left_to_the_parent():
         assert [s for s, _, _ in pool.judge_many([(n, n) for n in range(4)])] == [0, 1, 2, 3]
     finally:
         pool.close()
+
+
+def test_a_run_whose_judge_worker_dies_stops_with_that_error_and_keeps_what_it_wrote(tmp_path, coco_root, prompts_dir):
+    import asyncio
+
+    from datagen.backends.base import SamplingParams
+    from datagen.coco import CocoIndex
+    from datagen.engine.config import EngineConfig
+    from datagen.executors.local import run_local
+    from datagen.jsonl import iter_jsonl
+    from datagen.prompts import load_prompt_set
+    from datagen.sample import OutputLayout
+    from datagen.task import LlavaTask
+    from test_task_engine import ORIGINAL, OTHER, ScriptedBackend
+
+    index = CocoIndex(coco_root, "val2017", with_instances=False)
+    ids = index.image_ids()[:40]
+    doomed = ids[-1]
+
+    class DyingTask(LlavaTask):
+        def judge(self, prepared, completion):
+            if prepared.record.id == doomed:
+                os._exit(9)  # what the OOM killer leaves behind
+            return super().judge(prepared, completion)
+
+    task = DyingTask("conversation", load_prompt_set(prompts_dir, "conversation"), SamplingParams(),
+                     provenance={"backend": "scripted"}, coco_available=False)
+    texts = {i: [ORIGINAL, OTHER][k % 2] for k, i in enumerate(ids)}
+    layout = OutputLayout(tmp_path / "c.jsonl")
+    with pytest.raises(JudgeWorkerError, match="exit code 9"):
+        asyncio.run(run_local(task, layout, ScriptedBackend(texts), index.records(ids), EngineConfig(), 4,
+                              judge=ProcessJudge(task, workers=2)))
+    written = [rec["id"] for path in (layout.samples, layout.rejects) if path.exists() for rec in iter_jsonl(path)]
+    assert len(written) == len(set(written)) and str(doomed).zfill(12) not in written  # whole lines, no duplicates
