@@ -93,14 +93,16 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_workers_exit_when_their_parent_is_killed(how):
-    """Killed with -9 (or by the OOM killer), a run must not leave its judge processes behind."""
+    """Killed with -9 (or by the OOM killer), a run must not leave its judge processes behind, however many pools."""
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
         from test_judge_workers import Echo
         from datagen.engine.judging import ProcessJudge
         judge = ProcessJudge(Echo(), workers=3)
+        other = ProcessJudge(Echo(), workers=2)  # a second pool (generate makes one per split) forks after it
         judge.judge_many([(1, 1), (2, 2), (3, 3)])
+        other.judge_many([(1, 1), (2, 2)])
         print("ready", flush=True)
         time.sleep(3600)
     """)
@@ -108,7 +110,7 @@ def test_workers_exit_when_their_parent_is_killed(how):
     try:
         assert parent.stdout.readline().strip() == "ready"
         workers = _workers_of(parent.pid)
-        assert len(workers) == 3
+        assert len(workers) == 5
         parent.send_signal(how)
         parent.wait(WAIT_GUARD_S)
         deadline = time.monotonic() + WAIT_GUARD_S

@@ -78,15 +78,18 @@ class InlineJudge:
 
 
 _STOP = b""  # the parent's last message to a worker (a pickled batch is never empty)
+# The parent's ends of every judge worker's pipe still open in this process (all pools). A worker closes the
+# copies it inherits: held there, they would hide the parent's death from the workers at their other ends
+# (no end-of-file), and an orphaned worker would wait for batches forever.
+_PARENT_ENDS: set[Connection] = set()
 
 
-def _serve(task: JudgingTask, conn: Connection, inherited: list[Connection]) -> None:
+def _serve(task: JudgingTask, conn: Connection) -> None:
     """A judge worker's life: batches in, verdicts out, in the order they came, until the parent says stop or
     goes away."""
-    for other in inherited:
-        # The parent's ends of this and earlier workers' pipes: held here, they would hide the parent's
-        # death (no end-of-file), and an orphaned worker would wait for batches forever.
-        other.close()
+    for inherited in list(_PARENT_ENDS):
+        inherited.close()
+    _PARENT_ENDS.clear()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     settle_worker()  # the inherited heap frozen, the collector run less often (datagen.engine.heap)
     inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -133,10 +136,10 @@ class JudgeWorkerError(VisinstructError):
 class _Worker:
     """One forked judge process and the pipe to it. Each batch part sent gets one reply, in the order sent."""
 
-    def __init__(self, context: Any, task: JudgingTask, others: list["_Worker"]) -> None:
+    def __init__(self, context: Any, task: JudgingTask) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, name="datagen-judge", daemon=True,
-                                       args=(task, child, [self.conn, *(w.conn for w in others)]))
+        _PARENT_ENDS.add(self.conn)
+        self.process = context.Process(target=_serve, name="datagen-judge", daemon=True, args=(task, child))
         self.process.start()
         child.close()
         self.waiting: deque[_Part] = deque()
@@ -168,6 +171,7 @@ class _Worker:
             self.conn.send_bytes(_STOP)
         except OSError:  # it is gone already
             pass
+        _PARENT_ENDS.discard(self.conn)
         self.conn.close()
 
     def join(self) -> None:
@@ -233,9 +237,7 @@ class ProcessJudge:
     def __init__(self, task: JudgingTask, workers: int = 1) -> None:
         context = multiprocessing.get_context("fork")
         self.workers = max(1, workers)
-        self._pool: list[_Worker] = []
-        for _ in range(self.workers):
-            self._pool.append(_Worker(context, task, self._pool))
+        self._pool = [_Worker(context, task) for _ in range(self.workers)]
 
     def judge_many(self, pairs: list[tuple[Any, Completion]]) -> list[Any]:
         return self.submit(pairs).result()
