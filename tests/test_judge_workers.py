@@ -74,6 +74,19 @@ def test_a_worker_that_dies_is_a_user_facing_error_not_a_hang():
         pool.close()
 
 
+def test_a_worker_killed_between_batches_is_that_error_when_the_next_batch_goes_out():
+    pool = ProcessJudge(Echo(), workers=2)
+    try:
+        pool.judge_many([(1, 1), (2, 2)])
+        victim = pool._pool[1].process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(WAIT_GUARD_S)
+        with pytest.raises(JudgeWorkerError, match="exit code -9"):  # not an OSError, which reads as a disk error
+            pool.judge_many([(n, n) for n in range(4)])
+    finally:
+        pool.close()
+
+
 def _workers_of(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as fh:

@@ -145,7 +145,11 @@ class _Worker:
         self.waiting: deque[_Part] = deque()
 
     def send(self, pairs: list[tuple[Any, Completion]]) -> "_Part":
-        self.conn.send_bytes(pickle.dumps(pairs, pickle.HIGHEST_PROTOCOL))
+        blob = pickle.dumps(pairs, pickle.HIGHEST_PROTOCOL)
+        try:
+            self.conn.send_bytes(blob)
+        except OSError:  # its end is closed: it died (an OSError here is not the run's disk failing)
+            raise self._ended() from None
         part = _Part(self)
         self.waiting.append(part)
         return part
@@ -155,15 +159,18 @@ class _Worker:
         try:
             reply = self.conn.recv_bytes()
         except (EOFError, OSError):
-            self.process.join(1)
-            raise JudgeWorkerError(
-                f"a judge worker process (pid {self.process.pid}) ended with exit code {self.process.exitcode} "
-                "while checking samples",
-                "rerun the same command to resume (finished samples are kept); if it was killed for memory, "
-                "set DATAGEN_JUDGE_WORKERS=1",
-            ) from None
+            raise self._ended() from None
         ok, payload = pickle.loads(reply)
         self.waiting.popleft().settle(ok, payload)
+
+    def _ended(self) -> JudgeWorkerError:
+        self.process.join(1)
+        return JudgeWorkerError(
+            f"a judge worker process (pid {self.process.pid}) ended with exit code {self.process.exitcode} "
+            "while checking samples",
+            "rerun the same command to resume (finished samples are kept); if it was killed for memory, "
+            "set DATAGEN_JUDGE_WORKERS=1",
+        )
 
     def stop(self) -> None:
         """Tell the worker to finish (it exits once it has sent what it was judging)."""
