@@ -479,6 +479,20 @@ def test_object_findings_are_the_mentions_less_the_whole_ground_truth(answers, c
         assert hallucinated == mentioned - ground_truth(record, checker.env.matcher)
 
 
+@settings(max_examples=300, deadline=None)
+@given(named=st.sets(st.sampled_from(_CATEGORIES)),
+       captions=st.lists(st.lists(st.sampled_from(_FINDING_WORDS), max_size=10).map(" ".join), max_size=5),
+       boxed=st.lists(st.sampled_from(_CATEGORIES), max_size=5))
+def test_not_in_image_is_the_categories_less_the_ground_truth(named, captions, boxed):
+    """What `datagen stats` counts as hallucinated (CHAIR) without a checking run's remembered truths."""
+    from datagen.quality.objects import default_matcher, not_in_image
+
+    record = ImageRecord(id=1, file_name="x.jpg", width=1, height=1, captions=captions,
+                         objects=[ObjectBox(category=c, bbox=(0, 0, 1, 1)) for c in boxed])
+    matcher = default_matcher()
+    assert not_in_image(record, set(named), matcher) == set(named) - ground_truth(record, matcher)
+
+
 # --- counts: the captions read only for a claim the boxes alone refuse ---------------------------------------------
 
 _COUNT_WORDS = ["two dogs", "three cats", "a dog", "one cat", "several dogs", "twelve people", "4 people", "a pair of dogs",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -235,6 +236,16 @@ def default_matcher() -> ObjectMatcher:
 def ground_truth(record: ImageRecord, matcher: ObjectMatcher) -> set[str]:
     """Categories the image is known to contain: its boxes plus what its captions name."""
     return {obj.category for obj in record.objects} | matcher.categories_of_each(list(record.captions))
+
+
+def not_in_image(record: ImageRecord, categories: set[str], matcher: ObjectMatcher,
+                 truth: Callable[[], set[str]] | None = None) -> set[str]:
+    """`categories - ground_truth(record, matcher)`, reading the captions only for categories without a box (which
+    most answers never name). `truth`: the image's ground truth when the caller remembers it."""
+    unboxed = categories - {obj.category for obj in record.objects}
+    if not unboxed:
+        return unboxed
+    return unboxed - (truth() if truth is not None else ground_truth(record, matcher))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 
 from datagen.quality.io import ImageLookup
 from datagen.sample import IMAGE_TOKEN, read_samples, sample_split, split_from_filename
-from datagen.quality.objects import ChairCounter, ObjectMatcher, default_matcher, ground_truth
+from datagen.quality.objects import ChairCounter, ObjectMatcher, default_matcher, not_in_image
 
 TOP_QUESTION_WORDS = 8
 TOP_OBJECTS = 10
@@ -76,7 +76,6 @@ def compute_stats(
     matcher = matcher or default_matcher()
     per_split: dict[str, SplitStats] = {}
     overall = SplitStats()
-    truths: dict[int, set[str]] = {}
     for path in paths:
         fallback = split or split_from_filename(path)
         for rec in read_samples(path):
@@ -89,9 +88,7 @@ def compute_stats(
             record = lookup.find(rec.get("image")) if lookup else None
             hallucinated: set[str] | None = None
             if record is not None:
-                if record.id not in truths:
-                    truths[record.id] = ground_truth(record, matcher)
-                hallucinated = mentioned - truths[record.id]
+                hallucinated = not_in_image(record, mentioned, matcher)
             reasons = rec.get("reject_reasons") if isinstance(rec.get("reject_reasons"), list) else []
             for stats in targets:
                 stats.samples += 1

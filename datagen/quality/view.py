@@ -12,7 +12,7 @@ from typing import Any
 from datagen.coco import ImageRecord
 from datagen.quality.config import QualityConfig
 from datagen.quality.minhash import NearDuplicateIndex
-from datagen.quality.objects import ObjectMatcher, ground_truth
+from datagen.quality.objects import ObjectMatcher, ground_truth, not_in_image
 from datagen.sample import IMAGE_TOKEN, Sample
 
 
@@ -105,10 +105,9 @@ class CheckEnv:
         return found
 
     def unknown(self, record: ImageRecord, categories: set[str]) -> set[str]:
-        """Those of `categories` the image is not known to contain (neither boxed nor named by a caption). The
-        captions are read only for categories without a box, which most answers and questions never name."""
-        unboxed = categories - {obj.category for obj in record.objects}
-        return unboxed - self.truth(record) if unboxed else unboxed
+        """Those of `categories` the image is not known to contain (neither boxed nor named by a caption):
+        `objects.not_in_image`, with the truth remembered here."""
+        return not_in_image(record, categories, self.matcher, lambda: self.truth(record))
 
     def mentioned(self, text: str, include_hedged: bool) -> set[str]:
         """Categories the text names (the matcher's answer, remembered for the same text)."""
