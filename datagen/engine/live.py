@@ -92,22 +92,13 @@ class ResultRecorder:
         run's end. Its rows are committed already, before any line that needs them.
         """
         try:
-            self._close_cache()
+            if self.cache is not None:
+                cache, self.cache = self.cache, None
+                cache.close()
             self._settle(wait=True)
         finally:
-            self._close()
-
-    def _close_cache(self) -> None:
-        if self.cache is not None:
-            cache, self.cache = self.cache, None
-            cache.close()
-
-    def _close(self) -> None:
-        try:
-            self.sink.close()
-        finally:
             try:
-                self._close_cache()
+                self.sink.close()
             finally:
                 self.judge.close()
 
