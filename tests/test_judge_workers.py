@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from datagen.engine.judging import JudgeWorkerError, ProcessJudge
 from datagen.errors import VisinstructError
+from datagen.executors.ray_items import _process_start
 from guards import WAIT_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,11 +97,7 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
-    except OSError:
-        return True
+    return _process_start(pid) is None  # exited: a zombie not yet reaped, or reaped
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
