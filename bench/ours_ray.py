@@ -60,6 +60,7 @@ def main() -> None:
     print(json.dumps({"done": stats.accepted + stats.rejected, "failed": stats.failed, "accepted": stats.accepted,
                       "requests": stats.requests, "retries": stats.retries, "wall_s": timings.work_s,
                       "startup_s": timings.connect_s + timings.first_request_after_s, "connect_s": timings.connect_s,
+                      "plan_s": timings.plan_s,
                       "total_s": time.perf_counter() - started_wall, "workers": timings.workers,
                       "cpu_s": cpu_seconds() - started_cpu,
                       "worker_peak_rss_mb": sorted(timings.worker_peak_rss_mb.values()),

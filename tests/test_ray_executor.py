@@ -21,7 +21,8 @@ from datagen.backends.base import SamplingParams  # noqa: E402
 from datagen.backends.openai_backend import OpenAIBackend  # noqa: E402
 from datagen.engine.config import EngineConfig  # noqa: E402
 from datagen.executors.local import run_local  # noqa: E402
-from datagen.executors.ray_executor import BackendSpec, RayRun, run_ray  # noqa: E402
+from datagen.errors import VisinstructError  # noqa: E402
+from datagen.executors.ray_executor import BackendSpec, RayRun, RayTimings, WindowPlanner, run_ray  # noqa: E402
 from datagen.prompts import load_prompt_set  # noqa: E402
 from datagen.sample import OutputLayout, sample_id  # noqa: E402
 from datagen.task import LlavaTask  # noqa: E402
@@ -353,3 +354,51 @@ def test_a_workers_driver_watch_agrees_with_proc_killed_zombie_reaped_and_anothe
         proc.wait()
     assert not watch.alive() and not driver.watch().alive(), "reaped"
     assert DriverProcess.this_process("n").watch().alive()
+
+
+class ThreadNoting:
+    """A RequestPlanner stand-in that notes the thread of each call (SQLite connections are bound to one)."""
+
+    def __init__(self) -> None:
+        self.threads: list[tuple[str, int]] = []
+
+    def open(self) -> None:
+        self.threads.append(("open", threading.get_ident()))
+
+    def plan(self, records):
+        for record in records:
+            self.threads.append(("plan", threading.get_ident()))
+            yield record
+
+    def close(self) -> None:
+        self.threads.append(("close", threading.get_ident()))
+
+
+def test_the_first_window_is_planned_before_it_is_asked_for_and_all_planning_runs_in_one_thread():
+    planner, started = ThreadNoting(), threading.Event()
+
+    def records():
+        started.set()
+        yield from range(10)
+
+    planning = WindowPlanner(planner, records(), 4, RayTimings())
+    assert started.wait(WAIT_GUARD_S), "the first window is planned while the caller does something else (Ray starts)"
+    assert [planning.take() for _ in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], []]
+    planning.close()
+    planning.close()  # a second close does nothing
+    assert [name for name, _ in planner.threads] == ["open"] + ["plan"] * 10 + ["close"]
+    assert len({ident for _, ident in planner.threads}) == 1 and planner.threads[0][1] != threading.get_ident()
+
+
+def test_a_planning_error_reaches_the_caller_and_the_planner_is_still_closed():
+    planner = ThreadNoting()
+
+    def records():
+        yield 1
+        raise VisinstructError("record 2 is malformed", "fix the index")
+
+    planning = WindowPlanner(planner, records(), 4, RayTimings())
+    with pytest.raises(VisinstructError, match="record 2 is malformed"):
+        planning.take()
+    planning.close()
+    assert planner.threads[-1][0] == "close"

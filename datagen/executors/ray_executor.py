@@ -1,7 +1,8 @@
 """The Ray Data executor: the same task, engine request path and sink as a local run, over a Ray cluster.
 
-    driver   RequestPlanner: skip done ids, prepare (render + messages), cache key, cache lookup -> work items
-             in chunks (a Ray Dataset, one chunk per row)
+    driver   RequestPlanner, in a thread of its own (the first window is planned while Ray starts): skip done
+             ids, prepare (render + messages), cache key, cache lookup -> work items in chunks (a Ray Dataset,
+             one chunk per row)
     workers  an actor pool (`EngineStage`): per item the engine's request path (client, retries, error
              classes), the job-wide limiter/budget actor, fresh completions stored by the cache writer actor,
              then `task.judge` (parse + per-sample checks)
@@ -29,6 +30,7 @@ import pickle
 import resource
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -121,8 +123,12 @@ class RayTimings:
 
     connect_s: float = 0.0  # ray.init: starting a local cluster, or joining one
     first_request_after_s: float = 0.0  # from the dataset's start to the first worker call (actor pool start)
-    plan_s: float = 0.0  # the driver's planning: done ids skipped, requests prepared, keyed, looked up in the cache
-    work_s: float = 0.0  # planning plus the time from the first worker call to the last result written
+    # The driver's planning (done ids skipped, requests prepared, keyed, looked up in the cache), in its own thread:
+    # the first window's overlaps Ray's start.
+    plan_s: float = 0.0
+    # From the first worker call to the last result written, plus any wait for the first window's planning once
+    # Ray was up (planning that overlapped Ray's start is not work).
+    work_s: float = 0.0
     workers: int = 0
     worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # worker pid -> its peak RSS (MB)
     driver_peak_rss_mb: float = 0.0
@@ -397,11 +403,8 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     if spec.name == "vllm" and (config.rpm or config.tpm or config.budget_usd is not None):
         raise VisinstructError("--rpm, --tpm and --budget pace an endpoint; --backend vllm runs its own engines",
                                "drop them, or serve the model with `vllm serve` and use --backend openai")
-    timings = RayTimings()
-    started_ray, timings.connect_s = connect(address, num_cpus)
     endpoint = Endpoint(spec.name, spec.model)
     price = price_of(spec.name, spec.model, config)
-    stats = RunStats(cost_usd=0.0 if price is not None else None)
     if config.budget_usd is not None and price is None:
         raise VisinstructError(f"no price known for model {spec.model!r}, so --budget cannot be enforced",
                                "add the model to a price file and pass --prices FILE")
@@ -409,6 +412,66 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     if config.tpm or config.budget_usd is not None:
         count_tokens = PromptTokenCounter().count
     done = layout.done_ids() if done is None else done
+    timings = RayTimings()
+    stats = RunStats(cost_usd=0.0 if price is not None else None)
+    planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
+    # Planning (skip done ids, render, key, look up the cache) runs in a thread of its own, which also owns the
+    # planner's cache connection: the first window is planned while Ray starts (`connect` waits on processes).
+    planning = WindowPlanner(planner, records, window, timings)
+    started_ray = False
+    try:
+        started_ray, timings.connect_s = connect(address, num_cpus)
+        return _run_windows(task, layout, spec, config, concurrency, on_progress, endpoint, price, stats, timings,
+                            planning)
+    finally:
+        planning.close()
+        if started_ray:
+            ray.shutdown()
+
+
+class WindowPlanner:
+    """The driver's planning in one thread: windows of planned items, the next one asked for while a run starts."""
+
+    def __init__(self, planner: RequestPlanner, records: Iterable[ImageRecord], window: int, timings: RayTimings) -> None:
+        self.planner = planner
+        self.window = window
+        self.timings = timings
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="visinstruct-plan")
+        self.planned = self.thread.submit(self._open, records)
+        self.next = self.thread.submit(self._window)
+
+    def _open(self, records: Iterable[ImageRecord]) -> Iterator[WorkItem | AlreadyDone]:
+        self.planner.open()
+        return self.planner.plan(records)
+
+    def _window(self) -> list[WorkItem | AlreadyDone]:
+        started = time.perf_counter()
+        try:
+            return list(islice(self.planned.result(), self.window))
+        finally:
+            self.timings.plan_s += time.perf_counter() - started
+
+    def take(self) -> list[WorkItem | AlreadyDone]:
+        """The next window (empty once the records are all planned). Only the first is planned ahead: a window
+        planned during the previous one's run would double what the driver holds."""
+        pending, self.next = self.next or self.thread.submit(self._window), None
+        return pending.result()
+
+    def close(self) -> None:
+        """Close the planner's connection, in its thread (after the window being planned, if one is)."""
+        if self.thread is None:
+            return
+        thread, self.thread = self.thread, None
+        try:
+            thread.submit(self.planner.close).result()
+        finally:
+            thread.shutdown()
+
+
+def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, config: EngineConfig, concurrency: int,
+                 on_progress: ProgressFn | None, endpoint: Endpoint, price: Price | None, stats: RunStats,
+                 timings: RayTimings, planning: WindowPlanner) -> RayRun:
+    """`run_ray` once Ray is up: one dataset per window of planned items, through the job's actors."""
     resources = ray.cluster_resources()
     workers = pool_size(spec.name, concurrency, resources.get("CPU", 1), resources.get("GPU", 0))
     # Local-model workers each batch --batch-size prompts; openai workers share --concurrency between them.
@@ -424,7 +487,6 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     if config.rpm or config.tpm or config.budget_usd is not None:
         limiter = ray.remote(JobLimiter).options(num_cpus=0, scheduling_strategy=here).remote(
             config.rpm, config.tpm, config.budget_usd, price)
-    planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
     sink = OutputSink(layout, task.split, stats, task.near_duplicate_gate(layout.samples))
     # The workers stored fresh completions already; the recorder counts, hands on verdicts and writes files.
     # vLLM's pipeline has no cache writer: the recorder stores its fresh completions as they arrive.
@@ -443,15 +505,15 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     ctx.print_on_execution_start = False
     fatal: VisinstructError | None = None
     first_call = dataset_started = None
+    plan_wait_s = 0.0
     recorder.open()
-    planner.open()
     try:
-        planned = chunks(planner.plan(records), chunk_size, skipped)
         while fatal is None:
             # One window of planned items at a time: the driver holds a window, not the whole run.
-            plan_started = time.perf_counter()
-            rows = [{"items": pickle.dumps(chunk)} for chunk in islice(planned, max(1, window // chunk_size))]
-            timings.plan_s += time.perf_counter() - plan_started
+            waited = time.perf_counter()
+            rows = [{"items": pickle.dumps(chunk)} for chunk in chunks(planning.take(), chunk_size, skipped)]
+            if first_call is None:  # the first window's planning, beyond what overlapped Ray's start, is work
+                plan_wait_s += time.perf_counter() - waited
             if skipped[0]:
                 recorder.record([AlreadyDone(skipped[0])])
                 skipped[0] = 0
@@ -487,14 +549,14 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
         if first_call is not None:
             # Start-up: until the first window's first worker call; later windows' pool starts count as work.
             timings.first_request_after_s = max(0.0, first_call - dataset_started)
-            timings.work_s = timings.plan_s + time.time() - first_call
+            timings.work_s = plan_wait_s + time.time() - first_call
         if limiter is not None:
             stats.rate_limited_s = ray.get(limiter.waited_s.remote())
         timings.driver_peak_rss_mb = peak_rss_mb()
     finally:
         try:
-            planner.close()
-            recorder.close()  # may fail again after a write error: the actors and Ray still go down
+            planning.close()
+            recorder.close()  # may fail again after a write error: the actors still go down
         finally:
             stats.elapsed_s = time.perf_counter() - clock
             try:
@@ -504,8 +566,6 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
                 for actor in (cache_writer, limiter):
                     if actor is not None:
                         ray.kill(actor)
-                if started_ray:
-                    ray.shutdown()
     if fatal is not None:
         raise fatal
     return RayRun(stats, timings)
