@@ -55,11 +55,11 @@ def engine_config(cache: Path | None, **overrides) -> EngineConfig:
 
 
 def ray_run(server: FakeOpenAIServer, out: Path, coco_root: Path, *, concurrency: int = 8, task: LlavaTask | None = None,
-            cache: Path | None = None, window: int = 50_000, **overrides) -> RayRun:
+            cache: Path | None = None, window: int = 50_000, writer_only: bool = False, **overrides) -> RayRun:
     index = load_index(coco_root, SPLIT)
     spec = BackendSpec("openai", MODEL, server.base_url, timeout=60.0)
     return run_ray(task or make_task(), OutputLayout(out), spec, index.records(index.image_ids()),
-                   engine_config(cache, **overrides), concurrency, window=window)
+                   engine_config(cache, **overrides), concurrency, window=window, writer_only=writer_only)
 
 
 def records_by_id(path: Path) -> dict[str, dict]:
@@ -126,6 +126,21 @@ def test_ray_and_local_write_the_same_samples_and_a_cached_rerun_sends_nothing(r
         ray_rows = records_by_id(getattr(OutputLayout(ray_out), name))
         assert local_rows == ray_rows, name
     assert records_by_id(local_out), "some samples are accepted"
+
+
+@pytest.mark.parametrize("writer_only", [False, True], ids=["file-on-the-drivers-node", "writer-actor"])
+def test_workers_store_every_fresh_completion_before_handing_it_on(ray_address, coco_root, tmp_path, writer_only):
+    """Workers on the driver's node write the cache file themselves; workers elsewhere go through the writer
+    actor (`writer_only` takes that path here). Either way every completion is in the cache when the run ends,
+    and a rerun on a fresh output sends nothing."""
+    all_ids = {sample_id(i) for i in load_index(coco_root, SPLIT).image_ids()}
+    cache = tmp_path / "cache.sqlite"
+    with FakeOpenAIServer() as server:
+        first = ray_run(server, tmp_path / "a.jsonl", coco_root, cache=cache, writer_only=writer_only)
+        assert cached_ids(cache) == all_ids and first.stats.requests == server.state.count == len(all_ids)
+        again = ray_run(server, tmp_path / "b.jsonl", coco_root, cache=cache, writer_only=writer_only)
+        assert server.state.count == len(all_ids) and again.stats.cache_hits == len(all_ids)
+    assert records_by_id(tmp_path / "a.jsonl") == records_by_id(tmp_path / "b.jsonl")
 
 
 def test_rpm_and_budget_hold_for_the_whole_job_not_per_worker(ray_address, coco_root, tmp_path):

@@ -4,15 +4,16 @@
              ids, prepare (render + messages), cache key, cache lookup -> work items in chunks (a Ray Dataset,
              one chunk per row)
     workers  an actor pool (`EngineStage`): per item the engine's request path (client, retries, error
-             classes), the job-wide limiter/budget actor, fresh completions stored by the cache writer actor,
-             then `task.judge` (parse + per-sample checks)
+             classes), the job-wide limiter/budget actor, then `task.judge` (parse + per-sample checks);
+             each chunk's fresh completions stored (see below) before the chunk is handed on
     driver   ResultRecorder -> OutputSink: counts, cost, near-duplicates in run order, the output files
 
 Design choices (docs/ray.md says more):
 - One response cache, the SQLite file of a local run, on the driver's node. The driver reads it while
-  planning (cached items carry their completion and skip the LLM); a `CacheWriter` actor pinned to the
-  driver's node stores each chunk's fresh completions before the chunk is handed on, so a crash of the
-  driver or a worker pays again only for requests whose chunk had not yet reached the writer.
+  planning (cached items carry their completion and skip the LLM); a worker stores each chunk's fresh
+  completions before the chunk is handed on (into the file itself on the driver's node, through a
+  `CacheWriter` actor there from other nodes), so a crash of the driver or a worker pays again only for
+  requests whose chunk had not been stored yet.
 - --rpm/--tpm/--budget are enforced for the whole job by one `JobLimiter` actor that every worker asks
   before each request; without them each worker keeps a local limiter (429 pauses, x-ratelimit headers).
 - A killed driver: workers on its node check before each request that it still runs (`DriverProcess`), so
@@ -56,7 +57,6 @@ from datagen.errors import VisinstructError
 from datagen.executors.local import price_of
 from datagen.executors.ray_items import ChunkResult, DriverProcess, Judged, WorkerVerdicts
 from datagen.executors.ray_vllm import vllm_dataset
-from datagen.outputs import OutputWriteError
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
 from datagen.task import LlavaTask
@@ -156,6 +156,61 @@ class CacheWriter:
         self.cache.close()
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where a job's fresh completions are stored: its SQLite cache file on the driver's node, and the
+    `CacheWriter` actor there for workers on other nodes (None on a one-machine cluster the job started)."""
+
+    path: str
+    node_id: str
+    writer: Any | None = None
+    writer_only: bool = False  # every worker through the writer, the driver's node's too
+
+    def store(self, node_id: str) -> "FileStore | WriterStore":
+        """A worker's way to the cache: the file itself on the driver's node, else the writer actor."""
+        if self.writer is not None and (self.writer_only or node_id != self.node_id):
+            return WriterStore(self.writer)
+        if node_id != self.node_id:
+            raise VisinstructError("a Ray worker runs on another node than the driver, and the job has no cache "
+                                   "writer there", "rerun: the job starts one when the cluster has other nodes")
+        return FileStore(self.path)
+
+
+class FileStore:
+    """A worker on the driver's node writes the cache file itself (SQLite's lock orders the writers), from a
+    thread of its own that holds the connection, so the event loop goes on serving requests during a commit.
+    Against a round trip to the writer actor per chunk this saves the actor's process the work (bench/RESULTS.md,
+    issue 8, fourth session)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="visinstruct-cache")
+        self.cache: ResponseCache | None = None
+
+    def _put(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
+        if self.cache is None:
+            self.cache = ResponseCache(self.path)
+        self.cache.put_many(rows)
+
+    async def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self._put, rows)
+
+
+class WriterStore:
+    """A worker on another node stores through the job's `CacheWriter` actor; its errors arrive as raised there."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    async def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
+        try:
+            await self.writer.put_many.remote(rows)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, VisinstructError):
+                raise exc.cause from None
+            raise
+
+
 class JobLimiter:
     """The job-wide request/token pacing and spending limit: every worker asks it before each request."""
 
@@ -218,12 +273,12 @@ class EngineStage:
     """
 
     def __init__(self, task: LlavaTask, spec: BackendSpec, config: EngineConfig, price: Price | None,
-                 concurrency: int, endpoint: Endpoint, limiter: Any | None, cache_writer: Any | None,
+                 concurrency: int, endpoint: Endpoint, limiter: Any | None, cache: CacheSpec | None,
                  driver: DriverProcess | None = None) -> None:
         settle_worker()  # an actor's process judges for the job's lifetime (datagen.engine.heap)
+        node_id = ray.get_runtime_context().get_node_id()
         # On the driver's node: no request is sent once the driver is gone (see DriverProcess).
-        self.driver = (driver.watch() if driver is not None and driver.watch_from(ray.get_runtime_context().get_node_id())
-                       else None)
+        self.driver = driver.watch() if driver is not None and driver.watch_from(node_id) else None
         self.task = task
         self.spec = spec
         # Budget and pacing are the job's (the JobLimiter actor), not this worker's.
@@ -232,7 +287,7 @@ class EngineStage:
         self.concurrency = max(1, concurrency)
         self.endpoint = endpoint
         self.limiter = limiter
-        self.cache_writer = cache_writer
+        self.store = cache.store(node_id) if cache is not None else None
         self.backend = spec.preload()
         self.engine: LiveEngine | None = None
         self.slots: asyncio.Semaphore | None = None
@@ -264,15 +319,13 @@ class EngineStage:
             done = [r for r in await asyncio.gather(*(self._one_judged(item) for item in items)) if r is not None]
             results = [result for result, _ in done]
             fresh = [row for _, row in done if row is not None]
-            if fresh and self.cache_writer is not None:
+            if fresh and self.store is not None:
                 try:
-                    await self.cache_writer.put_many.remote(fresh)  # stored before anything is handed on
-                except ray.exceptions.RayTaskError as exc:
-                    if not isinstance(exc.cause, OutputWriteError):
-                        raise
-                    # The cache cannot be written (a full disk): the run stops; these completions are dropped
+                    await self.store.put_many(fresh)  # stored before anything is handed on
+                except VisinstructError as exc:
+                    # The cache cannot be written (a full disk, say): the run stops; these completions are dropped
                     # rather than written as samples that the cache would not know were paid for.
-                    self.fatal = self.fatal or exc.cause
+                    self.fatal = self.fatal or exc
                     results = []
             outputs.append(pickle.dumps(self._chunk_result(results, started_at)))
         return {"result": outputs}
@@ -395,7 +448,7 @@ def pool_size(backend: str, concurrency: int, cluster_cpus: float, gpus: float =
 def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: Iterable[ImageRecord],
             config: EngineConfig, concurrency: int, on_progress: ProgressFn | None = None,
             done: set[str] | None = None, address: str | None = None, num_cpus: int | None = None,
-            window: int = WINDOW_ITEMS) -> RayRun:
+            window: int = WINDOW_ITEMS, writer_only: bool = False) -> RayRun:
     """Generate `task` samples for `records` not already in the output, on Ray; the same files as `run_local`.
 
     The driver plans `window` items at a time and runs one dataset per window (the sink's order carries on).
@@ -421,8 +474,11 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     started_ray = False
     try:
         started_ray, timings.connect_s = connect(address, num_cpus)
+        # A cluster that was joined may have (or gain) other nodes, whose workers store through the writer actor;
+        # `writer_only` sends every worker that way (tests take the other nodes' path on one machine).
+        writer = writer_only or not started_ray or sum(1 for node in ray.nodes() if node.get("Alive")) > 1
         return _run_windows(task, layout, spec, config, concurrency, on_progress, endpoint, price, stats, timings,
-                            planning)
+                            planning, writer, writer_only)
     finally:
         planning.close()
         if started_ray:
@@ -470,7 +526,7 @@ class WindowPlanner:
 
 def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, config: EngineConfig, concurrency: int,
                  on_progress: ProgressFn | None, endpoint: Endpoint, price: Price | None, stats: RunStats,
-                 timings: RayTimings, planning: WindowPlanner) -> RayRun:
+                 timings: RayTimings, planning: WindowPlanner, writer: bool, writer_only: bool) -> RayRun:
     """`run_ray` once Ray is up: one dataset per window of planned items, through the job's actors."""
     resources = ray.cluster_resources()
     workers = pool_size(spec.name, concurrency, resources.get("CPU", 1), resources.get("GPU", 0))
@@ -480,10 +536,13 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
     node_id = ray.get_runtime_context().get_node_id()
     here = NodeAffinitySchedulingStrategy(node_id, soft=False)
     driver = DriverProcess.this_process(node_id)
-    cache_writer = limiter = None
+    cache_writer = limiter = cache = None
     if config.cache_path is not None and spec.name != "vllm":
         Path(config.cache_path).parent.mkdir(parents=True, exist_ok=True)
-        cache_writer = ray.remote(CacheWriter).options(num_cpus=0, scheduling_strategy=here).remote(str(config.cache_path))
+        if writer:
+            cache_writer = ray.remote(CacheWriter).options(num_cpus=0, scheduling_strategy=here).remote(
+                str(config.cache_path))
+        cache = CacheSpec(str(config.cache_path), node_id, cache_writer, writer_only)
     if config.rpm or config.tpm or config.budget_usd is not None:
         limiter = ray.remote(JobLimiter).options(num_cpus=0, scheduling_strategy=here).remote(
             config.rpm, config.tpm, config.budget_usd, price)
@@ -524,7 +583,7 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
             else:
                 dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                     EngineStage, batch_size=1,
-                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache_writer,
+                    fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache,
                                          driver),
                     compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
                                                        max_concurrent_calls_per_actor=calls,
