@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 # This module is the optional [ray] extra's: the CLI imports it only for --executor ray.
+import pyarrow as pa
 import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -268,8 +269,8 @@ class RemoteLimiter:
 class EngineStage:
     """The LLM stage on a Ray worker: the engine's request path per item, then the task's judgement.
 
-    Ray Data makes one per actor and calls it with dataset batches of pickled work-item chunks; the
-    calls run concurrently on the actor's event loop, `concurrency` requests in flight at most.
+    Ray Data makes one per actor and calls it with dataset batches (Arrow tables) of pickled work-item chunks;
+    the calls run concurrently on the actor's event loop, `concurrency` requests in flight at most.
     """
 
     def __init__(self, task: LlavaTask, spec: BackendSpec, config: EngineConfig, price: Price | None,
@@ -308,12 +309,12 @@ class EngineStage:
         """Whether the job paces requests (--rpm/--tpm); the limiter actor may exist for --budget alone."""
         return bool(self.config.rpm or self.config.tpm)
 
-    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         started_at = time.time()
         if self.engine is None:
             self.engine = self._start()
         outputs = []
-        for blob in batch["items"]:
+        for blob in batch.column("items").to_pylist():
             items: list[WorkItem] = pickle.loads(blob)
             # None: not sent because the run is stopping (a fatal error); the rerun does it.
             done = [r for r in await asyncio.gather(*(self._one_judged(item) for item in items)) if r is not None]
@@ -328,7 +329,7 @@ class EngineStage:
                     self.fatal = self.fatal or exc
                     results = []
             outputs.append(pickle.dumps(self._chunk_result(results, started_at)))
-        return {"result": outputs}
+        return result_table(outputs)
 
     def _chunk_result(self, results: list[Result], started_at: float) -> ChunkResult:
         stats = self.engine.stats
@@ -390,6 +391,12 @@ class EngineStage:
     def _settle(self, reserved: float, cost: float) -> None:
         if self.limiter is not None:
             self.limiter.settle.remote(reserved, cost)
+
+
+def result_table(blobs: list[bytes]) -> pa.Table:
+    """A stage's output: one binary column of pickled chunk results. Arrow in and out, so Ray Data builds its
+    blocks without converting through numpy object arrays."""
+    return pa.table({"result": pa.array(blobs, type=pa.binary())})
 
 
 def peak_rss_mb() -> float:
@@ -582,7 +589,7 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
                 dataset = vllm_dataset(rows, task, spec, workers)
             else:
                 dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                    EngineStage, batch_size=1,
+                    EngineStage, batch_size=1, batch_format="pyarrow",
                     fn_constructor_args=(task, spec, config, price, per_worker, endpoint, limiter, cache,
                                          driver),
                     compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
@@ -592,8 +599,8 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
                     ray_remote_args_fn=spread_over_nodes,
                 )
             dataset_started = dataset_started or time.time()
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for blob in batch["result"]:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for blob in batch.column("result").to_pylist():
                     chunk: ChunkResult = pickle.loads(blob)
                     first_call = chunk.started_at if first_call is None else min(first_call, chunk.started_at)
                     stats.requests += chunk.requests
