@@ -144,7 +144,8 @@ class RayRun:
 
 
 class CacheWriter:
-    """Stores fresh completions into the run's SQLite cache; one per job, on the driver's node."""
+    """Stores fresh completions into the run's SQLite cache, on the driver's node: as an actor for other nodes'
+    workers, in place (`FileStore`) for the workers beside the driver."""
 
     def __init__(self, path: str) -> None:
         self.cache = ResponseCache(Path(path))
@@ -160,7 +161,7 @@ class CacheWriter:
 @dataclass(frozen=True)
 class CacheSpec:
     """Where a job's fresh completions are stored: its SQLite cache file on the driver's node, and the
-    `CacheWriter` actor there for workers on other nodes (None on a one-machine cluster the job started)."""
+    `CacheWriter` actor there for workers on other nodes (None on the one-machine cluster a job starts itself)."""
 
     path: str
     node_id: str
@@ -184,14 +185,14 @@ class FileStore:
     issue 8, fourth session)."""
 
     def __init__(self, path: str) -> None:
-        self.path = Path(path)
+        self.path = path
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="visinstruct-cache")
-        self.cache: ResponseCache | None = None
+        self.writer: CacheWriter | None = None  # the actor's class, used in place, opened in the thread
 
     def _put(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
-        if self.cache is None:
-            self.cache = ResponseCache(self.path)
-        self.cache.put_many(rows)
+        if self.writer is None:
+            self.writer = CacheWriter(self.path)
+        self.writer.put_many(rows)
 
     async def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
         await asyncio.get_running_loop().run_in_executor(self.thread, self._put, rows)
@@ -482,8 +483,9 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     try:
         started_ray, timings.connect_s = connect(address, num_cpus)
         # A cluster that was joined may have (or gain) other nodes, whose workers store through the writer actor;
-        # `writer_only` sends every worker that way (tests take the other nodes' path on one machine).
-        writer = writer_only or not started_ray or sum(1 for node in ray.nodes() if node.get("Alive")) > 1
+        # the one-machine cluster started here has none. `writer_only` sends every worker through the writer
+        # (tests take the other nodes' path on one machine).
+        writer = writer_only or not started_ray
         return _run_windows(task, layout, spec, config, concurrency, on_progress, endpoint, price, stats, timings,
                             planning, writer, writer_only)
     finally:
@@ -517,8 +519,10 @@ class WindowPlanner:
     def take(self) -> list[WorkItem | AlreadyDone]:
         """The next window (empty once the records are all planned). Only the first is planned ahead: a window
         planned during the previous one's run would double what the driver holds."""
-        pending, self.next = self.next or self.thread.submit(self._window), None
-        return pending.result()
+        if self.next is None:
+            return self.thread.submit(self._window).result()
+        first, self.next = self.next, None
+        return first.result()
 
     def close(self) -> None:
         """Close the planner's connection, in its thread (after the window being planned, if one is)."""
