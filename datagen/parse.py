@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from datagen.sample import IMAGE_TOKEN, Sample
+from datagen.sample import IMAGE_TOKEN, Sample, plain_record
 from datagen.splits import SPLIT_SPECS
 
 # A `Question:` / `Answer:` label at the start of a line, tolerating markdown and numbering
@@ -115,19 +115,8 @@ def parse_pairs(text: str, split: str, truncated: bool, rules: ParseRules) -> li
     return pairs[: rules.max_pairs[split]]
 
 
-def build_sample(
-    *,
-    split: str,
-    text: str,
-    sample_id: str,
-    image: str,
-    instruction: str | None,
-    meta: dict[str, Any],
-    truncated: bool = False,
-    rules: ParseRules | None = None,
-) -> Sample:
-    """Parse one completion into a validated Sample or raise ParseError."""
-    rules = rules or ParseRules()
+def _turns(*, split: str, text: str, instruction: str | None, truncated: bool, rules: ParseRules) -> list[tuple[str, str]]:
+    """The sample's (speaker, value) turns parsed from a completion, or raise ParseError."""
     text = text.strip()
     if not text:
         raise ParseError("empty_output", "the model returned no text")
@@ -146,9 +135,51 @@ def build_sample(
     for i, (question, answer) in enumerate(pairs):
         question = question.replace(IMAGE_TOKEN, "").strip()
         answer = answer.replace(IMAGE_TOKEN, "").strip()
-        turns.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
-        turns.append({"from": "gpt", "value": answer})
+        turns.append(("human", f"{IMAGE_TOKEN}\n{question}" if i == 0 else question))
+        turns.append(("gpt", answer))
+    return turns
+
+
+_DEFAULT_RULES = ParseRules()
+
+
+def build_sample(
+    *,
+    split: str,
+    text: str,
+    sample_id: str,
+    image: str,
+    instruction: str | None,
+    meta: dict[str, Any],
+    truncated: bool = False,
+    rules: ParseRules | None = None,
+) -> Sample:
+    """Parse one completion into a validated Sample or raise ParseError."""
+    turns = _turns(split=split, text=text, instruction=instruction, truncated=truncated, rules=rules or _DEFAULT_RULES)
+    return _model(sample_id, image, turns, split, meta)
+
+
+def build_record(
+    *,
+    split: str,
+    text: str,
+    sample_id: str,
+    image: str,
+    instruction: str | None,
+    meta: dict[str, Any],
+    truncated: bool = False,
+    rules: ParseRules | None = None,
+) -> dict[str, Any]:
+    """`build_sample(...).to_record()`: the sample as written, made without the model where its fields need no
+    conversion (`datagen.sample.plain_record`; a judge makes one per completion)."""
+    turns = _turns(split=split, text=text, instruction=instruction, truncated=truncated, rules=rules or _DEFAULT_RULES)
+    record = plain_record(sample_id, image, turns, split, meta)
+    return record if record is not None else _model(sample_id, image, turns, split, meta).to_record()
+
+
+def _model(sample_id: str, image: str, turns: list[tuple[str, str]], split: str, meta: dict[str, Any]) -> Sample:
     try:
-        return Sample(id=sample_id, image=image, conversations=turns, split=split, meta=meta)
+        return Sample(id=sample_id, image=image, conversations=[{"from": s, "value": v} for s, v in turns],
+                      split=split, meta=meta)
     except ValidationError as exc:
         raise ParseError("invalid_sample", exc.errors()[0]["msg"]) from None

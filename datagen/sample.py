@@ -52,6 +52,50 @@ def turn_problems(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return problems
 
 
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of a JSON-plain value (str, int, float, bool, None; lists; dicts with str keys), or raise TypeError."""
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return value
+    if kind is dict:
+        if not all(type(key) is str for key in value):
+            raise TypeError("a key that is not a string")
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if kind is list:
+        return [_plain_copy(item) for item in value]
+    raise TypeError(f"a {kind.__name__}")
+
+
+def plain_record(sample_id: Any, image: Any, turns: list[tuple[Any, Any]], split: Any,
+                 meta: Any) -> dict[str, Any] | None:
+    """`Sample(id=..., image=..., conversations=[{"from": s, "value": v}, ...], split=..., meta=...).to_record()`,
+    built without the model when the model would take every field as it is: strings, turns that pass
+    `turn_problems`, and a meta of plain JSON values (copied, as the model copies it).
+
+    None otherwise: the caller then builds the model, which converts the field or refuses it with its own message.
+    Parsing a completion builds one record per completion, and the model's validation and dump cost more than
+    several of the checks that then read it; tests/test_quality_speed_equivalence.py pins that both agree.
+    """
+    if not (type(sample_id) is str and type(image) is str and type(split) is str):
+        return None
+    if not all(type(speaker) is str and type(value) is str for speaker, value in turns) or turn_problems(turns):
+        return None
+    try:
+        meta = _plain_copy(meta) if meta is not None else None
+    except (TypeError, RecursionError):
+        return None
+    if meta is not None and type(meta) is not dict:
+        return None
+    record = {"id": sample_id, "image": image,
+              "conversations": [{"from": speaker, "value": value} for speaker, value in turns], "split": split}
+    if meta is not None:
+        record["meta"] = meta
+    return record
+
+
 class Turn(BaseModel):
     """One message of a conversation, in LLaVA's {"from", "value"} form."""
 

@@ -19,7 +19,7 @@ from datagen.backends.base import ChatRequest, Completion, SamplingParams
 from datagen.coco import ImageRecord
 from datagen.context import ContextBuilder, context_meta
 from datagen.jsonl import json_line, repair_tail
-from datagen.parse import ParseError, build_sample
+from datagen.parse import ParseError, build_record
 from datagen.prompts import PromptSet, pick_instruction
 from datagen.quality.checks import NEAR_DUPLICATE, QualityChecker, SampleView
 from datagen.quality.config import QualityConfig
@@ -278,13 +278,13 @@ class LlavaTask:
         }
         evidence = {"context": prepared.context, "raw": completion.text, "meta": meta}
         try:
-            sample = build_sample(split=self.split, text=completion.text, sample_id=prepared.item_id,
-                                  image=record.file_name, instruction=self.instruction(record), meta=meta,
-                                  truncated=completion.truncated)
+            written = build_record(split=self.split, text=completion.text, sample_id=prepared.item_id,
+                                   image=record.file_name, instruction=self.instruction(record), meta=meta,
+                                   truncated=completion.truncated)
         except ParseError as exc:
             base = {"id": prepared.item_id, "image": record.file_name, "split": self.split}
             return Rejected(prepared.item_id, [exc.code], base, exc.detail, evidence)
-        view = SampleView.from_sample(sample, split=self.split, finish_reason=completion.finish_reason,
+        view = SampleView.from_record(written, split=self.split, finish_reason=completion.finish_reason,
                                       record=record if self.coco_available else None)
         report = self.checker.check(view) if self.checker is not None else None
         reasons = report.reasons if report is not None else []
@@ -297,8 +297,8 @@ class LlavaTask:
         if reasons:
             # What failed, not only the code (the objects judged hallucinated, the repeated question, the box...).
             detail = "; ".join(f"{code}: {text}" for code, text in report.details.items())
-            return Rejected(prepared.item_id, reasons, sample.to_record(), detail, evidence, signature, bands)
-        return Accepted(prepared.item_id, sample.to_record(), signature, evidence, bands)
+            return Rejected(prepared.item_id, reasons, written, detail, evidence, signature, bands)
+        return Accepted(prepared.item_id, written, signature, evidence, bands)
 
     def near_duplicate_gate(self, accepted_file: Path | None = None) -> NearDuplicateGate | None:
         """The run's near-duplicate gate, remembering what `accepted_file` (an earlier run's output) holds."""

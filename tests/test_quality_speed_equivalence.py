@@ -474,6 +474,7 @@ def test_object_findings_are_the_mentions_less_the_whole_ground_truth(answers, c
     checker.env.truths[-1] = {"dog"}  # another image's truth: with a cache of 1 it is dropped, not used
     hedged = checker.config.count_hedged_mentions
     for _ in range(2):  # the second time from the remembered truth (or a cache started over)
+        checker.env.memo.clear()  # as before each sample: the findings themselves are remembered per sample
         mentioned, hallucinated = checks.object_findings(view, checker.env)
         assert mentioned == checker.env.matcher.categories("\n".join(answers), include_hedged=hedged)
         assert hallucinated == mentioned - ground_truth(record, checker.env.matcher)
@@ -533,3 +534,79 @@ def test_wrong_count_is_the_reading_with_every_caption_count(answers, captions, 
     view = SampleView(key="s", turns=turns, split="conversation", record=record)
     env = QualityChecker().env
     assert check_wrong_count(view, env) == _ref_wrong_count(view, env)
+
+
+# --- a parsed sample's record, built without the model ---------------------------------------------------------
+
+_JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+_PLAIN_JSON = st.recursive(_JSON_LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                           max_leaves=12)
+# What the model converts or refuses, and the fast path must leave to it.
+_NOT_PLAIN = st.one_of(st.tuples(st.integers()), st.frozensets(st.integers(), max_size=2),
+                       st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=2), st.just(b"bytes"),
+                       st.builds(ObjectBox, category=st.just("dog"), bbox=st.just((0, 0, 1, 1))))
+_TURN_VALUES = st.lists(st.sampled_from(["<image>", "<image>\n", "What is it?", "A dog.", " ", "", "\n", "é"]),
+                        max_size=3).map("".join)
+
+
+# Mostly well-formed conversations (what parsing gives), some with any turns at all.
+_WELL_FORMED = st.lists(st.tuples(_TURN_VALUES.filter(lambda v: "<image>" not in v and v.strip()),
+                                  _TURN_VALUES.filter(str.strip)), min_size=1, max_size=3).map(
+    lambda pairs: [t for n, (q, a) in enumerate(pairs) for t in (("human", ("<image>\n" if n == 0 else "") + q), ("gpt", a))])
+_ANY_TURNS = st.lists(st.tuples(st.sampled_from(["human", "gpt", "system", "Human", 3]), _TURN_VALUES | st.integers()),
+                      max_size=6)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(turns=st.one_of(_WELL_FORMED, _WELL_FORMED, _ANY_TURNS),
+       sample_id=st.sampled_from(["000000000007", "", 7, None]), image=st.sampled_from(["7.jpg", "", 7, None]),
+       split=st.sampled_from(["conversation", "detail", "", None, 3]),
+       meta=st.one_of(st.none(), st.dictionaries(st.text(max_size=5), _PLAIN_JSON | _NOT_PLAIN, max_size=4),
+                      st.lists(st.integers(), max_size=2)))
+def test_plain_record_is_the_models_record(turns, sample_id, image, split, meta):
+    """Where `plain_record` builds the record itself, it is the model's record, and it builds one only where the
+    model accepts the fields as they are; otherwise (None) the model decides."""
+    from pydantic import ValidationError
+
+    from datagen.jsonl import json_line
+    from datagen.sample import Sample, plain_record
+
+    fast = plain_record(sample_id, image, turns, split, meta)
+    try:
+        model = Sample(id=sample_id, image=image, conversations=[{"from": s, "value": v} for s, v in turns],
+                       split=split, meta=meta).to_record()
+    except ValidationError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast == model and json_line(fast) == json_line(model)
+        assert fast["conversations"] is not model["conversations"]
+        if isinstance(meta, dict):
+            assert fast["meta"] is not meta  # a copy, as the model's
+
+
+_COMPLETION_PIECES = ["Question: ", "Answer: ", "Q: ", "A: ", "**Question 2:** ", "What is on the table?", "A cat.",
+                      "<image>", "\n", "\n\n", "===", "---", " ", "Detailed description: ", "It is sunny."]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(text=st.lists(st.sampled_from(_COMPLETION_PIECES), max_size=14).map("".join),
+       split=st.sampled_from(["conversation", "reasoning", "detail", "negative", "grounded"]),
+       truncated=st.booleans(), meta=st.sampled_from([{}, {"finish_reason": "stop", "usage": {"prompt_tokens": 3}},
+                                                      {"absent_objects": ["dog"], "n": (1, 2)}]))
+def test_build_record_is_build_sample_to_record(text, split, truncated, meta):
+    """The judges' record of a completion is the one the Sample model gives, and a completion one refuses the other
+    refuses with the same code and detail."""
+    from datagen.parse import ParseError, build_record, build_sample
+
+    kwargs = dict(split=split, text=text, sample_id="000000000007", image="000000000007.jpg",
+                  instruction="Describe the image." if split == "detail" else None, meta=meta, truncated=truncated)
+    try:
+        expected = build_sample(**kwargs).to_record()
+    except ParseError as exc:
+        with pytest.raises(ParseError) as caught:
+            build_record(**kwargs)
+        assert (caught.value.code, caught.value.detail) == (exc.code, exc.detail)
+        return
+    assert build_record(**kwargs) == expected

@@ -71,6 +71,8 @@ class Completion:
     @property
     def total_completion_tokens(self) -> int:
         """Completion tokens of every choice: what the request cost beyond its prompt."""
+        if not self.alternatives:  # the usual single choice (read per completion, twice, by the recorder)
+            return self.completion_tokens
         return self.completion_tokens + sum(c.completion_tokens for c in self.alternatives)
 
 

@@ -136,11 +136,12 @@ class ResultRecorder:
             if isinstance(result, Completed):
                 completion = result.completion
                 if result.fresh:
+                    completion_tokens = completion.total_completion_tokens
                     stats.prompt_tokens += completion.prompt_tokens
-                    stats.completion_tokens += completion.total_completion_tokens
+                    stats.completion_tokens += completion_tokens
                     if stats.cost_usd is not None:
                         stats.cost_usd = None if self.price is None else stats.cost_usd + self.price.cost(
-                            completion.prompt_tokens, completion.total_completion_tokens)
+                            completion.prompt_tokens, completion_tokens)
                 else:
                     stats.cache_hits += 1
                 sink.verdict(result.item.seq, next(verdicts))

@@ -364,7 +364,17 @@ def check_hallucinated_object(view: SampleView, env: CheckEnv) -> str | None:
 
 
 def object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]]:
-    """(categories the answers name, those of them the image is not known to contain)."""
+    """(categories the answers name, those of them the image is not known to contain); computed once per sample
+    (the hallucination check and the report both ask)."""
+    key = ("object_findings", id(view))
+    kept = env.memo.get(key)
+    if kept is None:
+        kept = env.memo[key] = (view, _object_findings(view, env))  # the view kept alive, so its id is not reused
+    mentioned, hallucinated = kept[1]
+    return mentioned.copy(), hallucinated.copy()
+
+
+def _object_findings(view: SampleView, env: CheckEnv) -> tuple[set[str], set[str]]:
     answers = view.answers
     env.matcher.scan_joined(answers)  # each answer's scan, and theirs together, for this and the later checks
     mentioned = env.mentioned("\n".join(answers), env.config.count_hedged_mentions)

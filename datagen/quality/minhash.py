@@ -174,7 +174,7 @@ class NearDuplicateIndex:
 
         `bands`: the signature's `band_keys`, when the caller has them already (a worker process computed them).
         """
-        hits = [bucket for bucket in map(self.buckets.get, self.band_keys(sig) if bands is None else bands) if bucket]
+        hits = list(filter(None, map(self.buckets.get, self.band_keys(sig) if bands is None else bands)))
         if len(hits) < max(1, self.min_shared_bands):
             return None
         if self.min_shared_bands > 1:
@@ -202,13 +202,9 @@ class NearDuplicateIndex:
             self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
         self.signatures[index] = sig
         self.keys.append(key)
-        buckets = self.buckets
+        add = self.buckets.setdefault
         for band in self.band_keys(sig) if bands is None else bands:
-            bucket = buckets.get(band)
-            if bucket is None:
-                buckets[band] = [index]
-            else:
-                bucket.append(index)
+            add(band, []).append(index)
 
     def add(self, key: str, text: str) -> tuple[str, float] | None:
         """Check `text` against earlier ones, then remember it; returns (earlier key, similarity) or None."""
