@@ -405,11 +405,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def spread_over_nodes() -> dict[str, Any]:
-    """Workers spread over the nodes, so each can use its own node's endpoint (--base-url http://localhost...)."""
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def connect(address: str | None, num_cpus: int | None = None) -> tuple[bool, float]:
     """Join the cluster at `address` (or start a local one); whether this call started Ray, and how long it took."""
     started = time.perf_counter()
@@ -573,6 +568,9 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False
+    # Workers spread over the nodes (so each can use its own node's endpoint, --base-url http://localhost...) by
+    # Ray Data's own scheduling: its actor pools spread by default. Asking for it per call (ray_remote_args_fn)
+    # or in the context is deprecated as of Ray 2.60; tests/test_ray_executor.py fails on such warnings.
     fatal: VisinstructError | None = None
     first_call = dataset_started = None
     plan_wait_s = 0.0
@@ -600,7 +598,6 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
                                                        max_concurrent_calls_per_actor=calls,
                                                        max_tasks_in_flight_per_actor=2 * calls),
                     num_cpus=1 if spec.name == "local" else 0.5,
-                    ray_remote_args_fn=spread_over_nodes,
                 )
             dataset_started = dataset_started or time.time()
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
