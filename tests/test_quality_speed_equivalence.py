@@ -17,6 +17,7 @@ import pytest
 
 from datagen.coco import ImageRecord, ObjectBox
 from datagen.quality import QualityChecker, SampleView, checks
+from datagen.quality import minhash
 from datagen.quality.minhash import _PRIME, MinHasher, NearDuplicateIndex, shingles
 from datagen.quality.objects import ObjectMatcher, default_matcher, ground_truth, tokenize
 
@@ -234,11 +235,13 @@ def test_near_duplicate_band_keys_agree_when_the_band_slices_do():
     assert index.band_keys(sigs[0].astype(np.uint64)) == keys[0]
 
 
+@pytest.mark.parametrize("hot_bucket", [64, 2], ids=["hot-buckets-as-shipped", "every-bucket-hot"])
 @pytest.mark.parametrize("threshold", [0.5, 0.75, 0.8, 0.9, 1.0])
-def test_near_duplicate_match_is_the_plain_best_of_all_remembered(threshold):
+def test_near_duplicate_match_is_the_plain_best_of_all_remembered(threshold, hot_bucket, monkeypatch):
     """match/insert (LSH candidates, optional precomputed bands, candidates sharing too few bands to reach the
-    threshold skipped) give the plain scan's answer: the most similar remembered signature sharing a band, first on
-    ties, if at or above the threshold."""
+    threshold skipped, the largest buckets read by bisection) give the plain scan's answer: the most similar
+    remembered signature sharing a band, first on ties, if at or above the threshold."""
+    monkeypatch.setattr(minhash, "HOT_BUCKET", hot_bucket)
     index = NearDuplicateIndex(threshold, 2, 128)
     rng = random.Random(19)
     texts = _texts(19, 300, max_words=12)
@@ -613,3 +616,15 @@ def test_build_record_is_build_sample_to_record(text, split, truncated, meta):
         return
     assert build_record(**kwargs) == expected
 
+
+@settings(max_examples=1500, deadline=None)
+@given(buckets=st.lists(st.sets(st.integers(0, 60), min_size=1, max_size=40).map(sorted), max_size=32),
+       need=st.integers(1, 12), hot=st.sampled_from([1, 3, 8, 64]))
+def test_indices_in_enough_buckets_are_the_plain_count(buckets, need, hot):
+    """`sharing` (the largest buckets left out of the count and read by bisection) finds exactly the indices that
+    counting every bucket finds."""
+    from collections import Counter
+    from itertools import chain
+
+    expected = sorted(i for i, shared in Counter(chain.from_iterable(buckets)).items() if shared >= need)
+    assert sorted(minhash.sharing(buckets, need, hot)) == expected

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections import Counter
 from itertools import chain, repeat
 
@@ -125,6 +126,40 @@ class MinHasher:
         return values.astype(np.uint32)
 
 
+# A bucket this large is read by membership tests rather than counted through (see `sharing`).
+HOT_BUCKET = 64
+# `sharing` leaves the largest buckets out of its count only while the others must still hold a candidate this
+# many times: fewer would let most indices through to the membership tests.
+MIN_COUNTED_SHARES = 3
+
+
+def sharing(buckets: list[list[int]], need: int, hot: int = HOT_BUCKET) -> list[int]:
+    """The indices found in at least `need` of the buckets (each an ascending list of distinct indices).
+
+    Counting every index of every bucket costs what the buckets hold, and common phrasing puts a large part of all
+    the texts kept into a few buckets. Those (`hot` indices or more) are left out of the count, up to
+    `need - MIN_COUNTED_SHARES` of them, the largest first: an index in `need` buckets is then in at least
+    `need - skipped` of the counted ones, and only the indices counted that often are looked up (bisection) in the
+    buckets left out. The same indices as counting them all (tests/test_quality_speed_equivalence.py).
+    """
+    skip = min(need - MIN_COUNTED_SHARES, sum(1 for bucket in buckets if len(bucket) >= hot))
+    if skip <= 0:
+        return [i for i, shared in Counter(chain.from_iterable(buckets)).items() if shared >= need]
+    by_size = sorted(buckets, key=len, reverse=True)
+    left_out, counted = by_size[:skip], by_size[skip:]
+    floor = need - skip
+    found = []
+    for index, shared in Counter(chain.from_iterable(counted)).items():
+        if shared < floor:
+            continue
+        for bucket in left_out:
+            at = bisect_left(bucket, index)
+            shared += at < len(bucket) and bucket[at] == index
+        if shared >= need:
+            found.append(index)
+    return found
+
+
 class NearDuplicateIndex:
     """Remembers texts seen so far; `add` reports an earlier one whose estimated Jaccard >= threshold."""
 
@@ -174,14 +209,13 @@ class NearDuplicateIndex:
 
         `bands`: the signature's `band_keys`, when the caller has them already (a worker process computed them).
         """
-        hits = list(filter(None, map(self.buckets.get, self.band_keys(sig) if bands is None else bands)))
+        hits = [bucket for bucket in map(self.buckets.get, self.band_keys(sig) if bands is None else bands) if bucket]
         if len(hits) < max(1, self.min_shared_bands):
             return None
         if self.min_shared_bands > 1:
             # Only those sharing enough bands can reach the threshold; they include the most similar whenever it does
             # (the answer is the same, without comparing every signature that shares a band by chance).
-            need = self.min_shared_bands
-            candidates = [i for i, shared in Counter(chain.from_iterable(hits)).items() if shared >= need]
+            candidates = sharing(hits, self.min_shared_bands, HOT_BUCKET)
             if not candidates:
                 return None
         else:
@@ -202,9 +236,13 @@ class NearDuplicateIndex:
             self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
         self.signatures[index] = sig
         self.keys.append(key)
-        add = self.buckets.setdefault
+        buckets = self.buckets  # indices only grow, so every bucket stays ascending (`sharing` bisects them)
         for band in self.band_keys(sig) if bands is None else bands:
-            add(band, []).append(index)
+            bucket = buckets.get(band)
+            if bucket is None:
+                buckets[band] = [index]
+            else:
+                bucket.append(index)
 
     def add(self, key: str, text: str) -> tuple[str, float] | None:
         """Check `text` against earlier ones, then remember it; returns (earlier key, similarity) or None."""
