@@ -47,6 +47,7 @@ class ParseRules:
         default_factory=lambda: {s.name: s.max_pairs for s in SPLIT_SPECS.values() if s.max_pairs is not None})
 
 
+_DEFAULT_RULES = ParseRules()
 _TRAILING_BOLD = re.compile(r"[ \t]*(\*\*|__)[ \t]*$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
@@ -115,8 +116,10 @@ def parse_pairs(text: str, split: str, truncated: bool, rules: ParseRules) -> li
     return pairs[: rules.max_pairs[split]]
 
 
-def _turns(*, split: str, text: str, instruction: str | None, truncated: bool, rules: ParseRules) -> list[tuple[str, str]]:
+def parse_turns(*, split: str, text: str, instruction: str | None, truncated: bool = False,
+                rules: ParseRules | None = None) -> list[tuple[str, str]]:
     """The sample's (speaker, value) turns parsed from a completion, or raise ParseError."""
+    rules = rules or _DEFAULT_RULES
     text = text.strip()
     if not text:
         raise ParseError("empty_output", "the model returned no text")
@@ -140,25 +143,6 @@ def _turns(*, split: str, text: str, instruction: str | None, truncated: bool, r
     return turns
 
 
-_DEFAULT_RULES = ParseRules()
-
-
-def build_sample(
-    *,
-    split: str,
-    text: str,
-    sample_id: str,
-    image: str,
-    instruction: str | None,
-    meta: dict[str, Any],
-    truncated: bool = False,
-    rules: ParseRules | None = None,
-) -> Sample:
-    """Parse one completion into a validated Sample or raise ParseError."""
-    turns = _turns(split=split, text=text, instruction=instruction, truncated=truncated, rules=rules or _DEFAULT_RULES)
-    return _model(sample_id, image, turns, split, meta)
-
-
 def build_record(
     *,
     split: str,
@@ -170,11 +154,19 @@ def build_record(
     truncated: bool = False,
     rules: ParseRules | None = None,
 ) -> dict[str, Any]:
-    """`build_sample(...).to_record()`: the sample as written, made without the model where its fields need no
-    conversion (`datagen.sample.plain_record`; a judge makes one per completion)."""
-    turns = _turns(split=split, text=text, instruction=instruction, truncated=truncated, rules=rules or _DEFAULT_RULES)
+    """Parse one completion into the sample as written (the validated Sample's record) or raise ParseError.
+
+    Made without the model where its fields need no conversion (`datagen.sample.plain_record`: a judge makes one
+    per completion), through the model otherwise.
+    """
+    turns = parse_turns(split=split, text=text, instruction=instruction, truncated=truncated, rules=rules)
     record = plain_record(sample_id, image, turns, split, meta)
     return record if record is not None else _model(sample_id, image, turns, split, meta).to_record()
+
+
+def build_sample(**fields: Any) -> Sample:
+    """`build_record(**fields)` as a validated Sample (for readers of its attributes)."""
+    return Sample.model_validate(build_record(**fields))
 
 
 def _model(sample_id: str, image: str, turns: list[tuple[str, str]], split: str, meta: dict[str, Any]) -> Sample:

@@ -600,22 +600,31 @@ _COMPLETION_PIECES = ["Question: ", "Answer: ", "Q: ", "A: ", "**Question 2:** "
        split=st.sampled_from(["conversation", "reasoning", "detail", "negative", "grounded"]),
        truncated=st.booleans(), meta=st.sampled_from([{}, {"finish_reason": "stop", "usage": {"prompt_tokens": 3}},
                                                       {"absent_objects": ["dog"], "n": (1, 2)}]))
-def test_build_record_is_build_sample_to_record(text, split, truncated, meta):
-    """The judges' record of a completion is the one the Sample model gives, and a completion one refuses the other
-    refuses with the same code and detail."""
-    from datagen.parse import ParseError, build_record, build_sample
+def test_build_record_is_the_models_record(text, split, truncated, meta):
+    """The judges' record of a completion is the one the Sample model gives for the parsed turns, and a completion
+    one refuses the other refuses with the same code and detail; `build_sample` is that record as the model."""
+    from pydantic import ValidationError
 
-    kwargs = dict(split=split, text=text, sample_id="000000000007", image="000000000007.jpg",
+    from datagen.parse import ParseError, build_record, build_sample, parse_turns
+    from datagen.sample import Sample
+
+    fields = dict(split=split, text=text, sample_id="000000000007", image="000000000007.jpg",
                   instruction="Describe the image." if split == "detail" else None, meta=meta, truncated=truncated)
     try:
-        expected = build_sample(**kwargs).to_record()
+        turns = parse_turns(split=split, text=text, instruction=fields["instruction"], truncated=truncated)
+        expected = Sample(id=fields["sample_id"], image=fields["image"], split=split, meta=meta,
+                          conversations=[{"from": s, "value": v} for s, v in turns]).to_record()
     except ParseError as exc:
-        with pytest.raises(ParseError) as caught:
-            build_record(**kwargs)
-        assert (caught.value.code, caught.value.detail) == (exc.code, exc.detail)
+        refusal = (exc.code, exc.detail)
+    except ValidationError as exc:
+        refusal = ("invalid_sample", exc.errors()[0]["msg"])
+    else:
+        assert build_record(**fields) == expected
+        assert build_sample(**fields).to_record() == expected
         return
-    assert build_record(**kwargs) == expected
-
+    with pytest.raises(ParseError) as caught:
+        build_record(**fields)
+    assert (caught.value.code, caught.value.detail) == refusal
 
 @settings(max_examples=1500, deadline=None)
 @given(buckets=st.lists(st.sets(st.integers(0, 60), min_size=1, max_size=40).map(sorted), max_size=32),
