@@ -12,7 +12,7 @@ remarks), 8-14 per text, from a fixed seed. Answers of one LLM to one prompt sha
 strongly real answers do decides how hot the buckets get, so read the figures as the cost on highly templated
 text, not as a prediction for a given model.
 
-Run: .venv/bin/python bench/near_dup_scale.py [--count 50000] [--seed 0]
+Run: .venv/bin/python bench/near_dup_scale.py [--count 50000] [--seed 0] [--distinct]
 """
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ REMARKS = ["It is likely that this was taken outdoors.", "The overall mood is ca
 BLOCKS = (1_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000)
 
 
+def distinct_texts(count: int, seed: int) -> list[str]:
+    """`count` texts of 100-140 words drawn from a 50,000-word vocabulary: next to no phrasing in common."""
+    rng = random.Random(seed)
+    vocabulary = [f"w{n}" for n in range(50_000)]
+    return [" ".join(rng.choices(vocabulary, k=rng.randint(100, 140))) for _ in range(count)]
+
+
 def texts(count: int, seed: int) -> list[str]:
     """`count` templated answer texts (8-14 sentences each), the same for a seed."""
     rng = random.Random(seed)
@@ -58,10 +65,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distinct", action="store_true",
+                        help="texts with next to no phrasing in common (the index's memory per sample at its largest)")
     args = parser.parse_args()
     config = QualityConfig()
     signer = NearDuplicateIndex(config.near_duplicate_threshold, config.shingle_size, config.minhash_permutations)
-    signed = [(sig, signer.band_keys(sig)) for sig in map(signer.signature, texts(args.count, args.seed))]
+    made = (distinct_texts if args.distinct else texts)(args.count, args.seed)
+    signed = [(sig, signer.band_keys(sig)) for sig in map(signer.signature, made)]
+    del made
     blocks = sorted({n for n in BLOCKS if n < args.count} | {args.count})
 
     def decide_all(count_entries: bool) -> tuple[list[dict], NearDuplicateIndex]:
@@ -89,7 +100,7 @@ def main() -> None:
     rows = [{"samples": t["samples"], "decide_us_per_sample": t["block_us_per_decision"],
              "bucket_entries_per_query": c["entries_per_query"], "near_copies": t["near_copies"]}
             for t, c in zip(timed, counted)]
-    print(json.dumps({"count": args.count, "seed": args.seed, "rows": rows, "kept": len(gate.keys),
+    print(json.dumps({"count": args.count, "seed": args.seed, "distinct": args.distinct, "rows": rows, "kept": len(gate.keys),
                       "buckets": len(gate.buckets), "rss_growth_mb": round(rss_growth)}))
 
 
