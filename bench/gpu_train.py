@@ -95,7 +95,7 @@ def build(args: argparse.Namespace, device):  # noqa: ANN001, ANN201
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 
-    from model.llava import LlavaLite
+    from model.llava import LlavaLite, enable_activation_checkpointing
     from model.projector import build_projector
     from model.vision import VisionTower
 
@@ -108,7 +108,7 @@ def build(args: argparse.Namespace, device):  # noqa: ANN001, ANN201
     image_token = llm_cfg["vocab_size"] - 1
     model = LlavaLite(tower, proj, llm, image_token)
     if not args.no_grad_ckpt:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(llm)
     return model, vis_cfg, llm_cfg
 
 
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         model.llm = model.llm._orig_mod
     if args.reference:
         from model.export import to_hf_llava
+        from model.llava import enable_activation_checkpointing
 
         hf = to_hf_llava(model, "mlp2x_gelu").to(device)
         del model
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         hf.model.vision_tower.requires_grad_(False)
         if not args.no_grad_ckpt:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(hf)
         measure("reference (LlavaForConditionalGeneration)", hf, lambda: hf(**batch).loss)
 
     loader = loader_images_per_s(args, vis_cfg["image_size"])

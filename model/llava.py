@@ -136,6 +136,17 @@ def chunked_cross_entropy(hidden: torch.Tensor, target: torch.Tensor, head: nn.M
     return total
 
 
+def enable_activation_checkpointing(llm: Any) -> None:
+    """Recompute the LLM's activations in the backward pass (non-re-entrant checkpointing), by the name the installed
+    transformers gives it: `activation_checkpointing_enable` from 5.x, where `gradient_checkpointing_enable` warns
+    that v6 drops it; the old name before. A PEFT wrapper passes either on to its model."""
+    enable = getattr(llm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def resolve_frozen_dtype(cfg: ModelConfig) -> torch.dtype:
     """Frozen weights: bf16 on a bf16-capable GPU when `auto` (they take no optimiser state), else cfg.dtype."""
     if cfg.frozen_dtype != "auto":

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from model.errors import TrainError
-from model.llava import LlavaLite, build_model, resolve_frozen_dtype
+from model.llava import LlavaLite, build_model, enable_activation_checkpointing, resolve_frozen_dtype
 from train.config import RunConfig, StageConfig, config_to_dict
 from train.data import (Collator, LazyDataset, MicroBatches, SampleSpec, check_records, estimate_length, make_encoder,
                         read_records)
@@ -86,7 +86,7 @@ def setup_model(cfg: RunConfig, stage: int, init_projector: bool = True) -> tupl
         model.llm.to(resolve_frozen_dtype(cfg.model))  # a frozen LLM needs no fp32 master copy
     model.projector.requires_grad_(True)
     if cfg.gradient_checkpointing and st.train_llm:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.llm)
     return model, tokenizer, image_processor
 
 
