@@ -459,7 +459,6 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     if spec.name == "vllm" and (config.rpm or config.tpm or config.budget_usd is not None):
         raise VisinstructError("--rpm, --tpm and --budget pace an endpoint; --backend vllm runs its own engines",
                                "drop them, or serve the model with `vllm serve` and use --backend openai")
-    endpoint = Endpoint(spec.name, spec.model)
     price = price_of(spec.name, spec.model, config)
     if config.budget_usd is not None and price is None:
         raise VisinstructError(f"no price known for model {spec.model!r}, so --budget cannot be enforced",
@@ -468,31 +467,49 @@ def run_ray(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, records: I
     if config.tpm or config.budget_usd is not None:
         count_tokens = PromptTokenCounter().count
     done = layout.done_ids() if done is None else done
+    job = RayJob(task, layout, spec, config, concurrency, price, on_progress, writer_only)
     timings = RayTimings()
-    stats = RunStats(cost_usd=0.0 if price is not None else None)
-    planner = RequestPlanner(task, endpoint, done, config.cache_path, count_tokens)
+    planner = RequestPlanner(task, job.endpoint, done, config.cache_path, count_tokens)
     # Planning (skip done ids, render, key, look up the cache) runs in a thread of its own, which also owns the
     # planner's cache connection: the first window is planned while Ray starts (`connect` waits on processes).
     planning = WindowPlanner(planner, records, window, timings)
     started_ray = False
     try:
         started_ray, timings.connect_s = connect(address, num_cpus)
-        # A cluster that was joined may have (or gain) other nodes, whose workers store through the writer actor;
-        # the one-machine cluster started here has none. `writer_only` sends every worker through the writer
-        # (tests take the other nodes' path on one machine).
-        writer = writer_only or not started_ray
-        return _run_windows(task, layout, spec, config, concurrency, on_progress, endpoint, price, stats, timings,
-                            planning, writer, writer_only)
+        return _run_windows(job, timings, planning, started_ray)
     finally:
         planning.close()
         if started_ray:
             ray.shutdown()
 
 
+@dataclass(frozen=True)
+class RayJob:
+    """What `run_ray` was asked to do, fixed for the run.
+
+    `writer_only`: every worker stores through the cache writer actor, the driver's node's too (tests take the
+    other nodes' path on one machine).
+    """
+
+    task: LlavaTask
+    layout: OutputLayout
+    spec: BackendSpec
+    config: EngineConfig
+    concurrency: int
+    price: Price | None
+    on_progress: ProgressFn | None = None
+    writer_only: bool = False
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.spec.name, self.spec.model)
+
+
 class WindowPlanner:
     """The driver's planning in one thread: windows of planned items, the next one asked for while a run starts."""
 
-    def __init__(self, planner: RequestPlanner, records: Iterable[ImageRecord], window: int, timings: RayTimings) -> None:
+    def __init__(self, planner: RequestPlanner, records: Iterable[ImageRecord], window: int,
+                 timings: RayTimings) -> None:
         self.planner = planner
         self.window = window
         self.timings = timings
@@ -530,10 +547,14 @@ class WindowPlanner:
             thread.shutdown()
 
 
-def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, config: EngineConfig, concurrency: int,
-                 on_progress: ProgressFn | None, endpoint: Endpoint, price: Price | None, stats: RunStats,
-                 timings: RayTimings, planning: WindowPlanner, writer: bool, writer_only: bool) -> RayRun:
+def _run_windows(job: RayJob, timings: RayTimings, planning: WindowPlanner, started_ray: bool) -> RayRun:
     """`run_ray` once Ray is up: one dataset per window of planned items, through the job's actors."""
+    task, layout, spec, config, price, endpoint = job.task, job.layout, job.spec, job.config, job.price, job.endpoint
+    concurrency = job.concurrency
+    stats = RunStats(cost_usd=0.0 if price is not None else None)
+    # A cluster that was joined may have (or gain) other nodes, whose workers store through the writer actor; the
+    # one-machine cluster started here has none.
+    writer = job.writer_only or not started_ray
     resources = ray.cluster_resources()
     workers = pool_size(spec.name, concurrency, resources.get("CPU", 1), resources.get("GPU", 0))
     # Local-model workers each batch --batch-size prompts; openai workers share --concurrency between them.
@@ -548,7 +569,7 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
         if writer:
             cache_writer = ray.remote(CacheWriter).options(num_cpus=0, scheduling_strategy=here).remote(
                 str(config.cache_path))
-        cache = CacheSpec(str(config.cache_path), node_id, cache_writer, writer_only)
+        cache = CacheSpec(str(config.cache_path), node_id, cache_writer, job.writer_only)
     if config.rpm or config.tpm or config.budget_usd is not None:
         limiter = ray.remote(JobLimiter).options(num_cpus=0, scheduling_strategy=here).remote(
             config.rpm, config.tpm, config.budget_usd, price)
@@ -556,7 +577,7 @@ def _run_windows(task: LlavaTask, layout: OutputLayout, spec: BackendSpec, confi
     # The workers stored fresh completions already; the recorder counts, hands on verdicts and writes files.
     # vLLM's pipeline has no cache writer: the recorder stores its fresh completions as they arrive.
     recorder = ResultRecorder(WorkerVerdicts(), sink, stats, endpoint, price,
-                              config.cache_path if spec.name == "vllm" else None, on_progress)
+                              config.cache_path if spec.name == "vllm" else None, job.on_progress)
     clock = time.perf_counter()
     skipped = [0]
     # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little;
