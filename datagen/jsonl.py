@@ -48,13 +48,13 @@ def iter_jsonl(path: Path, skip_partial_tail: bool = False) -> Iterator[dict[str
         yield record
 
 
+# json.dumps with any option builds an encoder per call; a line is encoded per sample, so one is kept.
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def json_line(record: dict[str, Any]) -> str:
     """One record as a line of the files this package writes (without the newline; non-ASCII kept as is)."""
     return _LINE_ENCODER.encode(record)
-
-
-# json.dumps with any option builds an encoder per call; a line is encoded per sample, so one is kept.
-_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class JsonlWriter:
