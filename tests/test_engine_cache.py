@@ -152,3 +152,31 @@ def test_remembered_prompt_heads_give_the_exact_keys_and_bodies(heads, lasts, pa
         request = ChatRequest("v", [{"role": "system", "content": value}, {"role": "user", "content": "u"}])
         assert keys.key(request) == cache_key(backend, model, request)
         assert backend_client.encode_body(request) == json.dumps(chat_body(model or "m", request)).encode()
+
+
+def _completion(text: str, alternatives: int) -> Completion:
+    first = Completion(text, "stop", 3, 1, "m")
+    return replace(first, alternatives=tuple(Completion(f"{text} #{i}", "length", 3, 2, "m") for i in range(alternatives)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(stored=st.dictionaries(st.text("0af", min_size=1, max_size=4), st.integers(0, 2), max_size=12),
+       asked=st.lists(st.text("0af", min_size=1, max_size=4), max_size=20))
+def test_get_many_is_get_per_key_that_has_a_completion(tmp_path_factory, stored, asked):
+    """`get_many` answers as `get` asked key by key (alternatives included; keys are hex digests, and short ones
+    prefix each other here), only for keys that have a completion; queries are split so any number can be asked."""
+    import datagen.engine.cache as cache_module
+
+    cache = ResponseCache(tmp_path_factory.mktemp("c") / "c.sqlite")
+    try:
+        cache.put_many([(key, "openai", "m", key, _completion(key, n)) for key, n in stored.items()])
+        expected = {key: cache.get(key) for key in asked if cache.get(key) is not None}
+        assert cache.get_many(asked) == expected
+        original = cache_module.KEYS_PER_QUERY
+        cache_module.KEYS_PER_QUERY = 3
+        try:
+            assert cache.get_many(asked) == expected
+        finally:
+            cache_module.KEYS_PER_QUERY = original
+    finally:
+        cache.close()

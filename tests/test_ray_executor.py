@@ -201,12 +201,12 @@ def test_kill_9_of_the_driver_then_rerun_pays_again_only_for_requests_in_flight(
     assert len(final) == len(set(final)) and set(final) == all_ids
     assert len(again) == len(set(again)) == len(all_ids - persisted), "the rerun asked once for each missing id only"
     repeated = [d for d, n in server.state.attempts.items() if n > 1]
-    # Paid twice: only requests in flight at the kill: at most `concurrency` sent, plus those answered whose
-    # chunk (up to 8 items per worker call) had not reached the cache writer yet.
+    # Paid twice: only requests in flight at the kill: at most `concurrency` sent, plus those answered in the last
+    # commit interval (workers store each completion as it comes, in group commits of ~50 ms).
     # Workers on the driver's node check it runs before each request: what still arrives after the kill was on its
     # way already, one per open slot at most (--concurrency is shared among the workers, rounded up per worker).
     assert len(late) <= 2 * concurrency, late
-    assert len(repeated) <= concurrency + 8 * 2
+    assert len(repeated) <= 2 * concurrency, len(repeated)
 
 
 def test_ray_flags_are_checked_before_anything_runs(coco_root):
@@ -294,7 +294,12 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_id_is_written_once(ray_ad
     final = ids_of(out, OutputLayout(out).rejects)
     assert len(final) == len(set(final)) and set(final) == all_ids and run.stats.failed == 0
     repeated = [d for d, n in server.state.attempts.items() if n > 1]
-    assert len(repeated) <= 4 + 8 * 2  # the killed worker's chunks in flight, asked again by its replacement
+    print('REPEATED-WORKER', len(repeated))
+    # Asked twice: only the killed worker's requests in flight, and the completions it had not committed yet (one
+    # commit interval's); its replacement runs the dead worker's chunks again but finds the stored completions.
+    # Before, the whole chunks were asked again (up to 4 + 8 * 2 here). The bound leaves room for a commit that a
+    # loaded machine delays.
+    assert len(repeated) <= 2 * 4, len(repeated)
 
 
 @pytest.mark.slow

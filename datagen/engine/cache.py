@@ -37,6 +37,8 @@ BUSY_TIMEOUT_S = 30.0
 
 # A request's further completions (n > 1) are stored as rows `<key>#1`, `<key>#2`, ... beside its first.
 ALTERNATIVE_MARK = "#"
+# Keys per `get_many` query: under SQLite's bound on a statement's parameters (999 before 3.32).
+KEYS_PER_QUERY = 500
 _KEY_JSON = {"sort_keys": True, "ensure_ascii": False, "separators": (",", ":")}
 
 
@@ -242,6 +244,18 @@ class ResponseCache:
             return None
         ordered = sorted(found.items(), key=lambda kv: int(kv[0].rsplit(ALTERNATIVE_MARK, 1)[1]))
         return replace(first, alternatives=tuple(c for _, c in ordered)) if ordered else first
+
+    def get_many(self, keys: list[str]) -> dict[str, Completion]:
+        """`get` for each of `keys` that has a stored completion: one query per `KEYS_PER_QUERY` keys finds which
+        do (most often none), then each found one is read as `get` reads it."""
+        found: list[str] = []
+        with _guarded(self.path):
+            for start in range(0, len(keys), KEYS_PER_QUERY):
+                part = keys[start:start + KEYS_PER_QUERY]
+                marks = ", ".join("?" * len(part))
+                found += [key for (key,) in self._db.execute(f"SELECT key FROM responses WHERE key IN ({marks})", part)]
+        completions = {key: self.get(key) for key in found}
+        return {key: completion for key, completion in completions.items() if completion is not None}
 
     def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
         """Store (key, backend, model, item, completion) rows in one transaction (a group commit)."""

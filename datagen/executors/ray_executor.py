@@ -5,15 +5,16 @@
              one chunk per row)
     workers  an actor pool (`EngineStage`): per item the engine's request path (client, retries, error
              classes), the job-wide limiter/budget actor, then `task.judge` (parse + per-sample checks);
-             each chunk's fresh completions stored (see below) before the chunk is handed on
+             each fresh completion stored (see below) before its result is handed on
     driver   ResultRecorder -> OutputSink: counts, cost, near-duplicates in run order, the output files
 
 Design choices (docs/ray.md says more):
 - One response cache, the SQLite file of a local run, on the driver's node. The driver reads it while
-  planning (cached items carry their completion and skip the LLM); a worker stores each chunk's fresh
-  completions before the chunk is handed on (into the file itself on the driver's node, through a
-  `CacheWriter` actor there from other nodes), so a crash of the driver or a worker pays again only for
-  requests whose chunk had not been stored yet.
+  planning (cached items carry their completion and skip the LLM); a worker stores each fresh completion
+  as it comes, in group commits (`ray_store`: into the file itself on the driver's node, through a
+  `CacheWriter` actor there from other nodes), and looks its chunk up before sending: so a crash of the
+  driver or a worker pays again only for the requests in flight and the completions of the last commit
+  interval, also when Ray runs a dead worker's chunk again.
 - --rpm/--tpm/--budget are enforced for the whole job by one `JobLimiter` actor that every worker asks
   before each request; without them each worker keeps a local limiter (429 pauses, x-ratelimit headers).
 - A killed driver: workers on its node check before each request that it still runs (`DriverProcess`), so
@@ -43,9 +44,8 @@ import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from datagen.backends.base import Backend, Completion
+from datagen.backends.base import Backend
 from datagen.coco import ImageRecord
-from datagen.engine.cache import ResponseCache
 from datagen.engine.config import EngineConfig
 from datagen.engine.cost import BudgetGuard, Price
 from datagen.engine.heap import settle_worker, steady_heap
@@ -57,6 +57,7 @@ from datagen.engine.work import (AlreadyDone, BudgetStopped, Completed, Endpoint
 from datagen.errors import VisinstructError
 from datagen.executors.local import price_of
 from datagen.executors.ray_items import ChunkResult, DriverProcess, Judged, WorkerVerdicts
+from datagen.executors.ray_store import CacheSpec, CacheWriter
 from datagen.executors.ray_vllm import vllm_dataset
 from datagen.sample import OutputLayout
 from datagen.sink import OutputSink
@@ -65,21 +66,23 @@ from datagen.task import LlavaTask
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
-# Each chunk is a Ray Data task: at c=64 (2,000 requests) chunks of 16 cost the Ray processes ~2.1-2.9 ms of CPU
-# per sample, of 32 ~1.7-2.1, of 64 ~1.5-1.7 (bench/RESULTS.md, issue 8, 2026-11-29). A crash pays again for
-# the answered requests of chunks not yet stored, so chunks stay at most this large.
-CHUNK_MAX = 64
+# Each chunk is a Ray Data task, which costs the worker and the driver some milliseconds of CPU (input and output
+# blocks, metadata, stats). At c=256 (2,000 requests, one slow window, 8 alternating rounds) chunks of one share in
+# 3 calls ran at 0.93x the speed of two-share chunks, and chunks of 64 in 4 calls at 0.83x; against the earlier
+# 64-item chunks in 8 calls, two-share chunks in 3 calls ran at 1.00x over 12 rounds (bench/RESULTS.md, issue 8,
+# sixth session). A worker stores each completion as it comes (ray_store.GroupCommit), so a chunk's size no longer
+# bounds what a crash pays again.
+CHUNK_MAX = 512
 # Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
 WINDOW_ITEMS = 50_000
 # Chunks one worker runs at once (on its event loop): while one waits for its slowest request, others send.
 # Local-model and vLLM workers compute rather than wait: 4 calls of half a share, so no worker queues much more
 # than it can run while another idles.
 CALLS_PER_WORKER = 4
-# openai workers: a chunk keeps its slots until its slowest request, its cache store and its hand-off are done,
-# and Ray Data hands a worker its next chunk some milliseconds after one returns, so the calls hold several times
-# the worker's share of --concurrency: at 4 calls of half a share each the benchmark kept ~36-46 of 64 requests in
-# flight, at 8 calls of half a share ~51-55, at 8 of two shares ~53-56 (bench/RESULTS.md, issue 8, 2026-11-29).
-OPENAI_CALLS_PER_WORKER = 8
+# openai workers: chunks of two shares of --concurrency, 3 at once and one queued: a chunk keeps its items until
+# its slowest request is answered, so the running calls hold 6 shares and the slots stay full; Ray Data hands the
+# queued chunk over as soon as a call returns.
+OPENAI_CALLS_PER_WORKER = 3
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
@@ -141,76 +144,6 @@ class RayRun:
 
     stats: RunStats
     timings: RayTimings = field(default_factory=RayTimings)
-
-
-class CacheWriter:
-    """Stores fresh completions into the run's SQLite cache, on the driver's node: as an actor for other nodes'
-    workers, in place (`FileStore`) for the workers beside the driver."""
-
-    def __init__(self, path: str) -> None:
-        self.cache = ResponseCache(Path(path))
-
-    def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> int:
-        self.cache.put_many(rows)
-        return len(rows)
-
-    def close(self) -> None:
-        self.cache.close()
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """Where a job's fresh completions are stored: its SQLite cache file on the driver's node, and the
-    `CacheWriter` actor there for workers on other nodes (None on the one-machine cluster a job starts itself)."""
-
-    path: str
-    node_id: str
-    writer: Any | None = None
-    writer_only: bool = False  # every worker through the writer, the driver's node's too
-
-    def store(self, node_id: str) -> "FileStore | WriterStore":
-        """A worker's way to the cache: the file itself on the driver's node, else the writer actor."""
-        if self.writer is not None and (self.writer_only or node_id != self.node_id):
-            return WriterStore(self.writer)
-        if node_id != self.node_id:
-            raise VisinstructError("a Ray worker runs on another node than the driver, and the job has no cache "
-                                   "writer there", "rerun: the job starts one when the cluster has other nodes")
-        return FileStore(self.path)
-
-
-class FileStore:
-    """A worker on the driver's node writes the cache file itself (SQLite's lock orders the writers), from a
-    thread of its own that holds the connection, so the event loop goes on serving requests during a commit.
-    Against a round trip to the writer actor per chunk this saves the actor's process the work (bench/RESULTS.md,
-    issue 8, fourth session)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="visinstruct-cache")
-        self.writer: CacheWriter | None = None  # the actor's class, used in place, opened in the thread
-
-    def _put(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
-        if self.writer is None:
-            self.writer = CacheWriter(self.path)
-        self.writer.put_many(rows)
-
-    async def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.thread, self._put, rows)
-
-
-class WriterStore:
-    """A worker on another node stores through the job's `CacheWriter` actor; its errors arrive as raised there."""
-
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
-
-    async def put_many(self, rows: list[tuple[str, str, str, str, Completion]]) -> None:
-        try:
-            await self.writer.put_many.remote(rows)
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, VisinstructError):
-                raise exc.cause from None
-            raise
 
 
 class JobLimiter:
@@ -317,20 +250,21 @@ class EngineStage:
         outputs = []
         for blob in batch.column("items").to_pylist():
             items: list[WorkItem] = pickle.loads(blob)
-            # None: not sent because the run is stopping (a fatal error); the rerun does it.
-            done = [r for r in await asyncio.gather(*(self._one_judged(item) for item in items)) if r is not None]
-            results = [result for result, _ in done]
-            fresh = [row for _, row in done if row is not None]
-            if fresh and self.store is not None:
-                try:
-                    await self.store.put_many(fresh)  # stored before anything is handed on
-                except VisinstructError as exc:
-                    # The cache cannot be written (a full disk, say): the run stops; these completions are dropped
-                    # rather than written as samples that the cache would not know were paid for.
-                    self.fatal = self.fatal or exc
-                    results = []
+            if self.store is not None:
+                items = await self._stored_before(items)
+            # None: not handed on, because the run is stopping (a fatal error); the rerun does it.
+            results = [r for r in await asyncio.gather(*(self._one_judged(item) for item in items)) if r is not None]
             outputs.append(pickle.dumps(self._chunk_result(results, started_at)))
         return result_table(outputs)
+
+    async def _stored_before(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The chunk with the completions already in the cache attached (see GroupCommit.attach_stored); if the
+        cache cannot be read, the run stops before any of the chunk's requests."""
+        try:
+            return await self.store.attach_stored(items)
+        except VisinstructError as exc:
+            self.fatal = self.fatal or exc
+            return []
 
     def _chunk_result(self, results: list[Result], started_at: float) -> ChunkResult:
         stats = self.engine.stats
@@ -350,17 +284,23 @@ class EngineStage:
             return Failed(slim, result.reason, result.attempts)
         return BudgetStopped(slim)
 
-    async def _one_judged(self, item: WorkItem) -> tuple[Result, tuple[str, str, str, str, Completion] | None] | None:
+    async def _one_judged(self, item: WorkItem) -> Result | None:
         """`_one`, judged as soon as its completion is here (so the chunk's judging is spread over its requests
-        rather than done after the slowest one), with its cache row if the completion is fresh. Nothing is handed
-        on before the chunk's fresh completions are stored: a chunk whose store fails is dropped, verdicts too."""
+        rather than done after the slowest one). A fresh completion is stored before its result is handed on: one
+        whose store fails is dropped, verdict too, rather than written as a sample the cache does not know was
+        paid for (and the run stops)."""
         result = await self._one(item)
         if result is None:
             return None
-        row = None
-        if isinstance(result, Completed) and result.fresh:
-            row = (item.key, self.endpoint.backend, self.endpoint.model, item.request.key, result.completion)
-        return self._judged(result), row
+        judged = self._judged(result)
+        if self.store is not None and isinstance(result, Completed) and result.fresh:
+            try:
+                await self.store.put((item.key, self.endpoint.backend, self.endpoint.model, item.request.key,
+                                      result.completion))
+            except VisinstructError as exc:  # the cache cannot be written (a full disk, say)
+                self.fatal = self.fatal or exc
+                return None
+        return judged
 
     async def _one(self, item: WorkItem) -> Result | None:
         """One item: cached, or budget-checked and requested with the engine's retries; None once the run stops."""
@@ -580,12 +520,14 @@ def _run_windows(job: RayJob, timings: RayTimings, planning: WindowPlanner, star
                               config.cache_path if spec.name == "vllm" else None, job.on_progress)
     clock = time.perf_counter()
     skipped = [0]
-    # Enough chunks in a worker to keep its share of --concurrency busy, small enough that a crash loses little;
-    # openai workers' chunks are two shares, at most CHUNK_MAX items: few tasks, their calls hold 4-16 shares.
+    # Enough chunks in a worker to keep its share of --concurrency busy; openai workers' chunks are two shares,
+    # at most CHUNK_MAX items: few tasks, their calls hold 6 shares.
     if spec.name == "openai":
-        calls, chunk_size = OPENAI_CALLS_PER_WORKER, max(CHUNK_MIN, min(CHUNK_MAX, 2 * per_worker))
+        calls, queued = OPENAI_CALLS_PER_WORKER, 1
+        chunk_size = max(CHUNK_MIN, min(CHUNK_MAX, 2 * per_worker))
     else:
-        calls, chunk_size = CALLS_PER_WORKER, max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
+        calls, queued = CALLS_PER_WORKER, CALLS_PER_WORKER
+        chunk_size = max(CHUNK_MIN, math.ceil(2 * per_worker / CALLS_PER_WORKER))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.print_on_execution_start = False
@@ -617,7 +559,7 @@ def _run_windows(job: RayJob, timings: RayTimings, planning: WindowPlanner, star
                                          driver),
                     compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),  # no idle model loads
                                                        max_concurrent_calls_per_actor=calls,
-                                                       max_tasks_in_flight_per_actor=2 * calls),
+                                                       max_tasks_in_flight_per_actor=calls + queued),
                     num_cpus=1 if spec.name == "local" else 0.5,
                 )
             dataset_started = dataset_started or time.time()
