@@ -66,12 +66,9 @@ from datagen.task import LlavaTask
 
 PER_WORKER_CONCURRENCY = 128  # requests one openai worker keeps in flight before the pool grows by a worker
 CHUNK_MIN = 8  # items per dataset row: one actor call; small chunks spread work, large ones cut overhead
-# Each chunk is a Ray Data task, which costs the worker and the driver some milliseconds of CPU (input and output
-# blocks, metadata, stats). At c=256 (2,000 requests, one slow window, 8 alternating rounds) chunks of one share in
-# 3 calls ran at 0.93x the speed of two-share chunks, and chunks of 64 in 4 calls at 0.83x; against the earlier
-# 64-item chunks in 8 calls, two-share chunks in 3 calls ran at 1.00x over 12 rounds (bench/RESULTS.md, issue 8,
-# sixth session). A worker stores each completion as it comes (ray_store.GroupCommit), so a chunk's size no longer
-# bounds what a crash pays again.
+# Each chunk is a Ray Data task, with a fixed CPU cost in the worker and the driver: at c=256 chunks of two shares
+# ran as fast as or faster than smaller ones (bench/RESULTS.md, issue 8, sixth session). A worker stores each
+# completion as it comes (ray_store.GroupCommit), so a chunk's size does not bound what a crash pays again.
 CHUNK_MAX = 512
 # Items the driver plans (and holds) per dataset: bounds its memory; each window starts the worker pool again.
 WINDOW_ITEMS = 50_000

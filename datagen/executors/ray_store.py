@@ -25,9 +25,11 @@ from datagen.errors import VisinstructError
 
 Row = tuple[str, str, str, str, Completion]  # (key, backend, model, item, completion), as ResponseCache stores it
 
-# How long rows gather before a commit, once the previous commit is done. SQLite commits cost the worker
-# ~0.1-0.5 ms each: a commit per completion would be hundreds a second per worker at high concurrency. A crash
-# loses at most this interval's completions (and the commit under way), beyond the requests in flight.
+# How long rows gather before a commit, once the previous commit is done. What a commit costs is mostly getting
+# there: on the dev box a hop to the store thread took ~80 µs of CPU, a one-row SQLite commit ~40 µs, each further
+# row 12-17 µs (workers on other nodes make a round trip to the writer actor instead). A commit per completion
+# would add ~0.12 ms to each; at 50 ms a worker makes at most 20 a second (bench/RESULTS.md, issue 8, sixth session). A crash loses at most this interval's completions (and the commit
+# under way), beyond the requests in flight.
 COMMIT_EVERY_S = 0.05
 
 
